@@ -1,0 +1,288 @@
+"""The ``ase-ray`` command line: thin, it parses and calls the modules that do the work."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from ase_ray.errors import AseRayError
+
+app = typer.Typer(
+    help="ase-ray: multimodal defect classification (PFA + CMAF) as a Ray workflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Show and check configs.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: import, validate, generate, split, augment.", no_args_is_help=True)
+import_app = typer.Typer(help="Import a dataset into the manifest format.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+data_app.add_typer(import_app, name="import")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override a setting: --set data.synth.scale=0.2")
+]
+ClassesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated class list.")]
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print user-facing errors as one line and exit 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AseRayError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _config(config: Path | None, overrides: list[str] | None, extra: list[str] = ()):
+    from ase_ray.config import load_config
+
+    return load_config(config, [*(overrides or []), *extra])
+
+
+def _split_classes(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+# ------------------------------------------------------------------------------------------ config
+@config_app.command("show")
+@user_errors
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, flat: bool = typer.Option(False, help="a.b.c keys")):
+    """Print the effective config (defaults + file + overrides) as YAML."""
+    from ase_ray.config import dump_config, flatten_config
+
+    cfg = _config(config, set_)
+    if flat:
+        for key, value in flatten_config(cfg).items():
+            typer.echo(f"{key}={json.dumps(value)}")
+    else:
+        typer.echo(dump_config(cfg), nl=False)
+
+
+# -------------------------------------------------------------------------------------------- data
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder (manifest.csv, images/, dataset.yaml).")],
+    seed: Annotated[Optional[int], typer.Option(help="Seed (default: data.synth.seed).")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Scale every class count.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Generate the synthetic ASE-like dataset (printed fields + pink dots), deterministic from a seed."""
+    from ase_ray.data.synthetic import generate_synthetic
+
+    extra = [f"data.synth.seed={seed}"] if seed is not None else []
+    extra += [f"data.synth.scale={scale}"] if scale is not None else []
+    cfg = _config(config, set_, extra)
+    df = generate_synthetic(cfg.data.synth, out, progress=True)
+    typer.echo(f"wrote {len(df)} images and {out / 'manifest.csv'}")
+    typer.echo(df["label"].value_counts().reindex([c.name for c in cfg.data.synth.classes]).to_string())
+
+
+@import_app.command("csv")
+@user_errors
+def import_csv_cmd(
+    csv: Annotated[Path, typer.Argument(help="CSV with image paths and labels.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    classes: ClassesOpt = None,
+    normal_class: Annotated[Optional[str], typer.Option(help="The no-defect class.")] = None,
+    path_column: str = "image_path",
+    label_column: str = "label",
+):
+    """Import a CSV of image paths (relative to the CSV) and labels."""
+    from ase_ray.data.importers import import_csv
+
+    result = import_csv(csv, out, _split_classes(classes), normal_class, path_column, label_column)
+    _report_import(result.manifest_path, result.manifest, result.ignored_files, result.info.classes)
+
+
+@import_app.command("folder")
+@user_errors
+def import_folder_cmd(
+    root: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    normal_class: Annotated[Optional[str], typer.Option(help="The no-defect class.")] = None,
+):
+    """Import a folder per class."""
+    from ase_ray.data.importers import import_folder
+
+    result = import_folder(root, out, normal_class)
+    _report_import(result.manifest_path, result.manifest, result.ignored_files, result.info.classes)
+
+
+@import_app.command("magnetic-tile")
+@user_errors
+def import_magnetic_tile_cmd(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root (default: data.magnetic_tile_root).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Import Magnetic-tile: six classes (Free = normal), binary labels, groups by physical tile."""
+    from ase_ray.data.magnetic_tile import import_magnetic_tile
+
+    cfg = _config(config, set_)
+    df = import_magnetic_tile(root or cfg.data.magnetic_tile_root, out, cfg.data.magnetic_tile_max_gap)
+    _report_import(out / "manifest.csv", df, [], sorted(df["label"].unique()))
+    typer.echo(f"groups (tiles): {df['group'].nunique()}")
+
+
+def _report_import(path: Path, df, ignored: list[str], classes: list[str]) -> None:
+    from ase_ray.data.validate import validate_manifest
+
+    typer.echo(f"wrote {path} ({len(df)} rows)")
+    typer.echo(df["label"].value_counts().to_string())
+    if ignored:
+        typer.echo(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[:3]}")
+    problems = validate_manifest(df, classes)
+    if problems:
+        _print_problems(problems)
+        typer.echo(f"run `ase-ray data validate {path}` after fixing them")
+        raise typer.Exit(1)
+
+
+@data_app.command("validate")
+@user_errors
+def data_validate(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (CSV or Parquet).")],
+    classes: ClassesOpt = None,
+    images: Annotated[bool, typer.Option(help="Decode every image.")] = True,
+):
+    """Check a manifest: every bad row is named; exit 1 when any is found."""
+    from ase_ray.data.manifest import read_dataset_info, read_manifest
+    from ase_ray.data.validate import validate_manifest
+
+    df = read_manifest(manifest)
+    info = read_dataset_info(manifest)
+    class_list = _split_classes(classes) or (info.classes if info else None)
+    if class_list is None:
+        typer.echo("note: no class list (dataset.yaml beside the manifest or --classes): labels not checked")
+    problems = validate_manifest(df, class_list, check_images=images)
+    if problems:
+        _print_problems(problems)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {len(df)} rows, {df['label'].nunique()} classes, no problems")
+
+
+def _print_problems(problems) -> None:
+    for problem in problems:
+        typer.echo(str(problem), err=True)
+    rows = len({p.row for p in problems})
+    typer.secho(f"{len(problems)} problem(s) in {rows} row(s)", err=True, fg=typer.colors.RED)
+
+
+@data_app.command("split")
+@user_errors
+def data_split(
+    manifest: Annotated[Path, typer.Argument(help="Manifest to split.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output manifest (default: overwrite).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="Also write a `fold` column for k-fold CV.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Add a stratified, group-aware train/val/test `split` column (and optionally `fold`)."""
+    from ase_ray.data.manifest import read_manifest, write_manifest
+    from ase_ray.data.splits import assign_splits, kfold_indices, leaking_groups, split_summary
+
+    cfg = _config(config, set_)
+    s = cfg.data.split
+    df = read_manifest(manifest)
+    df = assign_splits(df, s.val_fraction, s.test_fraction, cfg.project.seed, s.label_column)
+    if folds:
+        df["fold"] = -1
+        for k, (_, test_pos) in enumerate(kfold_indices(df, folds, cfg.project.seed, s.label_column)):
+            df.iloc[test_pos, df.columns.get_loc("fold")] = k
+    assert not leaking_groups(df), "group leak"  # guaranteed by construction
+    target = out or manifest
+    write_manifest(df, target)
+    _copy_dataset_info(manifest, target)
+    typer.echo(f"wrote {target}")
+    typer.echo(split_summary(df, s.label_column).to_string())
+
+
+def _copy_dataset_info(src_manifest: Path, dst_manifest: Path) -> None:
+    from ase_ray.data.manifest import read_dataset_info, write_dataset_info
+
+    info = read_dataset_info(src_manifest)
+    if info is not None and Path(dst_manifest).parent.resolve() != Path(src_manifest).parent.resolve():
+        write_dataset_info(Path(dst_manifest).parent, info)
+
+
+@data_app.command("augment")
+@user_errors
+def data_augment(
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a `split` column.")],
+    out: Annotated[Path, typer.Option(help="Output folder for images and the augmented manifest.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """TDA: fit per-class pink-dot Gaussians on the train split and synthesise new training images."""
+    from ase_ray.data.manifest import read_dataset_info, read_manifest
+    from ase_ray.data.tda import augment_manifest
+
+    cfg = _config(config, set_)
+    df = read_manifest(manifest)
+    info = read_dataset_info(manifest)
+    result = augment_manifest(df, out, cfg.data.tda, info.classes if info else None)
+    _copy_dataset_info(manifest, out / "manifest.csv")
+    typer.echo(f"wrote {out / 'manifest.csv'} ({len(result.manifest)} rows)")
+    for cls, n in result.added.items():
+        typer.echo(f"  {cls}: +{n}")
+    for cls, why in result.skipped.items():
+        typer.echo(f"  {cls}: skipped ({why})")
+
+
+# ---------------------------------------------------------------------------------------- features
+@app.command("features")
+@user_errors
+def features_cmd(
+    manifest: Annotated[Path, typer.Option(help="Manifest to extract features for.")],
+    out: Annotated[Optional[Path], typer.Option(help="Store folder (default: features.out_dir).")] = None,
+    track: Annotated[bool, typer.Option(help="Log an MLflow run.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Extract OCR, VLM, LLM, image and text features on Ray Data into a Parquet store."""
+    from ase_ray.features.pipeline import extract_features
+
+    cfg = _config(config, set_)
+    result = extract_features(cfg, manifest, out, echo=typer.echo, track=track)
+    typer.echo(f"store: {result.out_dir}")
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+@app.command("pipeline")
+@user_errors
+def pipeline_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Output folder (default: project.work_dir).")] = None,
+):
+    """Run the whole workflow on the configured data (default: the synthetic set, locally)."""
+    from ase_ray.pipeline import run_pipeline
+
+    extra = [f"project.work_dir={work_dir}"] if work_dir is not None else []
+    cfg = _config(config, set_, extra)
+    report = run_pipeline(cfg)
+    typer.echo(f"report: {report['report_path']}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Errors that carry a message meant for a person. The CLI prints them as one line, no traceback."""
+
+
+class AseRayError(Exception):
+    """Base class: anything raised with this type is a user-facing problem, not a bug."""
+
+
+class ConfigError(AseRayError):
+    """A config file, key, value or override is wrong."""
+
+
+class ManifestError(AseRayError):
+    """A manifest cannot be read, or misses required columns."""
+
+
+class DataError(AseRayError):
+    """A dataset cannot be built or used (missing folder, no images, bad split request...)."""

@@ -1,0 +1,75 @@
+"""Content-addressed cache of stage outputs: one ``.npz`` per (stage, input) that never changes.
+
+A key hashes the stage's fingerprint (its settings, which include the model id and prompts) with
+the content of its inputs (the image bytes' hash, upstream texts). A re-run finds every unchanged
+entry; an interrupted run keeps what it wrote, because each entry is written atomically.
+Entries hold numpy arrays and strings only and are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_VERSION = "1"  # bump when an output format changes, to orphan old entries
+
+
+def fingerprint(stage: str, settings: Any) -> str:
+    """Hash of what decides a stage's output: its name, settings (minus resources) and format version."""
+    body = settings.model_dump(mode="json", exclude={"resources", "device", "timeout_s"})
+    text = json.dumps({"stage": stage, "settings": body, "version": CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def content_key(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class StageCache:
+    def __init__(self, root: str | Path, stage: str, stage_fingerprint: str):
+        self.dir = Path(root) / stage
+        self.fingerprint = stage_fingerprint
+
+    def key(self, *inputs: str) -> str:
+        return content_key(self.fingerprint, *inputs)
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npz"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: _unwrap(data[name]) for name in data.files}
+        except Exception:  # a damaged entry is a miss; it is rewritten
+            return None
+
+    def put(self, key: str, values: dict[str, Any]) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **{name: np.asarray(v) for name, v in values.items()})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _unwrap(value: np.ndarray) -> Any:
+    if value.ndim == 0 and value.dtype.kind == "U":
+        return str(value)
+    return value

@@ -1,0 +1,207 @@
+"""Feature extraction on Ray Data: decode -> OCR -> describe -> reason -> encode -> Parquet store.
+
+Each model stage runs on its own actor pool with the resources from its config section (on a cluster
+the VLM and LLM pools take GPUs, OCR stays on CPUs). Rows move through Ray with their texts only;
+arrays go to the content-addressed cache and the store is assembled from it (see ``stages.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ase_ray.config import AppConfig
+from ase_ray.data.manifest import read_manifest
+from ase_ray.errors import DataError
+from ase_ray.features.settings import StageResources
+from ase_ray.features.stages import (
+    DecodeStage,
+    DescribeStage,
+    ImageEncodeStage,
+    OcrStage,
+    ReasonStage,
+    TextEncodeStage,
+)
+from ase_ray.features.store import Store, write_store
+
+STAGE_NAMES = ("decode", "ocr", "describe", "reason", "image_encoder", "text_encoder")
+
+
+@dataclass
+class ExtractionResult:
+    store: Store
+    out_dir: Path
+    summary: dict[str, Any]
+
+
+def stage_plan(config: AppConfig) -> list[tuple[type, Any]]:
+    f = config.features
+    return [
+        (OcrStage, f.ocr),
+        (DescribeStage, f.describe),
+        (ReasonStage, f.reason),
+        (ImageEncodeStage, f.image_encoder),
+        (TextEncodeStage, f.text_encoder),
+    ]
+
+
+def cache_root(config: AppConfig) -> Path:
+    return Path(config.features.cache_dir or Path(config.project.work_dir) / "cache").resolve()
+
+
+def store_dir(config: AppConfig, out_dir: str | Path | None = None) -> Path:
+    return Path(out_dir or config.features.out_dir or Path(config.project.work_dir) / "features").resolve()
+
+
+def check_backends_available(config: AppConfig) -> None:
+    """Fail at start-up (not per row) when a stage's backend cannot run here, e.g. no tesseract."""
+    from ase_ray.features.base import build_ocr
+
+    build_ocr(config.features.ocr)  # cheap for tesseract: finds the binary or raises BackendUnavailable
+
+
+def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
+    """The lazy Ray Dataset of the whole extraction."""
+    import ray
+
+    rows = manifest.reset_index(drop=True).copy()
+    rows.insert(0, "row_id", np.arange(len(rows), dtype=np.int64))
+    rows = rows.astype({c: str for c in rows.columns if rows[c].dtype == object})
+    smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
+    n_blocks = max(1, math.ceil(len(rows) / smallest_batch))
+    ds = ray.data.from_pandas([b for b in np.array_split(rows, n_blocks) if len(b)])
+    decode = config.features.decode
+    ds = ds.map_batches(
+        _decode_batch, batch_format="pandas", batch_size=decode.batch_size, num_cpus=decode.num_cpus
+    )
+    for stage_cls, settings in stage_plan(config):
+        ds = ds.map_batches(stage_cls, batch_format="pandas", fn_constructor_args=(settings, str(cache)),
+                            **_actor_args(settings.resources))
+    return ds
+
+
+def _decode_batch(batch: pd.DataFrame) -> pd.DataFrame:
+    return DecodeStage()(batch)
+
+
+def _actor_args(res: StageResources) -> dict[str, Any]:
+    import ray
+
+    return {
+        "compute": ray.data.ActorPoolStrategy(min_size=min(res.min_actors, res.actors), max_size=res.actors),
+        "batch_size": res.batch_size,
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus,
+    }
+
+
+def extract_features(
+    config: AppConfig, manifest_path: str | Path, out_dir: str | Path | None = None, echo=print,
+    track: bool = True,
+) -> ExtractionResult:
+    """Run the pipeline over a manifest and write the store; log an MLflow run when ``track``."""
+    from ase_ray.ray_env import ensure_ray
+
+    manifest = read_manifest(manifest_path)
+    if len(manifest) == 0:
+        raise DataError(f"manifest {manifest_path} has no rows")
+    check_backends_available(config)
+    cache, target = cache_root(config), store_dir(config, out_dir)
+    ensure_ray(config.ray)
+    started = time.perf_counter()
+    rows = build_dataset(config, manifest, cache).to_pandas()
+    wall = time.perf_counter() - started
+    if len(rows) != len(manifest):
+        raise DataError(f"pipeline returned {len(rows)} rows for {len(manifest)} inputs")
+    meta = {
+        "manifest": str(Path(manifest_path).resolve()),
+        "backends": backend_description(config),
+        "cache_dir": str(cache),
+    }
+    store = write_store(rows, cache, target, meta)
+    summary = summarise(rows, wall, store)
+    (target / "summary.json").write_text(json.dumps(summary, indent=2))
+    echo(format_summary(summary))
+    if track:
+        log_extraction_run(config, store, summary, target)
+    return ExtractionResult(store=store, out_dir=target, summary=summary)
+
+
+def backend_description(config: AppConfig) -> dict[str, Any]:
+    f = config.features
+    return {
+        "ocr": {"backend": f.ocr.backend, "psm": f.ocr.psm},
+        "describe": {"backend": f.describe.backend, "model_id": f.describe.model_id},
+        "reason": {"backend": f.reason.backend, "model_id": f.reason.model_id, "mode": f.reason.mode},
+        "image_encoder": {"backend": f.image_encoder.backend, "model_id": f.image_encoder.model_id},
+        "text_encoder": {"backend": f.text_encoder.backend, "model_id": f.text_encoder.model_id},
+    }
+
+
+def summarise(rows: pd.DataFrame, wall_s: float, store: Store) -> dict[str, Any]:
+    """Rows, errors, seconds and images/s per stage; the conservation check."""
+    stages = {}
+    for name in STAGE_NAMES:
+        seconds = float(rows[f"t_{name}"].sum()) if f"t_{name}" in rows else 0.0
+        hits = int(rows[f"hit_{name}"].sum()) if f"hit_{name}" in rows else 0
+        errors = int((rows["error_stage"] == name).sum())
+        stages[name] = {
+            "seconds": round(seconds, 3),
+            "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+            "cache_hits": hits,
+            "errors": errors,
+        }
+    stored, failed = store.meta["rows"], store.meta["errors"]
+    if stored + failed != len(rows):
+        raise DataError(f"lost rows: {len(rows)} in, {stored} stored + {failed} errors")
+    return {
+        "rows": len(rows),
+        "stored": stored,
+        "errors": failed,
+        "wall_s": round(wall_s, 2),
+        "images_per_s": round(len(rows) / wall_s, 2) if wall_s > 0 else None,
+        "stages": stages,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"features: {summary['rows']} rows in -> {summary['stored']} stored + {summary['errors']} errors "
+        f"(checked), {summary['wall_s']} s, {summary['images_per_s']} images/s",
+        f"{'stage':<14}{'seconds':>10}{'images/s':>10}{'cache hits':>12}{'errors':>8}",
+    ]
+    for name, s in summary["stages"].items():
+        rate = "-" if s["images_per_s"] is None else f"{s['images_per_s']:.2f}"
+        lines.append(f"{name:<14}{s['seconds']:>10.2f}{rate:>10}{s['cache_hits']:>12}{s['errors']:>8}")
+    return "\n".join(lines)
+
+
+def log_extraction_run(config: AppConfig, store: Store, summary: dict[str, Any], target: Path) -> str:
+    from ase_ray.tracking import config_params, setup_mlflow
+
+    mlflow = setup_mlflow(config)
+    with mlflow.start_run(run_name="features") as run:
+        mlflow.set_tag("ase_ray.stage", "features")
+        mlflow.log_params(config_params(config, ("features",)))
+        mlflow.log_param("store_dir", str(target))
+        metrics = {k: summary[k] for k in ("rows", "stored", "errors", "wall_s", "images_per_s") if summary[k] is not None}
+        for name, s in summary["stages"].items():
+            if s["images_per_s"] is not None:
+                metrics[f"{name}_images_per_s"] = s["images_per_s"]
+            metrics[f"{name}_cache_hits"] = s["cache_hits"]
+        mlflow.log_metrics(metrics)
+        sample = store.features.head(config.features.sample_texts)
+        texts = sample[["image_path", "ocr_text", "ocr_fields", "description", "reasoning"]].to_dict("records")
+        mlflow.log_dict({"samples": texts}, "sample_texts.json")
+        mlflow.log_dict(store.meta, "store.json")
+        mlflow.log_dict(summary, "summary.json")
+        if len(store.errors):
+            mlflow.log_dict({"errors": store.errors.to_dict("records")}, "errors.json")
+        return run.info.run_id

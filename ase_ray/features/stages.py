@@ -1,0 +1,257 @@
+"""The extraction stages as Ray Data callables: cache lookup, batched compute, errors as rows.
+
+Every stage is a callable class (one per actor): the backend model is loaded once in ``__init__``.
+A call takes a pandas batch and returns it with the stage's *text* outputs added as columns; arrays
+(hidden states, pooled vectors, token maps) go to the content-addressed cache only, and the store
+is assembled from the cache at the end, so Ray moves small rows and a re-run recomputes nothing.
+
+Columns every stage maintains: ``error_stage`` / ``error_message`` (empty when fine; a row with an
+error is passed through untouched by later stages), ``t_<stage>`` (seconds spent on the row),
+``hit_<stage>`` (served from cache) and ``key_<stage>`` (its cache entry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ase_ray.features.cache import StageCache, fingerprint
+
+TEXT_SOURCES = ("ocr", "description", "reasoning")
+TEXT_COLUMNS = {"ocr": "ocr_text", "description": "description", "reasoning": "reasoning"}
+
+
+def load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class Stage:
+    """Template: subclasses set ``name`` and implement ``inputs``, ``compute`` and ``row_outputs``."""
+
+    name = "stage"
+
+    def __init__(self, settings: Any, cache_root: str):
+        self.settings = settings
+        self.cache = StageCache(cache_root, self.name, fingerprint(self.name, settings))
+        self.backend = self.load_backend()
+
+    # -- to implement -------------------------------------------------------------------------
+    def load_backend(self) -> Any:
+        return None
+
+    def inputs(self, row: pd.Series) -> tuple[str, ...]:
+        """Strings that, with the stage fingerprint, decide the output (the cache key)."""
+        return (row["image_id"],)
+
+    def compute(self, rows: list[pd.Series]) -> list[dict[str, Any]]:
+        """Outputs of a batch (one dict per row); raise to have the rows retried one by one."""
+        raise NotImplementedError
+
+    def row_outputs(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """The small (text) outputs that travel on in the batch."""
+        return {}
+
+    # -- the shared call ----------------------------------------------------------------------
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.reset_index(drop=True)
+        started = time.perf_counter()
+        todo = [i for i in range(len(batch)) if not batch.at[i, "error_stage"]]
+        results: dict[int, dict[str, Any]] = {}
+        misses: list[tuple[int, str]] = []
+        hits = np.zeros(len(batch), dtype=bool)
+        keys = [""] * len(batch)
+        for i in todo:
+            key = keys[i] = self.cache.key(*self.inputs(batch.iloc[i]))
+            cached = self.cache.get(key)
+            if cached is None:
+                misses.append((i, key))
+            else:
+                results[i] = cached
+                hits[i] = True
+        for (i, key), outputs in zip(misses, self._compute_isolating_errors(batch, [i for i, _ in misses])):
+            if isinstance(outputs, Exception):
+                keys[i] = ""
+                batch.at[i, "error_stage"] = self.name
+                batch.at[i, "error_message"] = f"{type(outputs).__name__}: {outputs}"[:2000]
+                continue
+            self.cache.put(key, outputs)
+            results[i] = outputs
+        for i, outputs in results.items():
+            for column, value in self.row_outputs(outputs).items():
+                if column not in batch.columns:
+                    batch[column] = ""
+                batch.at[i, column] = value
+        for column in self.row_outputs_columns():
+            if column not in batch.columns:
+                batch[column] = ""
+        elapsed = time.perf_counter() - started
+        batch[f"t_{self.name}"] = elapsed / max(1, len(batch))
+        batch[f"hit_{self.name}"] = hits
+        batch[f"key_{self.name}"] = keys
+        return batch
+
+    def row_outputs_columns(self) -> tuple[str, ...]:
+        return ()
+
+    def _compute_isolating_errors(self, batch: pd.DataFrame, positions: list[int]) -> list[Any]:
+        if not positions:
+            return []
+        rows = [batch.iloc[i] for i in positions]
+        try:
+            return self.compute(rows)
+        except Exception:
+            if len(rows) == 1:
+                return [self._one(rows[0])]
+        return [self._one(row) for row in rows]  # one bad row must not fail its neighbours
+
+    def _one(self, row: pd.Series) -> Any:
+        try:
+            return self.compute([row])[0]
+        except Exception as exc:  # becomes an error row
+            return exc
+
+
+class DecodeStage:
+    """Reads the image bytes, hashes them (the content address) and checks they decode."""
+
+    name = "decode"
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.reset_index(drop=True)
+        started = time.perf_counter()
+        ids, widths, heights, stages, messages = [], [], [], [], []
+        for path in batch["image_path"]:
+            try:
+                data = Path(path).read_bytes()
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+                    w, h = img.size
+                if w == 0 or h == 0:
+                    raise ValueError("image has zero size")
+                ids.append(hashlib.sha256(data).hexdigest())
+                widths.append(w)
+                heights.append(h)
+                stages.append("")
+                messages.append("")
+            except Exception as exc:
+                ids.append("")
+                widths.append(0)
+                heights.append(0)
+                stages.append(self.name)
+                messages.append(f"{type(exc).__name__}: {exc}"[:2000])
+        batch["image_id"] = ids
+        batch["width"] = widths
+        batch["height"] = heights
+        batch["error_stage"] = stages
+        batch["error_message"] = messages
+        batch["t_decode"] = (time.perf_counter() - started) / max(1, len(batch))
+        return batch
+
+
+class OcrStage(Stage):
+    name = "ocr"
+
+    def load_backend(self):
+        from ase_ray.features.base import build_ocr
+
+        return build_ocr(self.settings)
+
+    def compute(self, rows):
+        results = self.backend.read_batch([load_rgb(r["image_path"]) for r in rows])
+        return [{"text": r.text, "fields": json.dumps(r.fields, sort_keys=True)} for r in results]
+
+    def row_outputs(self, outputs):
+        return {"ocr_text": outputs["text"], "ocr_fields": outputs["fields"]}
+
+    def row_outputs_columns(self):
+        return ("ocr_text", "ocr_fields")
+
+
+class DescribeStage(Stage):
+    name = "describe"
+
+    def load_backend(self):
+        from ase_ray.features.base import build_describer
+
+        return build_describer(self.settings)
+
+    def compute(self, rows):
+        texts = self.backend.describe_batch([load_rgb(r["image_path"]) for r in rows])
+        return [{"text": t} for t in texts]
+
+    def row_outputs(self, outputs):
+        return {"description": outputs["text"]}
+
+    def row_outputs_columns(self):
+        return ("description",)
+
+
+class ReasonStage(Stage):
+    name = "reason"
+
+    def load_backend(self):
+        from ase_ray.features.base import build_reasoner
+
+        return build_reasoner(self.settings)
+
+    def inputs(self, row):
+        return (row["ocr_text"], row["description"])
+
+    def compute(self, rows):
+        out = self.backend.reason_batch([r["ocr_text"] for r in rows], [r["description"] for r in rows])
+        return [{"text": t, "hidden": h.astype(np.float32)} for t, h in zip(out.texts, out.hidden)]
+
+    def row_outputs(self, outputs):
+        return {"reasoning": outputs["text"]}
+
+    def row_outputs_columns(self):
+        return ("reasoning",)
+
+
+class ImageEncodeStage(Stage):
+    name = "image_encoder"
+
+    def load_backend(self):
+        from ase_ray.features.base import build_image_encoder
+
+        return build_image_encoder(self.settings)
+
+    def compute(self, rows):
+        feats = self.backend.encode_batch([load_rgb(r["image_path"]) for r in rows])
+        return [{"pooled": p, "tokens": t.astype(np.float16)} for p, t in zip(feats.pooled, feats.tokens)]
+
+
+class TextEncodeStage(Stage):
+    """Encodes each text source (OCR, description, reasoning) separately."""
+
+    name = "text_encoder"
+
+    def load_backend(self):
+        from ase_ray.features.base import build_text_encoder
+
+        return build_text_encoder(self.settings)
+
+    def inputs(self, row):
+        return tuple(row[TEXT_COLUMNS[s]] for s in TEXT_SOURCES)
+
+    def compute(self, rows):
+        outputs: list[dict[str, Any]] = [{} for _ in rows]
+        for source in TEXT_SOURCES:
+            feats = self.backend.encode_batch([r[TEXT_COLUMNS[source]] for r in rows])
+            for out, pooled, tokens, mask in zip(outputs, feats.pooled, feats.tokens, feats.mask):
+                out[f"{source}_pooled"] = pooled
+                out[f"{source}_tokens"] = tokens.astype(np.float16)
+                out[f"{source}_mask"] = mask.astype(np.int8)
+        return outputs
+
+
+STAGES = (OcrStage, DescribeStage, ReasonStage, ImageEncodeStage, TextEncodeStage)

@@ -1,0 +1,139 @@
+"""The Parquet feature store: ``features.parquet``, ``errors.parquet`` and ``store.json`` in one folder.
+
+``features.parquet``, one row per image that passed every stage:
+
+| column | type | meaning |
+|---|---|---|
+| ``row_id`` | int64 | position of the image in the input manifest |
+| ``image_id`` | string | sha256 of the image bytes (the content address) |
+| ``image_path``, ``label``, ... | | every manifest column (binary_label, group, split, metadata) |
+| ``width``, ``height`` | int64 | image size in px |
+| ``ocr_text`` / ``ocr_fields`` | string | raw OCR text / its ``KEY value`` fields as JSON (numbers as numbers) |
+| ``description`` | string | the VLM's (or the offline describer's) zero-shot description |
+| ``reasoning`` | string | the LLM's answer (generate mode) or its prompt (forward mode) |
+| ``llm_hidden`` | list<float32>[H] | the LLM's mean last hidden state |
+| ``image_pooled`` | list<float32>[D] | pooled image embedding |
+| ``image_tokens`` | list<float16>[N*D] | spatial token map, row-major (N, D) |
+| ``text_<src>_pooled`` | list<float32>[T] | for src in ocr, description, reasoning |
+| ``text_<src>_tokens`` | list<float16>[L*T] | token states, row-major (L, T), zero-padded |
+| ``text_<src>_mask`` | list<int8>[L] | 1 where a token is real |
+
+``store.json`` records the shapes of the array columns (``shapes``), the backends and model ids, and
+the counts. ``errors.parquet``: ``row_id``, ``image_path``, ``label``, ``stage``, ``message``; every
+input row is in exactly one of the two tables. :func:`load_store` and :func:`stack` read it back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ase_ray.errors import DataError
+from ase_ray.features.cache import StageCache
+from ase_ray.features.stages import TEXT_SOURCES
+
+FEATURES_FILE = "features.parquet"
+ERRORS_FILE = "errors.parquet"
+META_FILE = "store.json"
+INTERNAL_PREFIXES = ("t_", "hit_", "key_")
+ERROR_COLUMNS = ("row_id", "image_path", "label", "stage", "message")
+
+
+@dataclass
+class Store:
+    features: pd.DataFrame
+    errors: pd.DataFrame
+    meta: dict[str, Any]
+
+
+def array_columns() -> dict[str, tuple[str, str]]:
+    """Store column -> (cache stage, cache entry name)."""
+    cols = {
+        "llm_hidden": ("reason", "hidden"),
+        "image_pooled": ("image_encoder", "pooled"),
+        "image_tokens": ("image_encoder", "tokens"),
+    }
+    for src in TEXT_SOURCES:
+        for part in ("pooled", "tokens", "mask"):
+            cols[f"text_{src}_{part}"] = ("text_encoder", f"{src}_{part}")
+    return cols
+
+
+def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path, meta: dict[str, Any]) -> Store:
+    """Split the pipeline's rows into stored and error rows; fill arrays from the cache; write all."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = rows.sort_values("row_id").reset_index(drop=True)
+    failed = rows["error_stage"].astype(str) != ""
+    errors = pd.DataFrame(
+        {
+            "row_id": rows.loc[failed, "row_id"].astype("int64"),
+            "image_path": rows.loc[failed, "image_path"].astype(str),
+            "label": rows.loc[failed, "label"].astype(str),
+            "stage": rows.loc[failed, "error_stage"].astype(str),
+            "message": rows.loc[failed, "error_message"].astype(str),
+        }
+    ).reset_index(drop=True)
+    good = rows.loc[~failed].reset_index(drop=True)
+    table, shapes = _features_table(good, Path(cache_root))
+    pq.write_table(table, out_dir / FEATURES_FILE)
+    errors.to_parquet(out_dir / ERRORS_FILE, index=False)
+    meta = {**meta, "rows": int(len(good)), "errors": int(len(errors)), "shapes": shapes}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    return Store(features=table.to_pandas(), errors=errors, meta=meta)
+
+
+def _features_table(good: pd.DataFrame, cache_root: Path) -> tuple[pa.Table, dict[str, list[int]]]:
+    keep = [c for c in good.columns if not c.startswith(INTERNAL_PREFIXES) and c not in ("error_stage", "error_message")]
+    table = pa.Table.from_pandas(good[keep], preserve_index=False)
+    shapes: dict[str, list[int]] = {}
+    caches: dict[str, StageCache] = {}
+    for column, (stage, entry) in array_columns().items():
+        cache = caches.setdefault(stage, StageCache(cache_root, stage, ""))
+        arrays = []
+        for key in good[f"key_{stage}"]:
+            values = cache.get(key)
+            if values is None:
+                raise DataError(f"cache entry {stage}/{key} vanished while the store was written")
+            arrays.append(np.asarray(values[entry]))
+        if arrays:
+            shapes[column] = list(arrays[0].shape)
+            flat = np.stack([a.reshape(-1) for a in arrays])
+        else:
+            flat = np.zeros((0, 0), dtype=np.float32)
+        table = table.append_column(column, _fixed_list(flat))
+    return table, shapes
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.Array:
+    width = matrix.shape[1] if matrix.ndim == 2 else 0
+    values = pa.array(np.ascontiguousarray(matrix).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, width)
+
+
+def load_store(store_dir: str | Path) -> Store:
+    store_dir = Path(store_dir)
+    for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
+        if not (store_dir / name).is_file():
+            raise DataError(f"not a feature store: {store_dir / name} is missing (run `ase-ray features`)")
+    meta = json.loads((store_dir / META_FILE).read_text())
+    return Store(pd.read_parquet(store_dir / FEATURES_FILE), pd.read_parquet(store_dir / ERRORS_FILE), meta)
+
+
+def stack(store: Store, column: str) -> np.ndarray:
+    """An array column as one array of shape (rows, *shape) (float32 for float columns)."""
+    shape = store.meta["shapes"].get(column)
+    if shape is None:
+        raise DataError(f"no array column {column!r} in the store (have {sorted(store.meta['shapes'])})")
+    values = store.features[column]
+    if len(values) == 0:
+        return np.zeros((0, *shape), dtype=np.float32)
+    out = np.stack([np.asarray(v) for v in values]).reshape(len(values), *shape)
+    return out.astype(np.float32) if out.dtype.kind == "f" else out

@@ -1,0 +1,125 @@
+"""The defect classifier (every kind in one module), its builder and its training loss.
+
+``forward(batch)`` takes a dict of tensors keyed like the feature-store columns and returns
+``{"logits": (B, C)}`` plus ``"gates"`` (B, 2) for gated/cmaf and ``"img_align"``/``"txt_align"``
+(B, proj_dim) when the model was built with PFA alignment heads. Binary vs multi-class is only
+``num_classes``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ase_ray.models.fusion import ClassificationHead, CmafFusion, GatedFusion
+from ase_ray.models.pfa import AlignmentHeads, class_aware_info_nce
+from ase_ray.models.projections import Batch, FeatureDims, ImageProjection, TextProjection
+from ase_ray.models.settings import ModelSettings, PfaSettings
+
+POOLED_IMAGE_KINDS = ("image_only", "concat", "gated")
+POOLED_TEXT_KINDS = ("text_only", "concat", "gated")
+
+
+class DefectClassifier(nn.Module):
+    """Only the parts a kind uses are built, so every parameter receives a gradient.
+
+    ``align_dim`` (PFA's proj_dim, or None) adds the alignment heads; they read the projected pooled
+    image vector and the mean of the projected pooled text sources, so alignment shapes the same
+    projections the classifier uses (for image_only/text_only it also builds the other side's pooled
+    projection, used only by the alignment loss).
+    """
+
+    def __init__(self, settings: ModelSettings, dims: FeatureDims, num_classes: int, align_dim: int | None = None):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.settings = settings.model_copy(deep=True)
+        self.dims = dims
+        self.num_classes = num_classes
+        self.align_dim = align_dim
+        kind, d, dropout = settings.kind, settings.d_model, settings.dropout
+        self.needs_image_pooled = kind in POOLED_IMAGE_KINDS or align_dim is not None
+        self.needs_text_pooled = kind in POOLED_TEXT_KINDS or align_dim is not None
+
+        self.image = (
+            ImageProjection(dims.image_dim, dims.image_tokens, d, dropout, with_tokens=kind == "cmaf")
+            if kind != "text_only" or align_dim is not None
+            else None
+        )
+        use_llm = settings.use_llm_hidden and kind != "image_only"
+        self.text = (
+            TextProjection(dims.text_dim, dims.llm_dim, d, dropout, settings.text_sources, use_llm)
+            if kind != "image_only" or align_dim is not None
+            else None
+        )
+        text_set = len(settings.text_sources) + int(use_llm)
+        self.fusion: CmafFusion | GatedFusion | None = None
+        if kind == "cmaf":
+            self.fusion = CmafFusion(d, settings.heads, dropout)
+        elif kind == "gated":
+            self.fusion = GatedFusion(d)
+        fused_dim = {
+            "image_only": d,
+            "text_only": text_set * d,
+            "concat": (1 + text_set) * d,
+            "gated": d,
+            "cmaf": 2 * d,
+        }[kind]
+        self.head = ClassificationHead(fused_dim, settings.head_hidden, num_classes, dropout)
+        self.align = AlignmentHeads(d, align_dim) if align_dim is not None else None
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        kind = self.settings.kind
+        image_vec = self.image.pooled(batch) if self.needs_image_pooled else None
+        text_sources = self.text.source_pooled(batch) if self.needs_text_pooled else None
+        gates = None
+        if kind == "image_only":
+            fused = image_vec
+        elif kind == "text_only":
+            fused = self.text.pooled_set(batch, text_sources).flatten(1)
+        elif kind == "concat":
+            fused = torch.cat([image_vec, self.text.pooled_set(batch, text_sources).flatten(1)], dim=-1)
+        elif kind == "gated":
+            fused, gates = self.fusion(image_vec, self.text.pooled_set(batch, text_sources))
+        else:
+            text_tokens, text_mask = self.text.tokens(batch)
+            fused, gates = self.fusion(self.image.tokens(batch), text_tokens, text_mask)
+        out = {"logits": self.head(fused)}
+        if gates is not None:
+            out["gates"] = gates
+        if self.align is not None:
+            out["img_align"], out["txt_align"] = self.align(image_vec, text_sources.mean(dim=1))
+        return out
+
+    def align_embeddings(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_align, txt_align), each (B, proj_dim), without running the fusion and head."""
+        if self.align is None:
+            raise ValueError("this model has no alignment heads (build it with PFA enabled)")
+        return self.align(self.image.pooled(batch), self.text.source_pooled(batch).mean(dim=1))
+
+
+def build_model(
+    settings: ModelSettings, dims: FeatureDims, num_classes: int, pfa: PfaSettings | None = None
+) -> DefectClassifier:
+    """The classifier; with ``pfa`` enabled it carries alignment heads of width ``pfa.proj_dim``."""
+    align_dim = pfa.proj_dim if pfa is not None and pfa.enabled else None
+    return DefectClassifier(settings, dims, num_classes, align_dim)
+
+
+def compute_loss(
+    outputs: dict[str, torch.Tensor], labels: torch.Tensor, pfa: PfaSettings | None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy, plus ``align_weight`` x class-aware InfoNCE when PFA is enabled and the outputs
+    carry alignment embeddings. Returns the total (for backward) and floats for logging
+    (``ce``, ``align`` when used, ``loss``)."""
+    labels = labels.long()
+    ce = F.cross_entropy(outputs["logits"].float(), labels)
+    total = ce
+    parts = {"ce": float(ce.detach())}
+    if pfa is not None and pfa.enabled and "img_align" in outputs:
+        align = class_aware_info_nce(outputs["img_align"], outputs["txt_align"], labels, pfa.temperature)
+        total = ce + pfa.align_weight * align
+        parts["align"] = float(align.detach())
+    parts["loss"] = float(total.detach())
+    return total, parts

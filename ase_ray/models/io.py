@@ -1,0 +1,77 @@
+"""Save and load a trained classifier: ``weights.pt`` (state_dict) and ``model.json`` (how to rebuild it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ase_ray.models.classifier import DefectClassifier
+from ase_ray.models.projections import FeatureDims
+from ase_ray.models.settings import ModelSettings
+
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DistributedDataParallel (``.module``) or torch.compile (``._orig_mod``)."""
+    for attribute in ("module", "_orig_mod"):
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, nn.Module):
+            return unwrap(inner)
+    return model
+
+
+def save_model(
+    model: nn.Module,
+    directory: str | Path,
+    settings: ModelSettings,
+    dims: FeatureDims,
+    classes: Sequence[str],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``weights.pt`` and ``model.json`` (settings, dims, classes, align_dim, extra) to ``directory``."""
+    bare = unwrap(model)
+    if not isinstance(bare, DefectClassifier):
+        raise TypeError(f"expected a DefectClassifier, got {type(bare).__name__}")
+    if settings != bare.settings or dims != bare.dims or len(classes) != bare.num_classes:
+        raise ValueError("settings, dims and classes must be the ones the model was built with")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+    torch.save(state, directory / WEIGHTS_FILE)
+    meta = {
+        "format": FORMAT_VERSION,
+        "settings": settings.model_dump(mode="json"),
+        "dims": asdict(dims),
+        "classes": [str(c) for c in classes],
+        "align_dim": bare.align_dim,
+        "extra": extra or {},
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_model(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[DefectClassifier, dict[str, Any]]:
+    """Rebuild the classifier from ``model.json``, load ``weights.pt`` (weights_only) and return it in
+    eval mode with the metadata dict."""
+    directory = Path(directory)
+    meta = json.loads((directory / META_FILE).read_text())
+    model = DefectClassifier(
+        ModelSettings.model_validate(meta["settings"]),
+        FeatureDims(**meta["dims"]),
+        len(meta["classes"]),
+        meta.get("align_dim"),
+    )
+    state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    model.to(map_location)
+    return model.eval(), meta

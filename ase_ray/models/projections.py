@@ -1,0 +1,156 @@
+"""Input widths read from the data, and the projections of image and text features into width d."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ase_ray.errors import DataError
+from ase_ray.models.settings import TEXT_SOURCES
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FeatureDims:
+    """Widths of the feature-store columns (they differ between real and offline models)."""
+
+    image_dim: int  # Di: image_pooled (B, Di), image_tokens (B, N, Di)
+    image_tokens: int  # N
+    text_dim: int  # Dt: text_<src>_pooled (B, Dt), text_<src>_tokens (B, L, Dt)
+    text_len: int  # L
+    llm_dim: int  # H: llm_hidden (B, H); 0 when the batch has no llm_hidden
+
+
+def _require(batch: Batch, key: str, ndim: int) -> torch.Tensor:
+    if key not in batch:
+        raise DataError(f"batch has no {key!r} column (have {sorted(batch)})")
+    value = batch[key]
+    if value.ndim != ndim:
+        raise DataError(f"{key!r} should have {ndim} dims, got shape {tuple(value.shape)}")
+    return value
+
+
+def dims_from_batch(batch: Batch, sources: Sequence[str] = TEXT_SOURCES) -> FeatureDims:
+    """Read the widths from one batch; text widths come from the first of ``sources`` in it."""
+    image_tokens = _require(batch, "image_tokens", 3)
+    present = [s for s in sources if f"text_{s}_tokens" in batch]
+    if not present:
+        raise DataError(f"batch has no text_<src>_tokens column for any of {list(sources)}")
+    text_tokens = _require(batch, f"text_{present[0]}_tokens", 3)
+    llm = batch.get("llm_hidden")
+    return FeatureDims(
+        image_dim=int(_require(batch, "image_pooled", 2).shape[-1]),
+        image_tokens=int(image_tokens.shape[1]),
+        text_dim=int(text_tokens.shape[-1]),
+        text_len=int(text_tokens.shape[1]),
+        llm_dim=int(llm.shape[-1]) if llm is not None else 0,
+    )
+
+
+def _checked(batch: Batch, key: str, width: int, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    value = _require(batch, key, ndim)
+    if value.shape[-1] != width:
+        raise DataError(f"{key!r} has width {value.shape[-1]}, the model was built for {width}")
+    return value.to(dtype)
+
+
+class ImageProjection(nn.Module):
+    """Image pooled vector and spatial tokens -> width d (one shared linear map; learned positions
+    for the tokens, since the attention itself is order-blind)."""
+
+    def __init__(self, image_dim: int, n_tokens: int, d_model: int, dropout: float, with_tokens: bool):
+        super().__init__()
+        self.image_dim = image_dim
+        self.proj = nn.Linear(image_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.position = nn.Parameter(torch.randn(n_tokens, d_model) * 0.02) if with_tokens else None
+
+    def pooled(self, batch: Batch) -> torch.Tensor:
+        x = _checked(batch, "image_pooled", self.image_dim, 2, self.proj.weight.dtype)
+        return self.drop(self.norm(self.proj(x)))
+
+    def tokens(self, batch: Batch) -> torch.Tensor:
+        """(B, N, d)."""
+        if self.position is None:
+            raise RuntimeError("this ImageProjection was built without token support")
+        x = _checked(batch, "image_tokens", self.image_dim, 3, self.proj.weight.dtype)
+        if x.shape[1] != self.position.shape[0]:
+            raise DataError(f"image_tokens has {x.shape[1]} tokens, the model was built for {self.position.shape[0]}")
+        return self.drop(self.norm(self.proj(x) + self.position))
+
+
+class TextProjection(nn.Module):
+    """Per-source text features -> width d, tagged with a learned source embedding.
+
+    The LLM hidden state, when used, is projected separately and becomes one extra (always real)
+    token of the text sequence and one extra entry of the pooled set.
+    """
+
+    def __init__(
+        self, text_dim: int, llm_dim: int, d_model: int, dropout: float, sources: Sequence[str], use_llm: bool
+    ):
+        super().__init__()
+        if use_llm and llm_dim < 1:
+            raise DataError("use_llm_hidden is on but the features have no llm_hidden column")
+        self.text_dim = text_dim
+        self.llm_dim = llm_dim
+        self.sources = list(sources)
+        self.proj = nn.Linear(text_dim, d_model)
+        self.source_embedding = nn.Parameter(torch.randn(len(self.sources), d_model) * 0.02)
+        self.norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.llm = nn.Sequential(nn.Linear(llm_dim, d_model), nn.LayerNorm(d_model)) if use_llm else None
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.llm is not None
+
+    def _dtype(self) -> torch.dtype:
+        return self.proj.weight.dtype
+
+    def _llm_vector(self, batch: Batch) -> torch.Tensor:
+        assert self.llm is not None
+        return self.drop(self.llm(_checked(batch, "llm_hidden", self.llm_dim, 2, self._dtype())))
+
+    def source_pooled(self, batch: Batch) -> torch.Tensor:
+        """(B, S, d): one projected pooled vector per text source (no LLM entry)."""
+        pooled = [
+            _checked(batch, f"text_{s}_pooled", self.text_dim, 2, self._dtype()) for s in self.sources
+        ]
+        x = self.proj(torch.stack(pooled, dim=1)) + self.source_embedding
+        return self.drop(self.norm(x))
+
+    def pooled_set(self, batch: Batch, source_pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S (+1 with the LLM vector), d); pass ``source_pooled`` when already computed."""
+        x = self.source_pooled(batch) if source_pooled is None else source_pooled
+        if self.llm is not None:
+            x = torch.cat([x, self._llm_vector(batch).unsqueeze(1)], dim=1)
+        return x
+
+    def tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated token sequence (B, M, d) and its mask (B, M) (True = real token),
+        M = S * L (+1 with the LLM token)."""
+        seqs, masks = [], []
+        for i, s in enumerate(self.sources):
+            tokens = _checked(batch, f"text_{s}_tokens", self.text_dim, 3, self._dtype())
+            seqs.append(self.proj(tokens) + self.source_embedding[i])
+            masks.append(_require(batch, f"text_{s}_mask", 2) != 0)
+        x = self.drop(self.norm(torch.cat(seqs, dim=1)))
+        mask = torch.cat(masks, dim=1)
+        if self.llm is not None:
+            x = torch.cat([x, self._llm_vector(batch).unsqueeze(1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return x, ensure_one_real(mask)
+
+
+def ensure_one_real(mask: torch.Tensor) -> torch.Tensor:
+    """Mark the first position real in rows with no real token: attention over an all-masked key set
+    gives NaN, and an empty row (e.g. blank OCR without an LLM token) must not poison the batch."""
+    mask = mask.clone()
+    mask[:, 0] |= ~mask.any(dim=1)  # no data-dependent branch: no host sync on GPU
+    return mask

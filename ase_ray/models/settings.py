@@ -1,0 +1,65 @@
+"""Config sections of the classifier and of progressive feature alignment (light: pydantic only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ase_ray.config_base import StrictModel
+
+# Kept here (not imported from ase_ray.features) so that reading the config never imports numpy/torch.
+TEXT_SOURCES: tuple[str, ...] = ("ocr", "description", "reasoning")
+
+ModelKind = Literal["image_only", "text_only", "concat", "gated", "cmaf"]
+TextSource = Literal["ocr", "description", "reasoning"]
+
+
+class ModelSettings(StrictModel):
+    """Which classifier to build and how wide.
+
+    ``cmaf`` is the paper's cross-modality attention fusion over token sequences; the others are
+    baselines over pooled vectors: ``image_only``, ``text_only`` (pooled texts concatenated),
+    ``concat`` (pooled image and texts concatenated) and ``gated`` (sigmoid-gated sum).
+    """
+
+    kind: ModelKind = "cmaf"
+    d_model: int = Field(128, ge=4, le=4096, description="Width every feature is projected to.")
+    heads: int = Field(4, ge=1, le=64, description="Attention heads (cmaf); must divide d_model.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    text_sources: list[TextSource] = Field(
+        default_factory=lambda: list(TEXT_SOURCES), description="Text sources the model reads."
+    )
+    use_llm_hidden: bool = Field(True, description="Add the LLM hidden state as one extra text token.")
+    head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
+
+    @field_validator("text_sources")
+    @classmethod
+    def _unique_sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"text_sources must name at least one of {list(TEXT_SOURCES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"text_sources has duplicates: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelSettings":
+        if self.d_model % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class PfaSettings(StrictModel):
+    """Progressive feature alignment: class-aware image-text contrastive loss plus a curriculum that
+    trains on a growing subset ordered by image-text similarity (see ``ase_ray.models.schedule``)."""
+
+    enabled: bool = True
+    temperature: float = Field(0.07, gt=0.0, le=10.0, description="InfoNCE temperature.")
+    align_weight: float = Field(0.5, ge=0.0, le=100.0, description="Weight of the alignment loss vs cross-entropy.")
+    first_fraction: float = Field(0.2, gt=0.0, le=1.0, description="First subset size, fraction of the train set.")
+    stride: float = Field(0.2, gt=0.0, le=1.0, description="Fraction of the train set added at each stage.")
+    epochs_per_stage: int = Field(5, ge=1, le=10_000)
+    ordering: Literal["easy_first", "hard_first"] = Field(
+        "easy_first", description="easy_first: highest image-text similarity first; hard_first: lowest first."
+    )
+    proj_dim: int = Field(64, ge=2, le=4096, description="Width of the L2-normalised alignment embeddings.")

@@ -1,0 +1,144 @@
+"""The embedded-default workflow behind ``ase-ray pipeline``: each stage reads what the last wrote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ase_ray.config import AppConfig, dump_config
+from ase_ray.data.manifest import (
+    LABEL,
+    SPLIT,
+    read_dataset_info,
+    read_manifest,
+    write_dataset_info,
+    write_manifest,
+)
+from ase_ray.data.splits import assign_splits, split_summary
+from ase_ray.data.validate import validate_manifest
+from ase_ray.errors import DataError
+
+
+def run_pipeline(config: AppConfig, echo=print) -> dict:
+    """Run every stage that exists so far and write ``<work_dir>/pipeline_report.json``."""
+    work_dir = Path(config.project.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.yaml").write_text(dump_config(config))
+    report: dict = {"work_dir": str(work_dir), "stages": {}}
+
+    started = time.perf_counter()
+    source_manifest = prepare_source(config, work_dir / "data", echo)
+    report["stages"]["source"] = _timed(started, manifest=str(source_manifest))
+
+    started = time.perf_counter()
+    split_manifest = split_dataset(config, source_manifest, work_dir / "data" / "split", echo)
+    report["stages"]["split"] = _timed(started, manifest=str(split_manifest))
+
+    started = time.perf_counter()
+    train_manifest, tda = augment_dataset(config, split_manifest, work_dir / "data" / "augmented", echo)
+    report["stages"]["tda"] = _timed(started, manifest=str(train_manifest), **tda)
+
+    df = read_manifest(train_manifest)
+    report["dataset"] = {
+        "manifest": str(train_manifest),
+        "rows": len(df),
+        "counts": {split: _counts(df[df[SPLIT] == split]) for split in ("train", "val", "test")},
+    }
+    report_path = work_dir / "pipeline_report.json"
+    report["report_path"] = str(report_path)
+    report_path.write_text(json.dumps(report, indent=2))
+    echo(_summary_text(df))
+    return report
+
+
+def prepare_source(config: AppConfig, data_dir: Path, echo=print) -> Path:
+    """Make or import the configured dataset; validate it; return its manifest path."""
+    source = config.data.source
+    if source == "synthetic":
+        manifest = _synthetic(config, data_dir / "synthetic", echo)
+    elif source == "magnetic-tile":
+        from ase_ray.data.magnetic_tile import import_magnetic_tile
+
+        out = data_dir / "magnetic_tile"
+        import_magnetic_tile(config.data.magnetic_tile_root, out, config.data.magnetic_tile_max_gap)
+        manifest = out / "manifest.csv"
+    else:
+        if config.data.manifest is None:
+            raise DataError("data.source is 'manifest' but data.manifest is not set")
+        manifest = Path(config.data.manifest)
+    check_manifest(manifest)
+    return manifest
+
+
+def check_manifest(manifest: Path) -> None:
+    """Raise with every problem named when the manifest is not clean."""
+    info = read_dataset_info(manifest)
+    problems = validate_manifest(read_manifest(manifest), info.classes if info else None)
+    if problems:
+        listing = "; ".join(str(p) for p in problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise DataError(f"{manifest} has {len(problems)} problem(s): {listing}{more}")
+
+
+def _synthetic(config: AppConfig, out: Path, echo) -> Path:
+    """Generate the synthetic set, or reuse it when the same settings made it before."""
+    from ase_ray.data.synthetic import generate_synthetic
+
+    synth = config.data.synth
+    digest = hashlib.sha256(synth.model_dump_json().encode()).hexdigest()[:16]
+    stamp = out / ".synth_config_hash"
+    manifest = out / "manifest.csv"
+    if manifest.is_file() and stamp.is_file() and stamp.read_text() == digest:
+        echo(f"reusing synthetic dataset in {out}")
+        return manifest
+    if out.exists():
+        shutil.rmtree(out)
+    echo(f"generating synthetic dataset in {out}")
+    generate_synthetic(synth, out, progress=True)
+    stamp.write_text(digest)
+    return manifest
+
+
+def split_dataset(config: AppConfig, manifest: Path, out_dir: Path, echo=print) -> Path:
+    s = config.data.split
+    df = assign_splits(read_manifest(manifest), s.val_fraction, s.test_fraction, config.project.seed, s.label_column)
+    target = write_manifest(df, out_dir / "manifest.csv")
+    info = read_dataset_info(manifest)
+    if info is not None:
+        write_dataset_info(out_dir, info)
+    echo(f"split {len(df)} rows -> {target}")
+    return target
+
+
+def augment_dataset(config: AppConfig, manifest: Path, out_dir: Path, echo=print) -> tuple[Path, dict]:
+    """TDA on the train split; returns the manifest to train on and what TDA did."""
+    if not config.data.tda.enabled:
+        return manifest, {"enabled": False}
+    from ase_ray.data.tda import augment_manifest
+
+    info = read_dataset_info(manifest)
+    result = augment_manifest(read_manifest(manifest), out_dir, config.data.tda, info.classes if info else None)
+    if info is not None:
+        write_dataset_info(out_dir, info)
+    for cls, why in result.skipped.items():
+        echo(f"TDA skipped for class {cls}: {why}")
+    echo(f"TDA added {sum(result.added.values())} training images -> {out_dir / 'manifest.csv'}")
+    return out_dir / "manifest.csv", {"enabled": True, "added": result.added, "skipped": result.skipped}
+
+
+def _timed(started: float, **fields) -> dict:
+    return {"seconds": round(time.perf_counter() - started, 2), **fields}
+
+
+def _counts(df: pd.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in df[LABEL].value_counts().sort_index().items()}
+
+
+def _summary_text(df: pd.DataFrame) -> str:
+    table = split_summary(df)
+    return "dataset (rows per class and split, TDA images included in train):\n" + table.to_string()

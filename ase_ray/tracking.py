@@ -1,0 +1,53 @@
+"""MLflow helpers: one tracking URI per config (SQLite under work_dir by default), safe params."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ase_ray.config import AppConfig, flatten_config
+
+_SECRET = re.compile(r"(password|secret|token|api_key|apikey|credential)", re.IGNORECASE)
+MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value
+
+
+def tracking_uri(config: AppConfig) -> str:
+    if config.mlflow.tracking_uri:
+        return config.mlflow.tracking_uri
+    db = (Path(config.project.work_dir) / "mlflow.db").resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def artifact_root(config: AppConfig) -> str:
+    return str((Path(config.project.work_dir) / "mlartifacts").resolve())
+
+
+def setup_mlflow(config: AppConfig, experiment: str | None = None):
+    """Point MLflow at the configured store and experiment (created with an explicit artifact root)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(config))
+    name = experiment or config.mlflow.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None if config.mlflow.tracking_uri else Path(artifact_root(config), name).as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, str]:
+    """Flat params fit for MLflow: secrets masked, long values cut."""
+    out = {}
+    for key, value in params.items():
+        text = "***" if _SECRET.search(key) else str(value)
+        out[key] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def config_params(config: AppConfig, sections: tuple[str, ...] | None = None) -> dict[str, str]:
+    flat = flatten_config(config)
+    if sections:
+        flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
+    return safe_params(flat)

@@ -1,0 +1,112 @@
+"""From the feature store to model inputs: label maps per task, splits, numpy arrays, Ray Datasets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ase_ray.data.manifest import AUGMENTED, BINARY_LABEL, DEFECT, LABEL, NORMAL, SPLIT, read_dataset_info
+from ase_ray.errors import DataError
+from ase_ray.features.stages import TEXT_SOURCES
+from ase_ray.features.store import Store, load_store, stack
+
+LABEL_KEY = "label_idx"
+
+
+def model_columns() -> list[str]:
+    cols = ["image_pooled", "image_tokens", "llm_hidden"]
+    for src in TEXT_SOURCES:
+        cols += [f"text_{src}_pooled", f"text_{src}_tokens", f"text_{src}_mask"]
+    return cols
+
+
+@dataclass
+class Arrays:
+    """Model inputs (one numpy array per store column) and integer labels, for one set of rows."""
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    rows: pd.DataFrame  # the store rows (paths, labels, splits) in the same order
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> "Arrays":
+        return Arrays({k: v[index] for k, v in self.features.items()}, self.labels[index],
+                      self.rows.iloc[index].reset_index(drop=True))
+
+
+def task_classes(store: Store, task: str) -> list[str]:
+    """The class names of a task, in a fixed order (index = label id)."""
+    if task == "binary":
+        return [NORMAL, DEFECT]
+    info = read_dataset_info(store.meta["manifest"]) if store.meta.get("manifest") else None
+    if info is not None:
+        return list(info.classes)
+    return sorted(store.features[LABEL].astype(str).unique())
+
+
+def task_labels(rows: pd.DataFrame, task: str, classes: list[str]) -> np.ndarray:
+    column = BINARY_LABEL if task == "binary" else LABEL
+    if column not in rows.columns:
+        raise DataError(f"the feature store has no {column!r} column, needed for the {task} task")
+    index = {c: i for i, c in enumerate(classes)}
+    values = rows[column].astype(str)
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the {task} classes {classes}")
+    return values.map(index).to_numpy(np.int64)
+
+
+def store_arrays(store: Store, task: str, classes: list[str]) -> Arrays:
+    features = {}
+    for column in model_columns():
+        values = stack(store, column)
+        features[column] = values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int64)
+    return Arrays(features, task_labels(store.features, task, classes), store.features.reset_index(drop=True))
+
+
+def split_arrays(arrays: Arrays, use_augmented: bool = True) -> dict[str, Arrays]:
+    """train / val / test by the store's ``split`` column; TDA rows only ever in train."""
+    rows = arrays.rows
+    if SPLIT not in rows.columns:
+        raise DataError("the feature store has no 'split' column: run `ase-ray data split` before extraction")
+    augmented = rows[AUGMENTED].astype(str).str.lower().eq("true") if AUGMENTED in rows else pd.Series(False, index=rows.index)
+    out = {}
+    for split in ("train", "val", "test"):
+        mask = rows[SPLIT].astype(str).eq(split).to_numpy()
+        if split != "train" or not use_augmented:
+            mask &= ~augmented.to_numpy()
+        out[split] = arrays.take(np.flatnonzero(mask))
+    if len(out["train"]) == 0:
+        raise DataError("no training rows in the feature store")
+    return out
+
+
+def load_task_arrays(store_dir: str | Path, task: str, use_augmented: bool = True) -> tuple[dict[str, Arrays], list[str]]:
+    store = load_store(store_dir)
+    classes = task_classes(store, task)
+    return split_arrays(store_arrays(store, task, classes), use_augmented), classes
+
+
+def to_ray_dataset(arrays: Arrays):
+    """A Ray Dataset with one tensor column per feature and ``label_idx``."""
+    import ray
+    from ray.data.extensions import TensorArray
+
+    columns = {**arrays.features, LABEL_KEY: arrays.labels}
+    frame = pd.DataFrame({k: (TensorArray(v) if v.ndim > 1 else v) for k, v in columns.items()})
+    n_blocks = max(1, min(8, len(frame) // 32))
+    return ray.data.from_pandas([b for b in np.array_split(frame, n_blocks) if len(b)])
+
+
+def collect_shard(shard) -> dict[str, np.ndarray]:
+    """All rows of a Ray Data shard as numpy arrays (the store is small; workers hold it in memory)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(np.asarray(value))
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -1,0 +1,163 @@
+"""``fit``: train on Ray Train (DDP or DeepSpeed), then evaluate and log everything to one MLflow run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ase_ray.config import AppConfig
+from ase_ray.errors import DataError
+from ase_ray.train.data import Arrays, load_task_arrays, to_ray_dataset
+from ase_ray.train.loop import MODEL_DIR, predict_proba, train_loop_per_worker
+from ase_ray.train.metrics import classification_metrics, confusion_figure, flat_metrics, report_text
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+@dataclass
+class FitResult:
+    run_id: str | None
+    model_dir: Path
+    metrics: dict[str, Any]  # {"val": {...}, "test": {...}}
+    classes: list[str]
+    results_path: Path
+
+
+def store_dir(config: AppConfig) -> Path:
+    return Path(config.train.store_dir or config.features.out_dir or Path(config.project.work_dir) / "features")
+
+
+def storage_path(config: AppConfig) -> Path:
+    return Path(config.train.storage_path or Path(config.project.work_dir) / "ray_results").resolve()
+
+
+def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None) -> FitResult:
+    """Train ``config.train`` on the feature store; returns the model folder and val/test metrics."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ase_ray.ray_env import ensure_ray
+
+    cfg = config.train
+    splits, classes = load_task_arrays(store_dir(config), cfg.task, cfg.use_augmented)
+    if len(splits["train"]) < cfg.num_workers:
+        raise DataError(f"{len(splits['train'])} training rows cannot feed {cfg.num_workers} workers")
+    ensure_ray(config.ray)
+    run_dir = storage_path(config) / cfg.run_name
+    run_id = _open_run(config, run_dir, tags, parent_run_id) if track else None
+    from ase_ray.tracking import tracking_uri
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "classes": classes,
+            "threads": max(1, int(cfg.cpus_per_worker)),
+            "tracking_uri": tracking_uri(config) if track else None,
+            "run_id": run_id,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=str(storage_path(config)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+        ),
+        datasets={"train": to_ray_dataset(splits["train"]), "val": to_ray_dataset(splits["val"])},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run_id:
+            _end_run(config, run_id, "FAILED")
+        raise
+    if result.checkpoint is None:
+        raise DataError("training finished without a checkpoint")
+    model_dir = Path(config.project.work_dir).resolve() / "models" / (run_id or cfg.run_name)
+    with result.checkpoint.as_directory() as ckpt:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(Path(ckpt) / MODEL_DIR, model_dir)
+    metrics = evaluate_model_dir(model_dir, splits, classes)
+    results_path = _write_results(config, run_id, model_dir, metrics, classes)
+    if run_id:
+        _log_final(config, run_id, model_dir, metrics, splits, results_path)
+    echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}): val macro-F1 {metrics['val']['macro_f1']:.4f}, "
+         f"test macro-F1 {metrics['test']['macro_f1']:.4f}")
+    return FitResult(run_id, model_dir, metrics, classes, results_path)
+
+
+def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list[str]) -> dict[str, Any]:
+    from ase_ray.models.io import load_model
+
+    module, _ = load_model(model_dir)
+    out = {}
+    for split in ("val", "test"):
+        arrays = splits[split]
+        probs = predict_proba(module, arrays.features) if len(arrays) else np.zeros((0, len(classes)))
+        out[split] = classification_metrics(arrays.labels, probs.argmax(1) if len(probs) else probs[:, 0].astype(int), classes)
+    return out
+
+
+def _open_run(config: AppConfig, run_dir: Path, tags: dict[str, str] | None, parent_run_id: str | None) -> str:
+    """A new MLflow run, or the one a previous attempt of this Ray Train run opened (resume)."""
+    from ase_ray.tracking import config_params, setup_mlflow
+
+    mlflow = setup_mlflow(config)
+    marker = run_dir / RUN_ID_FILE
+    if marker.is_file():
+        run_id = marker.read_text().strip()
+        mlflow.tracking.MlflowClient().update_run(run_id, status="RUNNING")
+        return run_id
+    run_tags = {"ase_ray.stage": "train", **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=config.train.run_name, tags=run_tags) as run:
+        mlflow.log_params(config_params(config, ("train", "data", "features", "project")))
+    mlflow.tracking.MlflowClient().update_run(run.info.run_id, status="RUNNING")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def _end_run(config: AppConfig, run_id: str, status: str) -> None:
+    from ase_ray.tracking import setup_mlflow
+
+    setup_mlflow(config).tracking.MlflowClient().set_terminated(run_id, status)
+
+
+def _write_results(config, run_id, model_dir, metrics, classes) -> Path:
+    out = Path(config.project.work_dir).resolve() / "results" / f"train_{run_id or config.train.run_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"run_id": run_id, "model_dir": str(model_dir), "classes": classes,
+                               "task": config.train.task, "kind": config.train.model.kind,
+                               "metrics": metrics}, indent=2))
+    return out
+
+
+def _log_final(config, run_id, model_dir, metrics, splits, results_path) -> None:
+    import matplotlib.pyplot as plt
+
+    from ase_ray.serving_model import log_pyfunc_model
+    from ase_ray.tracking import setup_mlflow
+
+    mlflow = setup_mlflow(config)
+    with mlflow.start_run(run_id=run_id):
+        for split in ("val", "test"):
+            mlflow.log_metrics(flat_metrics(metrics[split], f"final_{split}_"))
+            mlflow.log_text(report_text(metrics[split]), f"classification_report_{split}.txt")
+            fig = confusion_figure(metrics[split], f"{config.train.task} {split} confusion matrix")
+            mlflow.log_figure(fig, f"confusion_matrix_{split}.png")
+            plt.close(fig)
+        mlflow.log_artifact(str(results_path))
+        log_pyfunc_model(model_dir, splits["val"] if len(splits["val"]) else splits["train"])
+    mlflow.tracking.MlflowClient().set_terminated(run_id, "FINISHED")

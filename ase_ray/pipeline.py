@@ -25,10 +25,11 @@ from ase_ray.errors import DataError
 
 
 def run_pipeline(config: AppConfig, echo=print) -> dict:
-    """Run every stage that exists so far and write ``<work_dir>/pipeline_report.json``."""
+    """Run the configured stages and write ``<work_dir>/pipeline_report.json``."""
     work_dir = Path(config.project.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "config.yaml").write_text(dump_config(config))
+    stages = config.pipeline.stages
     report: dict = {"work_dir": str(work_dir), "stages": {}}
 
     started = time.perf_counter()
@@ -49,11 +50,45 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
         "rows": len(df),
         "counts": {split: _counts(df[df[SPLIT] == split]) for split in ("train", "val", "test")},
     }
+    echo(_summary_text(df))
+
+    if "features" in stages:
+        from ase_ray.features.pipeline import extract_features
+
+        started = time.perf_counter()
+        extraction = extract_features(config, train_manifest, echo=echo)
+        report["stages"]["features"] = _timed(started, store=str(extraction.out_dir), **extraction.summary)
+
+    if "train" in stages:
+        from ase_ray.train.fit import fit
+
+        started = time.perf_counter()
+        trained = fit(config, echo=echo)
+        report["stages"]["train"] = _timed(
+            started, run_id=trained.run_id, model_dir=str(trained.model_dir),
+            val_macro_f1=trained.metrics["val"]["macro_f1"], test_macro_f1=trained.metrics["test"]["macro_f1"],
+        )
+
     report_path = work_dir / "pipeline_report.json"
     report["report_path"] = str(report_path)
     report_path.write_text(json.dumps(report, indent=2))
-    echo(_summary_text(df))
+    echo(_closing_text(config, report))
     return report
+
+
+def _closing_text(config: AppConfig, report: dict) -> str:
+    from ase_ray.tracking import tracking_uri
+
+    lines = [f"report: {report['report_path']}"]
+    if "features" in report["stages"]:
+        lines.append(f"feature store: {report['stages']['features']['store']}")
+    if "train" in report["stages"]:
+        t = report["stages"]["train"]
+        lines.append(f"model: {t['model_dir']} (val macro-F1 {t['val_macro_f1']:.4f}, test {t['test_macro_f1']:.4f})")
+    if {"features", "train"} & set(report["stages"]):
+        uri = tracking_uri(config)
+        lines.append(f"MLflow runs: {uri}  (UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    return "\n".join(lines)
 
 
 def prepare_source(config: AppConfig, data_dir: Path, echo=print) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ase_ray.config import RayConfig
 
@@ -16,17 +17,17 @@ WORKER_ENV = {
 
 def ensure_ray(config: RayConfig):
     """Connect once per process; returns the ``ray`` module."""
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _keep_on_loopback()
     import ray
 
     if ray.is_initialized():
         return ray
-    address = config.address or os.environ.get("RAY_ADDRESS")
     env = {**WORKER_ENV, **config.env_vars}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=config.log_to_driver)
         return ray
-    # Without this Ray binds the machine's external address; with it, everything stays on loopback.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
         num_cpus=config.num_cpus,
         include_dashboard=True,  # needed to clean up placement groups of stopped trainers
@@ -36,3 +37,13 @@ def ensure_ray(config: RayConfig):
         _temp_dir=str(config.temp_dir) if config.temp_dir else None,
     )
     return ray
+
+
+def _keep_on_loopback() -> None:
+    """A local Ray binds the machine's external address unless this is off; the child processes
+    (GCS, raylet, dashboard) read the variable, and this process reads it when ``ray`` is imported,
+    so a ``ray`` imported earlier gets the constant set directly."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False

@@ -8,7 +8,6 @@ arrays go to the content-addressed cache and the store is assembled from it (see
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ase_ray.config import AppConfig
-from ase_ray.data.manifest import read_manifest
+from ase_ray.data.manifest import DatasetInfo, chunks, read_dataset_info, read_manifest
 from ase_ray.errors import DataError
 from ase_ray.features.settings import StageResources
 from ase_ray.features.stages import (
@@ -75,8 +74,7 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
     rows.insert(0, "row_id", np.arange(len(rows), dtype=np.int64))
     rows = rows.astype({c: str for c in rows.columns if rows[c].dtype == object})
     smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
-    n_blocks = max(1, math.ceil(len(rows) / smallest_batch))
-    ds = ray.data.from_pandas([b for b in np.array_split(rows, n_blocks) if len(b)])
+    ds = ray.data.from_pandas(chunks(rows, smallest_batch))
     decode = config.features.decode
     ds = ds.map_batches(
         _decode_batch, batch_format="pandas", batch_size=decode.batch_size, num_cpus=decode.num_cpus
@@ -112,6 +110,7 @@ def extract_features(
     manifest = read_manifest(manifest_path)
     if len(manifest) == 0:
         raise DataError(f"manifest {manifest_path} has no rows")
+    config = apply_layout_hints(config, read_dataset_info(manifest_path))
     check_backends_available(config)
     cache, target = cache_root(config), store_dir(config, out_dir)
     ensure_ray(config.ray)
@@ -132,6 +131,19 @@ def extract_features(
     if track:
         log_extraction_run(config, store, summary, target)
     return ExtractionResult(store=store, out_dir=target, summary=summary)
+
+
+def apply_layout_hints(config: AppConfig, info: DatasetInfo | None) -> AppConfig:
+    """Use the dataset's ``text_region`` (dataset.yaml) for the OCR crop and to keep the describer off
+    the text band, unless the config sets them. The hint is layout, never label information."""
+    region = info.extra.get("text_region") if info is not None else None
+    if region is None:
+        return config
+    f = config.features
+    ocr = f.ocr if f.ocr.text_region is not None else f.ocr.model_copy(update={"text_region": tuple(region)})
+    describe = (f.describe if f.describe.ignore_region is not None
+                else f.describe.model_copy(update={"ignore_region": tuple(region)}))
+    return config.model_copy(update={"features": f.model_copy(update={"ocr": ocr, "describe": describe})})
 
 
 def backend_description(config: AppConfig) -> dict[str, Any]:

@@ -15,7 +15,11 @@ from ase_ray.config_base import StrictModel
 
 
 class StageResources(StrictModel):
-    """Where and how wide a stage runs on Ray Data."""
+    """Where and how wide a stage runs on Ray Data.
+
+    The defaults fit a 2-core laptop: every stage's actors together ask for under 2 CPUs, so all
+    stages run at once and the OS shares the cores. On a cluster raise ``actors`` and give the VLM and
+    LLM stages ``num_gpus`` (see configs/cluster.yaml)."""
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -28,12 +32,16 @@ class OcrSettings(StrictModel):
     backend: Literal["tesseract", "rapidocr"] = "tesseract"
     psm: int = Field(6, description="tesseract page segmentation mode.")
     lang: str = "eng"
-    timeout_s: float = Field(10.0, gt=0, description="Per-image OCR timeout.")
-    upscale: float = Field(2.0, ge=1.0, description="Resize factor before OCR (small text reads better).")
+    timeout_s: float = Field(
+        10.0, gt=0, description="Per-image OCR timeout (tesseract; rapidocr runs in-process, not interrupted)."
+    )
+    upscale: float = Field(
+        2.0, ge=1.0, description="Resize factor before tesseract (small text reads better); rapidocr resizes itself."
+    )
     text_region: tuple[float, float, float, float] | None = Field(
         None, description="Optional crop (x0, y0, x1, y1) as fractions of the image where text is printed."
     )
-    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=1, actors=2))
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.4, actors=2, batch_size=4))
 
 
 class DescribeSettings(StrictModel):
@@ -46,7 +54,11 @@ class DescribeSettings(StrictModel):
     max_new_tokens: int = Field(48, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="auto: cuda when available, else cpu.")
-    resources: StageResources = Field(default_factory=StageResources)
+    ignore_region: tuple[float, float, float, float] | None = Field(
+        None, description="measure backend: region (x0, y0, x1, y1) as fractions left out of the "
+        "measurements, e.g. the printed text band."
+    )
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.2, batch_size=8))
 
 
 class ReasonSettings(StrictModel):
@@ -68,7 +80,7 @@ class ReasonSettings(StrictModel):
     max_new_tokens: int = Field(48, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
-    resources: StageResources = Field(default_factory=StageResources)
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.4, batch_size=8))
 
 
 class ImageEncoderSettings(StrictModel):
@@ -76,7 +88,7 @@ class ImageEncoderSettings(StrictModel):
     model_id: str = "microsoft/resnet-50"
     image_size: int = Field(224, ge=32)
     device: str = "auto"
-    resources: StageResources = Field(default_factory=StageResources)
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.15, batch_size=8))
 
 
 class TextEncoderSettings(StrictModel):
@@ -84,4 +96,4 @@ class TextEncoderSettings(StrictModel):
     model_id: str = "bert-base-uncased"
     max_length: int = Field(64, ge=8)
     device: str = "auto"
-    resources: StageResources = Field(default_factory=StageResources)
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.15, batch_size=16))

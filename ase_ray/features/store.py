@@ -68,8 +68,6 @@ def array_columns() -> dict[str, tuple[str, str]]:
 
 def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path, meta: dict[str, Any]) -> Store:
     """Split the pipeline's rows into stored and error rows; fill arrays from the cache; write all."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = rows.sort_values("row_id").reset_index(drop=True)
     failed = rows["error_stage"].astype(str) != ""
     errors = pd.DataFrame(
@@ -82,34 +80,43 @@ def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path,
         }
     ).reset_index(drop=True)
     good = rows.loc[~failed].reset_index(drop=True)
-    table, shapes = _features_table(good, Path(cache_root))
+    return write_store_arrays(good, arrays_from_cache(good, Path(cache_root)), errors, out_dir, meta)
+
+
+def arrays_from_cache(good: pd.DataFrame, cache_root: Path) -> dict[str, np.ndarray]:
+    """Every array column, stacked over the rows, from the stage cache entries named in ``key_<stage>``."""
+    caches: dict[str, StageCache] = {}
+    arrays = {}
+    for column, (stage, entry) in array_columns().items():
+        cache = caches.setdefault(stage, StageCache(cache_root, stage, ""))
+        values = []
+        for key in good[f"key_{stage}"]:
+            cached = cache.get(key)
+            if cached is None:
+                raise DataError(f"cache entry {stage}/{key} vanished while the store was written")
+            values.append(np.asarray(cached[entry]))
+        arrays[column] = np.stack(values) if values else np.zeros((0,), dtype=np.float32)
+    return arrays
+
+
+def write_store_arrays(
+    good: pd.DataFrame, arrays: dict[str, np.ndarray], errors: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]
+) -> Store:
+    """Write a store from row metadata and stacked arrays (rows first); also used to build test stores."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep = [c for c in good.columns if not c.startswith(INTERNAL_PREFIXES) and c not in ("error_stage", "error_message")]
+    table = pa.Table.from_pandas(good[keep].reset_index(drop=True), preserve_index=False)
+    shapes: dict[str, list[int]] = {}
+    for column, values in arrays.items():
+        shapes[column] = list(values.shape[1:]) if len(values) else []
+        flat = values.reshape(len(values), -1) if len(values) else np.zeros((0, 0), dtype=np.float32)
+        table = table.append_column(column, _fixed_list(flat))
     pq.write_table(table, out_dir / FEATURES_FILE)
     errors.to_parquet(out_dir / ERRORS_FILE, index=False)
     meta = {**meta, "rows": int(len(good)), "errors": int(len(errors)), "shapes": shapes}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return Store(features=table.to_pandas(), errors=errors, meta=meta)
-
-
-def _features_table(good: pd.DataFrame, cache_root: Path) -> tuple[pa.Table, dict[str, list[int]]]:
-    keep = [c for c in good.columns if not c.startswith(INTERNAL_PREFIXES) and c not in ("error_stage", "error_message")]
-    table = pa.Table.from_pandas(good[keep], preserve_index=False)
-    shapes: dict[str, list[int]] = {}
-    caches: dict[str, StageCache] = {}
-    for column, (stage, entry) in array_columns().items():
-        cache = caches.setdefault(stage, StageCache(cache_root, stage, ""))
-        arrays = []
-        for key in good[f"key_{stage}"]:
-            values = cache.get(key)
-            if values is None:
-                raise DataError(f"cache entry {stage}/{key} vanished while the store was written")
-            arrays.append(np.asarray(values[entry]))
-        if arrays:
-            shapes[column] = list(arrays[0].shape)
-            flat = np.stack([a.reshape(-1) for a in arrays])
-        else:
-            flat = np.zeros((0, 0), dtype=np.float32)
-        table = table.append_column(column, _fixed_list(flat))
-    return table, shapes
 
 
 def _fixed_list(matrix: np.ndarray) -> pa.Array:

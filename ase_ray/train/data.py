@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from ase_ray.data.manifest import AUGMENTED, BINARY_LABEL, DEFECT, LABEL, NORMAL, SPLIT, read_dataset_info
 from ase_ray.errors import DataError
+from ase_ray.data.manifest import chunks
 from ase_ray.features.stages import TEXT_SOURCES
 from ase_ray.features.store import Store, load_store, stack
 
@@ -74,12 +76,13 @@ def split_arrays(arrays: Arrays, use_augmented: bool = True) -> dict[str, Arrays
     rows = arrays.rows
     if SPLIT not in rows.columns:
         raise DataError("the feature store has no 'split' column: run `ase-ray data split` before extraction")
-    augmented = rows[AUGMENTED].astype(str).str.lower().eq("true") if AUGMENTED in rows else pd.Series(False, index=rows.index)
+    augmented = (rows[AUGMENTED].astype(str).str.lower().eq("true") if AUGMENTED in rows
+                 else pd.Series(False, index=rows.index)).to_numpy()
     out = {}
     for split in ("train", "val", "test"):
-        mask = rows[SPLIT].astype(str).eq(split).to_numpy()
+        mask = rows[SPLIT].astype(str).eq(split).to_numpy().copy()
         if split != "train" or not use_augmented:
-            mask &= ~augmented.to_numpy()
+            mask &= ~augmented
         out[split] = arrays.take(np.flatnonzero(mask))
     if len(out["train"]) == 0:
         raise DataError("no training rows in the feature store")
@@ -99,8 +102,7 @@ def to_ray_dataset(arrays: Arrays):
 
     columns = {**arrays.features, LABEL_KEY: arrays.labels}
     frame = pd.DataFrame({k: (TensorArray(v) if v.ndim > 1 else v) for k, v in columns.items()})
-    n_blocks = max(1, min(8, len(frame) // 32))
-    return ray.data.from_pandas([b for b in np.array_split(frame, n_blocks) if len(b)])
+    return ray.data.from_pandas(chunks(frame, max(1, math.ceil(len(frame) / 8))))
 
 
 def collect_shard(shard) -> dict[str, np.ndarray]:

@@ -39,9 +39,6 @@ def storage_path(config: AppConfig) -> Path:
 def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] | None = None,
         parent_run_id: str | None = None) -> FitResult:
     """Train ``config.train`` on the feature store; returns the model folder and val/test metrics."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from ase_ray.ray_env import ensure_ray
 
     cfg = config.train
@@ -49,6 +46,8 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     if len(splits["train"]) < cfg.num_workers:
         raise DataError(f"{len(splits['train'])} training rows cannot feed {cfg.num_workers} workers")
     ensure_ray(config.ray)
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
     run_dir = storage_path(config) / cfg.run_name
     run_id = _open_run(config, run_dir, tags, parent_run_id) if track else None
     from ase_ray.tracking import tracking_uri

@@ -205,8 +205,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _collect(shard) -> dict[str, np.ndarray]:
+    import ray.data
+
     from ase_ray.train.data import collect_shard
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch per worker is noise
     return collect_shard(shard) if shard is not None else {}
 
 

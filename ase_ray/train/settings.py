@@ -50,3 +50,16 @@ class TrainConfig(StrictModel):
         if self.strategy == "deepspeed" and self.deepspeed.precision == "fp16" and not self.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs use_gpu=true; use fp32 or bf16 on CPU")
         return self
+
+
+ABLATION_VARIANTS = ("image-only", "text-only", "concat", "gated", "+PFA", "+CMAF", "+TDA", "full (PFA+CMAF+TDA)")
+
+
+class AblateConfig(StrictModel):
+    """``ase-ray ablate``: k-fold x seeds for every variant; training settings come from ``train``."""
+
+    folds: int = Field(3, ge=2)
+    seeds: int = Field(2, ge=1)
+    tasks: list[Literal["binary", "multiclass"]] = Field(default_factory=lambda: ["binary", "multiclass"])
+    variants: list[str] = Field(default_factory=lambda: list(ABLATION_VARIANTS))
+    cpus_per_run: float = Field(1.0, gt=0, description="Ray CPUs per training run (runs go in parallel).")

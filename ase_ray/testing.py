@@ -1,0 +1,66 @@
+"""Dummy data for tests and benchmarks: a small feature store with a learnable class signal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ase_ray.data.manifest import DatasetInfo, write_dataset_info
+from ase_ray.features.stages import TEXT_SOURCES
+from ase_ray.features.store import Store, write_store_arrays
+
+
+def fake_feature_store(
+    out_dir: str | Path,
+    classes: tuple[str, ...] = ("normal", "scratch", "void"),
+    per_class: int = 12,
+    image_dim: int = 24,
+    image_tokens: int = 9,
+    text_dim: int = 16,
+    text_len: int = 7,
+    llm_dim: int = 20,
+    signal: float = 1.5,
+    seed: int = 0,
+) -> Store:
+    """A store in the real format; each class shifts the features along its own random direction."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(classes)), per_class)
+    n = len(labels)
+    splits = np.array(["train", "train", "train", "val", "test"])[np.arange(n) % 5]
+
+    def with_signal(shape: tuple[int, ...]) -> np.ndarray:
+        directions = rng.normal(size=(len(classes), *shape))
+        return (rng.normal(size=(n, *shape)) + signal * directions[labels]).astype(np.float32)
+
+    arrays = {
+        "image_pooled": with_signal((image_dim,)),
+        "image_tokens": with_signal((image_tokens, image_dim)).astype(np.float16),
+        "llm_hidden": with_signal((llm_dim,)),
+    }
+    for src in TEXT_SOURCES:
+        arrays[f"text_{src}_pooled"] = with_signal((text_dim,))
+        arrays[f"text_{src}_tokens"] = with_signal((text_len, text_dim)).astype(np.float16)
+        lengths = rng.integers(2, text_len + 1, size=n)
+        arrays[f"text_{src}_mask"] = (np.arange(text_len)[None, :] < lengths[:, None]).astype(np.int8)
+    out_dir = Path(out_dir)
+    rows = pd.DataFrame(
+        {
+            "row_id": np.arange(n),
+            "image_id": [f"{i:064x}" for i in range(n)],
+            "image_path": [str(out_dir / f"img_{i}.png") for i in range(n)],
+            "label": [classes[i] for i in labels],
+            "binary_label": ["normal" if i == 0 else "defect" for i in labels],
+            "group": [f"g{i}" for i in range(n)],
+            "split": splits,
+            "ocr_text": [f"LEN {i % 7}.0" for i in range(n)],
+            "description": ["a board"] * n,
+            "reasoning": ["maybe"] * n,
+        }
+    )
+    manifest = out_dir / "manifest.csv"
+    write_dataset_info(out_dir, DatasetInfo(list(classes), classes[0], "fake"))
+    errors = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                           (("row_id", "int64"), ("image_path", str), ("label", str), ("stage", str), ("message", str))})
+    return write_store_arrays(rows, arrays, errors, out_dir, {"manifest": str(manifest), "backends": {"fake": True}})

@@ -1,0 +1,274 @@
+"""``ase-ray ablate``: the paper's ablation with group-aware stratified k-fold CV and several seeds.
+
+Protocol, for each task (binary, multi-class), fold and seed:
+- the folds come from the original manifest (``kfold_indices``: stratified, grouped);
+- TDA rows are made per fold from that fold's training part only (fit and source images), so no test
+  image ever shapes a training image; features of all images come from one cached extraction;
+- every variant trains in-process (the same epoch loop Ray Train runs) on the training part for
+  ``train.epochs`` and is scored by macro-F1 on the held-out fold; the runs go out as Ray tasks;
+- a frozen-feature baseline (standardised pooled image embedding + logistic regression) is scored on
+  the same folds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ase_ray.config import AppConfig
+from ase_ray.data.manifest import (
+    AUGMENTED,
+    IMAGE_PATH,
+    SPLIT,
+    read_dataset_info,
+    read_manifest,
+    write_dataset_info,
+    write_manifest,
+)
+from ase_ray.data.splits import kfold_indices
+from ase_ray.errors import DataError
+
+FOLD = "ablate_fold"  # test fold of an original row; training fold of a TDA row
+LOGREG = "logreg (frozen image features)"
+VARIANTS: dict[str, dict[str, Any]] = {  # keys: ase_ray.train.settings.ABLATION_VARIANTS
+    "image-only": {"kind": "image_only", "pfa": False, "tda": False},
+    "text-only": {"kind": "text_only", "pfa": False, "tda": False},
+    "concat": {"kind": "concat", "pfa": False, "tda": False},
+    "gated": {"kind": "gated", "pfa": False, "tda": False},
+    "+PFA": {"kind": "concat", "pfa": True, "tda": False},
+    "+CMAF": {"kind": "cmaf", "pfa": False, "tda": False},
+    "+TDA": {"kind": "concat", "pfa": False, "tda": True},
+    "full (PFA+CMAF+TDA)": {"kind": "cmaf", "pfa": True, "tda": True},
+}
+
+
+@dataclass
+class AblationResult:
+    table: str
+    rows: list[dict[str, Any]]
+    table_path: Path
+    json_path: Path
+
+
+def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Path, echo=print) -> AblationResult:
+    from ase_ray.features.pipeline import extract_features
+    from ase_ray.ray_env import ensure_ray
+
+    a = config.ablate
+    unknown = sorted(set(a.variants) - set(VARIANTS))
+    if unknown:
+        raise DataError(f"unknown ablation variant(s) {unknown}; valid: {list(VARIANTS)}")
+    out_dir = Path(out_dir).resolve()
+    manifest = _original_rows(read_manifest(manifest_path))
+    info = read_dataset_info(manifest_path)
+    folds = kfold_indices(manifest, a.folds, config.project.seed, config.data.split.label_column)
+    manifest[FOLD] = -1
+    for k, (_, test) in enumerate(folds):
+        manifest.iloc[test, manifest.columns.get_loc(FOLD)] = k
+    want_tda = any(VARIANTS[v]["tda"] for v in a.variants)
+    tda_rows, tda_note = _tda_per_fold(config, manifest, folds, out_dir / "tda", echo) if want_tda else (None, "")
+    combined = pd.concat([manifest, tda_rows], ignore_index=True) if tda_rows is not None else manifest
+    combined_path = write_manifest(combined, out_dir / "manifest.csv", relative_to_manifest=False)
+    if info is not None:
+        write_dataset_info(out_dir, info)
+    ensure_ray(config.ray)
+    extraction = extract_features(config, combined_path, out_dir / "store", echo=echo, track=False)
+    scores = _score_everything(config, out_dir / "store", a.folds, tda_rows is not None, echo)
+    rows = _aggregate(scores, a.variants, tda_rows is not None, tda_note)
+    table = markdown_table(rows, config, manifest, extraction.summary)
+    table_path = out_dir / "ablation.md"
+    table_path.write_text(table)
+    json_path = out_dir / "ablation.json"
+    json_path.write_text(json.dumps({"rows": rows, "scores": scores, "folds": a.folds, "seeds": a.seeds,
+                                     "epochs": config.train.epochs, "manifest": str(manifest_path),
+                                     "extraction": extraction.summary}, indent=2))
+    _log_to_mlflow(config, rows, table_path, json_path)
+    echo(table)
+    return AblationResult(table, rows, table_path, json_path)
+
+
+def _original_rows(df: pd.DataFrame) -> pd.DataFrame:
+    if AUGMENTED in df.columns and df[AUGMENTED].astype(str).str.lower().eq("true").any():
+        raise DataError("ablate takes the original manifest (no TDA rows): it augments each fold itself")
+    return df.drop(columns=[c for c in (SPLIT, AUGMENTED, "source_image", FOLD) if c in df.columns]).reset_index(drop=True)
+
+
+def _tda_per_fold(config, manifest, folds, tda_dir: Path, echo) -> tuple[pd.DataFrame | None, str]:
+    from ase_ray.data.tda import augment_manifest
+
+    made = []
+    for k, (train, _) in enumerate(folds):
+        fold_df = manifest.copy()
+        fold_df[SPLIT] = "test"
+        fold_df.iloc[train, fold_df.columns.get_loc(SPLIT)] = "train"
+        result = augment_manifest(fold_df.drop(columns=[FOLD]), tda_dir / f"fold_{k}", config.data.tda)
+        new = result.manifest[result.manifest[AUGMENTED].astype(bool)].copy()
+        if len(new) == 0:
+            reasons = "; ".join(f"{c}: {w}" for c, w in result.skipped.items()) or "nothing to add"
+            echo(f"TDA made no images ({reasons})")
+            return None, f"TDA not applicable: {reasons}"
+        new[FOLD] = k
+        made.append(new.drop(columns=[SPLIT]))
+        echo(f"TDA fold {k}: +{len(new)} training images")
+    return pd.concat(made, ignore_index=True), ""
+
+
+def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda: bool, echo) -> list[dict[str, Any]]:
+    import ray
+
+    from ase_ray.features.store import load_store
+    from ase_ray.train.data import store_arrays, task_classes
+
+    a = config.ablate
+    store = load_store(store_dir)
+    rows = store.features
+    augmented = rows[AUGMENTED].astype(str).str.lower().eq("true").to_numpy() if AUGMENTED in rows else np.zeros(len(rows), bool)
+    fold_of = rows[FOLD].astype(int).to_numpy()
+    train_and_score = ray.remote(_train_and_score)
+    jobs, scores = [], []
+    for task in a.tasks:
+        classes = task_classes(store, task)
+        arrays = store_arrays(store, task, classes)
+        shared = ray.put({"features": {k: _compact(v) for k, v in arrays.features.items()}, "labels": arrays.labels})
+        for k in range(n_folds):
+            test = np.flatnonzero(~augmented & (fold_of == k))
+            train_plain = np.flatnonzero(~augmented & (fold_of != k))
+            train_tda = np.concatenate([train_plain, np.flatnonzero(augmented & (fold_of == k))])
+            scores.append(_logreg_score(arrays, train_plain, test, classes, task, k))
+            for variant in a.variants:
+                spec = VARIANTS[variant]
+                if spec["tda"] and not with_tda:
+                    continue
+                train = train_tda if spec["tda"] else train_plain
+                for seed in range(a.seeds):
+                    cfg = _variant_config(config, spec, task, seed)
+                    jobs.append(train_and_score.options(num_cpus=a.cpus_per_run).remote(
+                        shared, train, test, cfg.train.model_dump(mode="json"), classes,
+                        {"task": task, "variant": variant, "fold": k, "seed": seed}))
+    echo(f"ablation: {len(jobs)} trainings ({a.cpus_per_run} CPU each) + {len(scores)} logistic regressions")
+    done = 0
+    pending = list(jobs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        scores.append(ray.get(ready[0]))
+        done += 1
+        if done % 10 == 0 or not pending:
+            echo(f"  {done}/{len(jobs)} trainings done")
+    return scores
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16) if values.dtype.kind == "f" and values.ndim == 3 else values
+
+
+def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: int) -> AppConfig:
+    train = config.train.model_copy(deep=True)
+    train.task = task
+    train.seed = seed
+    train.model.kind = spec["kind"]
+    train.pfa.enabled = spec["pfa"]
+    return config.model_copy(update={"train": train})
+
+
+def _train_and_score(shared, train, test, train_cfg, classes, tags) -> dict[str, Any]:
+    import torch
+
+    from ase_ray.train.data import LABEL_KEY
+    from ase_ray.train.loop import predict_proba, run_epochs
+    from ase_ray.train.metrics import classification_metrics
+    from ase_ray.train.settings import TrainConfig
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig.model_validate(train_cfg)
+    features, labels = shared["features"], shared["labels"]
+    train_arrays = {k: v[train] for k, v in features.items()}
+    train_arrays[LABEL_KEY] = labels[train]
+    result = run_epochs(train_arrays, {}, cfg, classes)
+    test_features = {k: v[test] for k, v in features.items()}
+    probs = predict_proba(result.module, test_features)
+    metrics = classification_metrics(labels[test], probs.argmax(1), classes)
+    return {**tags, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"], "n_train": int(len(train)),
+            "n_test": int(len(test))}
+
+
+def _logreg_score(arrays, train, test, classes, task, fold) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ase_ray.train.metrics import classification_metrics
+
+    x = arrays.features["image_pooled"]
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    model.fit(x[train], arrays.labels[train])
+    metrics = classification_metrics(arrays.labels[test], model.predict(x[test]), classes)
+    return {"task": task, "variant": LOGREG, "fold": fold, "seed": 0, "macro_f1": metrics["macro_f1"],
+            "accuracy": metrics["accuracy"], "n_train": int(len(train)), "n_test": int(len(test))}
+
+
+def _aggregate(scores, variants, with_tda: bool, tda_note: str) -> list[dict[str, Any]]:
+    frame = pd.DataFrame(scores)
+    rows = []
+    for variant in [LOGREG, *variants]:
+        row: dict[str, Any] = {"variant": variant}
+        for task in ("binary", "multiclass"):
+            values = frame[(frame["variant"] == variant) & (frame["task"] == task)]["macro_f1"] if len(frame) else []
+            if len(values):
+                row[task] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": int(len(values))}
+            elif VARIANTS.get(variant, {}).get("tda") and not with_tda:
+                row[task] = {"note": tda_note or "TDA not applicable"}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows, config: AppConfig, manifest: pd.DataFrame, extraction: dict[str, Any]) -> str:
+    a = config.ablate
+    lines = [
+        f"Macro-F1, mean ± std over {a.folds} group-aware stratified folds x {a.seeds} seed(s) "
+        f"({len(manifest)} images, {config.train.epochs} epochs, lr {config.train.lr}, batch {config.train.batch_size}).",
+        "",
+        "| variant | binary | multi-class |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        cells = []
+        for task in ("binary", "multiclass"):
+            cell = row.get(task)
+            if cell is None:
+                cells.append("-")
+            elif "note" in cell:
+                cells.append("n/a")
+            else:
+                cells.append(f"{cell['mean']:.4f} ± {cell['std']:.4f}")
+        lines.append(f"| {row['variant']} | {cells[0]} | {cells[1]} |")
+    notes = {cell["note"] for row in rows for cell in row.values() if isinstance(cell, dict) and "note" in cell}
+    lines += ["", *[f"n/a: {n}" for n in sorted(notes)]] if notes else []
+    if extraction.get("errors"):
+        lines.append(f"{extraction['errors']} image(s) failed feature extraction and are left out (errors.parquet).")
+    return "\n".join(lines) + "\n"
+
+
+def _log_to_mlflow(config: AppConfig, rows, table_path: Path, json_path: Path) -> None:
+    from ase_ray.tracking import config_params, setup_mlflow
+
+    mlflow = setup_mlflow(config)
+    with mlflow.start_run(run_name="ablate", tags={"ase_ray.stage": "ablate"}):
+        mlflow.log_params(config_params(config, ("ablate", "train", "features")))
+        for row in rows:
+            for task in ("binary", "multiclass"):
+                cell = row.get(task)
+                if cell and "mean" in cell:
+                    key = f"{task}.{_metric_name(row['variant'])}"
+                    mlflow.log_metrics({f"{key}.mean": cell["mean"], f"{key}.std": cell["std"]})
+        mlflow.log_artifact(str(table_path))
+        mlflow.log_artifact(str(json_path))
+
+
+def _metric_name(variant: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in variant).strip("_")

@@ -1,0 +1,74 @@
+"""``ase-ray evaluate``: score a trained model (a folder, a run or a registry alias) on a store's split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ase_ray.config import AppConfig
+from ase_ray.errors import DataError
+from ase_ray.models.io import META_FILE
+from ase_ray.train.data import load_task_arrays
+from ase_ray.train.loop import predict_proba
+from ase_ray.train.metrics import classification_metrics, report_text
+
+
+def resolve_model_dir(config: AppConfig, model_uri: str) -> Path:
+    """A local model folder for ``model_uri``: a folder with model.json, ``runs:/...`` or ``models:/...``."""
+    local = Path(model_uri)
+    if local.is_dir():
+        found = _find_model_json(local)
+        if found is None:
+            raise DataError(f"{model_uri} holds no {META_FILE}: not a saved ase-ray model")
+        return found
+    if not model_uri.startswith(("runs:/", "models:/")):
+        raise DataError(f"model {model_uri!r} is neither a folder nor a runs:/ or models:/ URI")
+    from ase_ray.tracking import setup_mlflow
+
+    mlflow = setup_mlflow(config)
+    try:
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except Exception as exc:  # MLflow raises several types for unknown runs, names and aliases
+        raise DataError(f"cannot fetch model {model_uri}: {exc}") from None
+    found = _find_model_json(downloaded)
+    if found is None:
+        raise DataError(f"{model_uri} is not an ase-ray model (no {META_FILE} inside)")
+    return found
+
+
+def _find_model_json(root: Path) -> Path | None:
+    if (root / META_FILE).is_file():
+        return root
+    hits = sorted(root.rglob(META_FILE))
+    return hits[0].parent if hits else None
+
+
+def evaluate(config: AppConfig, model_uri: str, store_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    from ase_ray.models.io import load_model
+
+    model_dir = resolve_model_dir(config, model_uri)
+    module, meta = load_model(model_dir)
+    task = meta.get("extra", {}).get("task", config.train.task)
+    splits, classes = load_task_arrays(store_dir, task, use_augmented=False)
+    if classes != meta["classes"]:
+        raise DataError(f"the model's classes {meta['classes']} differ from the store's {classes}")
+    if split not in splits:
+        raise DataError(f"unknown split {split!r} (train, val, test)")
+    arrays = splits[split]
+    if len(arrays) == 0:
+        raise DataError(f"the store has no {split} rows")
+    probs = predict_proba(module, arrays.features)
+    metrics = classification_metrics(arrays.labels, probs.argmax(1), classes)
+    metrics.update({"model": model_uri, "model_dir": str(model_dir), "split": split, "task": task})
+    return metrics
+
+
+def write_evaluation(metrics: dict[str, Any], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    return out
+
+
+def evaluation_text(metrics: dict[str, Any]) -> str:
+    return f"{metrics['task']} on {metrics['split']} ({metrics['n']} images), model {metrics['model']}\n" + report_text(metrics)

@@ -1,0 +1,98 @@
+"""The Ray Data extraction on real tesseract and tiny model configs: store, errors, cache, MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ase_ray.config import load_config
+from ase_ray.data.manifest import read_manifest, write_manifest
+from ase_ray.data.synthetic import generate_synthetic
+from ase_ray.features.pipeline import extract_features
+from ase_ray.features.store import load_store, stack
+from ase_ray.tracking import tracking_uri
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "features.describe.backend=tiny", "features.reason.backend=tiny", "features.image_encoder.backend=tiny",
+    "features.text_encoder.backend=tiny", "features.describe.max_new_tokens=4",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feat")
+    cfg = load_config(overrides=["data.synth.scale=0.02", "data.synth.seed=5"])
+    df = generate_synthetic(cfg.data.synth, root / "synth")
+    corrupt = root / "synth" / "images" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    df = pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "image_path": str(corrupt)}])], ignore_index=True)
+    write_manifest(df, root / "synth" / "manifest.csv")
+    return root
+
+
+def _config(root, *extra):
+    return load_config(overrides=[f"project.work_dir={root / 'work'}", *TINY, *extra])
+
+
+def test_store_errors_cache_and_mlflow(ray_session, dataset):
+    manifest = dataset / "synth" / "manifest.csv"
+    n = len(read_manifest(manifest))
+    cfg = _config(dataset)
+    first = extract_features(cfg, manifest, dataset / "store")
+    assert first.summary["rows"] == n
+    assert first.summary["stored"] == n - 1 and first.summary["errors"] == 1
+    errors = pd.read_parquet(dataset / "store" / "errors.parquet")
+    assert errors.loc[0, "stage"] == "decode" and errors.loc[0, "image_path"].endswith("corrupt.png")
+
+    store = load_store(dataset / "store")
+    features = pd.read_parquet(dataset / "store" / "features.parquet")  # plain pandas reads it
+    assert len(features) == n - 1
+    assert features["ocr_text"].str.contains("LEN").all()
+    fields = json.loads(features.loc[0, "ocr_fields"])
+    assert {"LEN", "AREA", "DIFF"} <= set(fields) and isinstance(fields["DIFF"], float)
+    tokens = stack(store, "image_tokens")
+    assert tokens.shape[0] == n - 1 and tokens.ndim == 3
+    assert stack(store, "text_ocr_mask").shape[:1] == (n - 1,)
+    assert store.meta["backends"]["reason"]["backend"] == "tiny"
+
+    second = extract_features(cfg, manifest, dataset / "store2")
+    for stage in ("ocr", "describe", "reason", "image_encoder", "text_encoder"):
+        assert second.summary["stages"][stage]["cache_hits"] == n - 1, stage
+    again = load_store(dataset / "store2")
+    assert (again.features["ocr_text"] == store.features["ocr_text"]).all()
+
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name("ase-ray").experiment_id],
+                              "tags.`ase_ray.stage` = 'features'")
+    assert len(runs) == 2
+    run = runs[0]
+    assert run.data.params["features.reason.backend"] == "tiny"
+    assert run.data.metrics["errors"] == 1 and run.data.metrics["rows"] == n
+    assert "sample_texts.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_changed_setting_recomputes_only_that_stage(ray_session, dataset):
+    manifest = dataset / "synth" / "manifest.csv"
+    cfg = _config(dataset, "features.describe.max_new_tokens=3")
+    result = extract_features(cfg, manifest, dataset / "store3", track=False)
+    stages = result.summary["stages"]
+    assert stages["ocr"]["cache_hits"] == result.summary["stored"]
+    assert stages["image_encoder"]["cache_hits"] == result.summary["stored"]
+    assert stages["describe"]["cache_hits"] == 0
+
+
+def test_missing_tesseract_fails_at_start(ray_session, dataset, monkeypatch):
+    import pytesseract
+
+    from ase_ray.features.base import BackendUnavailable
+
+    monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/nonexistent/tesseract")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(BackendUnavailable, match="tesseract"):
+        extract_features(_config(dataset), dataset / "synth" / "manifest.csv", dataset / "store4", track=False)

@@ -1,0 +1,91 @@
+"""Image encoders: documented shapes per backend, mixed image sizes, the real ResNet loading path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ase_ray.features.base import BackendUnavailable, ImageFeatures, build_image_encoder
+from ase_ray.features.image_encoder import EfficientNetLite0Encoder, ResNetEncoder, images_to_tensor
+from ase_ray.features.settings import ImageEncoderSettings
+
+
+def random_images(sizes: list[tuple[int, int]]) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+MIXED = random_images([(320, 256), (60, 100), (224, 224)]) + [Image.new("L", (50, 40), 128)]
+
+
+def check_features(features: ImageFeatures, batch: int, tokens: int, dim: int) -> None:
+    assert features.pooled.shape == (batch, dim)
+    assert features.tokens.shape == (batch, tokens, dim)
+    assert features.pooled.dtype == np.float32 and features.tokens.dtype == np.float32
+    assert np.isfinite(features.pooled).all() and np.isfinite(features.tokens).all()
+    # pooled is the mean of the token map
+    np.testing.assert_allclose(features.pooled, features.tokens.mean(axis=1), rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_resnet_shapes_with_mixed_sizes() -> None:
+    encoder = build_image_encoder(ImageEncoderSettings(backend="tiny", image_size=64, device="cpu"))
+    assert isinstance(encoder, ResNetEncoder)
+    assert encoder.feature_dim == 40  # the tiny config's last stage width, read from the model
+    features = encoder.encode_batch(MIXED)
+    check_features(features, batch=4, tokens=(64 // 32) ** 2, dim=40)
+    alone = encoder.encode_batch(MIXED[:1]).pooled[0]  # batching does not change an image's vector
+    np.testing.assert_allclose(alone, features.pooled[0], rtol=1e-5, atol=1e-6)
+
+
+def test_efficientnet_lite0_offline_shapes() -> None:
+    encoder = build_image_encoder(ImageEncoderSettings(backend="efficientnet-lite0", device="cpu"))
+    assert isinstance(encoder, EfficientNetLite0Encoder)
+    assert encoder.feature_dim == 1280
+    features = encoder.encode_batch(MIXED[:3])
+    check_features(features, batch=3, tokens=7 * 7, dim=1280)
+    assert features.pooled.std() > 0  # pretrained weights, not a constant map
+
+
+def test_resnet_real_loading_path_from_a_saved_tiny_model(tmp_path: Path) -> None:
+    tiny = ResNetEncoder(ImageEncoderSettings(backend="tiny", device="cpu"))
+    tiny.model.save_pretrained(tmp_path / "tiny-resnet")
+    model_id = str(tmp_path / "tiny-resnet")
+    settings = ImageEncoderSettings(backend="resnet", model_id=model_id, image_size=96, device="cpu")
+    encoder = build_image_encoder(settings)
+    assert isinstance(encoder, ResNetEncoder)
+    features = encoder.encode_batch(MIXED[:2])
+    check_features(features, batch=2, tokens=3 * 3, dim=40)
+    reference = ResNetEncoder(ImageEncoderSettings(backend="tiny", image_size=96, device="cpu"))
+    np.testing.assert_allclose(features.pooled, reference.encode_batch(MIXED[:2]).pooled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_id", ["no-such-org/no-such-resnet", "/no/such/folder"])
+def test_unreachable_resnet_is_a_clear_error(model_id: str) -> None:
+    settings = ImageEncoderSettings(backend="resnet", model_id=model_id, device="cpu")
+    with pytest.raises(BackendUnavailable, match="efficientnet-lite0"):
+        build_image_encoder(settings)
+
+
+def test_empty_batch() -> None:
+    encoder = build_image_encoder(ImageEncoderSettings(backend="tiny", image_size=64, device="cpu"))
+    features = encoder.encode_batch([])
+    assert features.pooled.shape == (0, 40) and features.tokens.shape[0] == 0
+
+
+def test_preprocessing_normalises_with_imagenet_statistics() -> None:
+    pixels = images_to_tensor([Image.new("RGB", (10, 30), (124, 116, 104))], size=32)
+    assert tuple(pixels.shape) == (1, 3, 32, 32)
+    assert float(pixels.abs().max()) < 0.01  # the ImageNet mean colour maps to ~0
+
+
+def test_no_torchvision_or_timm_imported() -> None:
+    build_image_encoder(ImageEncoderSettings(backend="tiny", image_size=64, device="cpu")).encode_batch(MIXED[:1])
+    assert "torchvision" not in sys.modules
+    assert "timm" not in sys.modules

@@ -42,7 +42,16 @@ class Stage:
     def __init__(self, settings: Any, cache_root: str):
         self.settings = settings
         self.cache = StageCache(cache_root, self.name, fingerprint(self.name, settings))
-        self.backend = self.load_backend()
+        self._backend: Any = None
+
+    @property
+    def backend(self) -> Any:
+        """The model, loaded on the first cache miss and then kept for the actor's life (a run served
+        wholly from the cache never loads it)."""
+        if self._backend is None:
+            _limit_torch_threads(self.settings)
+            self._backend = self.load_backend()
+        return self._backend
 
     # -- to implement -------------------------------------------------------------------------
     def load_backend(self) -> Any:
@@ -118,6 +127,17 @@ class Stage:
             return self.compute([row])[0]
         except Exception as exc:  # becomes an error row
             return exc
+
+
+def _limit_torch_threads(settings: Any) -> None:
+    """Stages share the machine's cores: one actor with a fraction of a CPU gets one torch thread,
+    otherwise every actor starts one thread per core and they thrash."""
+    resources = getattr(settings, "resources", None)
+    if resources is None or resources.num_gpus > 0:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, int(resources.num_cpus)))
 
 
 class DecodeStage:

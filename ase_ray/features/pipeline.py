@@ -70,9 +70,7 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
     """The lazy Ray Dataset of the whole extraction."""
     import ray
 
-    rows = manifest.reset_index(drop=True).copy()
-    rows.insert(0, "row_id", np.arange(len(rows), dtype=np.int64))
-    rows = rows.astype({c: str for c in rows.columns if rows[c].dtype == object})
+    rows = _with_row_ids(manifest)
     smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
     ds = ray.data.from_pandas(chunks(rows, smallest_batch))
     decode = config.features.decode
@@ -83,6 +81,22 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
         ds = ds.map_batches(stage_cls, batch_format="pandas", fn_constructor_args=(settings, str(cache)),
                             **_actor_args(settings.resources))
     return ds
+
+
+def rows_from_cache(config: AppConfig, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame | None:
+    """All rows from the cache on the driver (no Ray, no model), or None when anything must be computed."""
+    batch = _decode_batch(_with_row_ids(manifest))
+    for stage_cls, settings in stage_plan(config):
+        batch = stage_cls(settings, str(cache)).lookup(batch)
+        if batch is None:
+            return None
+    return batch
+
+
+def _with_row_ids(manifest: pd.DataFrame) -> pd.DataFrame:
+    rows = manifest.reset_index(drop=True).copy()
+    rows.insert(0, "row_id", np.arange(len(rows), dtype=np.int64))
+    return rows.astype({c: str for c in rows.columns if rows[c].dtype == object})
 
 
 def _decode_batch(batch: pd.DataFrame) -> pd.DataFrame:
@@ -113,9 +127,13 @@ def extract_features(
     config = apply_layout_hints(config, read_dataset_info(manifest_path))
     check_backends_available(config)
     cache, target = cache_root(config), store_dir(config, out_dir)
-    ensure_ray(config.ray)
     started = time.perf_counter()
-    rows = build_dataset(config, manifest, cache).to_pandas()
+    rows = rows_from_cache(config, manifest, cache)
+    if rows is None:
+        ensure_ray(config.ray)
+        rows = build_dataset(config, manifest, cache).to_pandas()
+    else:
+        echo("every stage output is cached: the store is assembled without starting a Ray job")
     wall = time.perf_counter() - started
     if len(rows) != len(manifest):
         raise DataError(f"pipeline returned {len(rows)} rows for {len(manifest)} inputs")

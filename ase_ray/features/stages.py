@@ -71,6 +71,13 @@ class Stage:
 
     # -- the shared call ----------------------------------------------------------------------
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self._run(batch, compute_misses=True)
+
+    def lookup(self, batch: pd.DataFrame) -> pd.DataFrame | None:
+        """The batch completed from the cache alone, or None when any row would need the model."""
+        return self._run(batch, compute_misses=False)
+
+    def _run(self, batch: pd.DataFrame, compute_misses: bool) -> pd.DataFrame | None:
         batch = batch.reset_index(drop=True)
         started = time.perf_counter()
         todo = [i for i in range(len(batch)) if not batch.at[i, "error_stage"]]
@@ -86,6 +93,8 @@ class Stage:
             else:
                 results[i] = cached
                 hits[i] = True
+        if misses and not compute_misses:
+            return None
         for (i, key), outputs in zip(misses, self._compute_isolating_errors(batch, [i for i, _ in misses])):
             if isinstance(outputs, Exception):
                 keys[i] = ""
@@ -146,6 +155,13 @@ class DecodeStage:
     name = "decode"
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self._run(batch, compute_misses=True)
+
+    def lookup(self, batch: pd.DataFrame) -> pd.DataFrame | None:
+        """The batch completed from the cache alone, or None when any row would need the model."""
+        return self._run(batch, compute_misses=False)
+
+    def _run(self, batch: pd.DataFrame, compute_misses: bool) -> pd.DataFrame | None:
         batch = batch.reset_index(drop=True)
         started = time.perf_counter()
         ids, widths, heights, stages, messages = [], [], [], [], []

@@ -95,3 +95,14 @@ def test_decode_hashes_content_and_flags_corrupt_images(tmp_path):
     assert out.loc[0, "image_id"] == out.loc[1, "image_id"] != ""
     assert list(out["error_stage"]) == ["", "", "decode", "decode"]
     assert (out.loc[0, "width"], out.loc[0, "height"]) == (32, 24)
+
+
+def test_lookup_never_computes(tmp_path):
+    Doubling.calls = []
+    stage = Doubling(OcrSettings(), str(tmp_path))
+    assert stage.lookup(_batch(["aa"])) is None
+    assert Doubling.calls == []
+    stage(_batch(["aa"]))
+    found = stage.lookup(_batch(["aa"]))
+    assert found is not None and found.loc[0, "double_text"] == "ok aa" and found["hit_double"].all()
+    assert Doubling.calls == [1]

@@ -13,7 +13,6 @@ Protocol, for each task (binary, multi-class), fold and seed:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import pandas as pd
 from ase_ray.config import AppConfig
 from ase_ray.data.manifest import (
     AUGMENTED,
-    IMAGE_PATH,
     SPLIT,
     read_dataset_info,
     read_manifest,

@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ase_ray.data.manifest import AUGMENTED, BINARY_LABEL, DEFECT, LABEL, NORMAL, SPLIT, read_dataset_info
+from ase_ray.data.manifest import (
+    AUGMENTED,
+    BINARY_LABEL,
+    DEFECT,
+    LABEL,
+    NORMAL,
+    SPLIT,
+    chunks,
+    read_dataset_info,
+)
 from ase_ray.errors import DataError
-from ase_ray.data.manifest import chunks
 from ase_ray.features.stages import TEXT_SOURCES
 from ase_ray.features.store import Store, load_store, stack
 

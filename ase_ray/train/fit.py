@@ -103,7 +103,7 @@ def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list
     for split in ("val", "test"):
         arrays = splits[split]
         probs = predict_proba(module, arrays.features) if len(arrays) else np.zeros((0, len(classes)))
-        out[split] = classification_metrics(arrays.labels, probs.argmax(1) if len(probs) else probs[:, 0].astype(int), classes)
+        out[split] = classification_metrics(arrays.labels, probs.argmax(1), classes)
     return out
 
 

@@ -20,7 +20,7 @@ from ase_ray.features.settings import (
     ImageEncoderSettings,
     OcrSettings,
     ReasonSettings,
-    StageResources,
+    DecodeResources,
     TextEncoderSettings,
 )
 from ase_ray.train.settings import AblateConfig, TrainConfig
@@ -157,8 +157,8 @@ class FeaturesConfig(StrictModel):
     reason: ReasonSettings = Field(default_factory=ReasonSettings)
     image_encoder: ImageEncoderSettings = Field(default_factory=ImageEncoderSettings)
     text_encoder: TextEncoderSettings = Field(default_factory=TextEncoderSettings)
-    decode: StageResources = Field(
-        default_factory=lambda: StageResources(num_cpus=0.1, batch_size=16),
+    decode: DecodeResources = Field(
+        default_factory=DecodeResources,
         description="Resources of the decode/hash step (Ray tasks; actors is unused).",
     )
     cache_dir: Path | None = Field(None, description="Stage cache (None: <work_dir>/cache). Shared on a cluster.")

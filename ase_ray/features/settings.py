@@ -28,6 +28,39 @@ class StageResources(StrictModel):
     batch_size: int = Field(8, ge=1)
 
 
+# Each stage's own defaults live in a subclass (not a default_factory with arguments), so that
+# overriding one field, e.g. ``--set features.reason.resources.actors=2``, keeps the others.
+class DecodeResources(StageResources):
+    num_cpus: float = Field(0.1, ge=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class OcrResources(StageResources):
+    num_cpus: float = Field(0.4, ge=0)
+    actors: int = Field(2, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class DescribeResources(StageResources):
+    num_cpus: float = Field(0.2, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+
+class ReasonResources(StageResources):
+    num_cpus: float = Field(0.4, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+
+class ImageEncoderResources(StageResources):
+    num_cpus: float = Field(0.15, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+
+class TextEncoderResources(StageResources):
+    num_cpus: float = Field(0.15, ge=0)
+    batch_size: int = Field(16, ge=1)
+
+
 class OcrSettings(StrictModel):
     backend: Literal["tesseract", "rapidocr"] = "tesseract"
     psm: int = Field(6, description="tesseract page segmentation mode.")
@@ -41,7 +74,7 @@ class OcrSettings(StrictModel):
     text_region: tuple[float, float, float, float] | None = Field(
         None, description="Optional crop (x0, y0, x1, y1) as fractions of the image where text is printed."
     )
-    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.4, actors=2, batch_size=4))
+    resources: OcrResources = Field(default_factory=OcrResources)
 
 
 class DescribeSettings(StrictModel):
@@ -58,7 +91,7 @@ class DescribeSettings(StrictModel):
         None, description="measure backend: region (x0, y0, x1, y1) as fractions left out of the "
         "measurements, e.g. the printed text band."
     )
-    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.2, batch_size=8))
+    resources: DescribeResources = Field(default_factory=DescribeResources)
 
 
 class ReasonSettings(StrictModel):
@@ -80,7 +113,7 @@ class ReasonSettings(StrictModel):
     max_new_tokens: int = Field(48, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
-    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.4, batch_size=8))
+    resources: ReasonResources = Field(default_factory=ReasonResources)
 
 
 class ImageEncoderSettings(StrictModel):
@@ -88,7 +121,7 @@ class ImageEncoderSettings(StrictModel):
     model_id: str = "microsoft/resnet-50"
     image_size: int = Field(224, ge=32)
     device: str = "auto"
-    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.15, batch_size=8))
+    resources: ImageEncoderResources = Field(default_factory=ImageEncoderResources)
 
 
 class TextEncoderSettings(StrictModel):
@@ -96,4 +129,4 @@ class TextEncoderSettings(StrictModel):
     model_id: str = "bert-base-uncased"
     max_length: int = Field(64, ge=8)
     device: str = "auto"
-    resources: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.15, batch_size=16))
+    resources: TextEncoderResources = Field(default_factory=TextEncoderResources)

@@ -75,3 +75,11 @@ def test_shipped_configs_load():
 
     for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_overriding_one_resource_field_keeps_the_stage_defaults():
+    config = load_config(overrides=["features.reason.resources.actors=2", "features.decode.num_cpus=0.2"])
+    reason = config.features.reason.resources
+    assert (reason.actors, reason.num_cpus, reason.batch_size) == (2, 0.4, 8)
+    assert (config.features.decode.num_cpus, config.features.decode.batch_size) == (0.2, 16)
+    assert config.features.ocr.resources.num_cpus == 0.4

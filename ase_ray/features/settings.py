@@ -37,17 +37,20 @@ class DecodeResources(StageResources):
 
 class OcrResources(StageResources):
     num_cpus: float = Field(0.4, ge=0)
-    actors: int = Field(2, ge=1)
     batch_size: int = Field(4, ge=1)
 
 
 class DescribeResources(StageResources):
-    num_cpus: float = Field(0.2, ge=0)
+    num_cpus: float = Field(0.15, ge=0)
     batch_size: int = Field(8, ge=1)
 
 
 class ReasonResources(StageResources):
+    """Two LLM actors of one thread each: the LLM is ~70% of the work on CPU, and two one-thread
+    actors use both cores better than one actor with two threads."""
+
     num_cpus: float = Field(0.4, ge=0)
+    actors: int = Field(2, ge=1)
     batch_size: int = Field(8, ge=1)
 
 

@@ -78,8 +78,8 @@ def test_shipped_configs_load():
 
 
 def test_overriding_one_resource_field_keeps_the_stage_defaults():
-    config = load_config(overrides=["features.reason.resources.actors=2", "features.decode.num_cpus=0.2"])
+    config = load_config(overrides=["features.reason.resources.actors=3", "features.decode.num_cpus=0.2"])
     reason = config.features.reason.resources
-    assert (reason.actors, reason.num_cpus, reason.batch_size) == (2, 0.4, 8)
+    assert (reason.actors, reason.num_cpus, reason.batch_size) == (3, 0.4, 8)
     assert (config.features.decode.num_cpus, config.features.decode.batch_size) == (0.2, 16)
     assert config.features.ocr.resources.num_cpus == 0.4

@@ -92,7 +92,7 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
 
         champion = champion_version(config)
         if champion is not None:
-            report["champion"] = {"name": champion.name, "version": champion.version, "run_id": champion.run_id,
+            report["champion"] = {"name": champion.name, "version": str(champion.version), "run_id": champion.run_id,
                                   "uri": f"models:/{champion.name}@{config.registry.champion_alias}"}
 
     report_path = work_dir / "pipeline_report.json"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ase_ray.config import AppConfig, apply_overrides, dump_config, load_config
-from ase_ray.errors import ConfigError, DataError
+from ase_ray.errors import ConfigError, DataError, SearchError
 from ase_ray.tune.space import PIPELINE_SPACE, SearchSpace, load_space, parse_space, plain, trial_config
 
 SEARCH_FILE = "search.json"
@@ -75,9 +75,11 @@ def run_search(config: AppConfig, space_path: str | Path | None = None, resume: 
         state = json.loads((out_dir / SEARCH_FILE).read_text())
         base = load_config(out_dir / CONFIG_FILE)
         space = parse_space(state["space"], state["space_source"], base)
+        check_store(Path(base.train.store_dir))
     else:
         base = _base_config(config, name)
         space = _load(space_path, space_data, base)
+        check_store(Path(base.train.store_dir))  # every trial reads it: fail once, before anything starts
         out_dir.mkdir(parents=True)
         (out_dir / CONFIG_FILE).write_text(dump_config(base))
         state = {"name": name, "space_source": space.source, "space": space.raw, "created": time.time()}
@@ -96,8 +98,15 @@ def run_search(config: AppConfig, space_path: str | Path | None = None, resume: 
          f"ASHA on {t.metric} ({t.mode}); MLflow parent run {parent_run_id}")
     try:
         grid = _tuner(base, space, name, parent_run_id, num_samples, concurrency, resume).fit()
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        if unfinished:  # Tune saved its state and returned (Ctrl-C)
+            _set_status(base, parent_run_id, "KILLED")
+            raise SearchError(f"search {name!r} was interrupted with {unfinished} trial(s) unfinished: continue it "
+                              f"with `ase-ray tune --resume --set tune.name={name}`")
         rows = _rows(base, grid, parent_run_id)
         result = _finish(base, name, out_dir, space, rows, parent_run_id, echo)
+    except SearchError:
+        raise
     except BaseException:
         _set_status(base, parent_run_id, "FAILED")
         raise
@@ -123,13 +132,28 @@ def _resume_name(config: AppConfig, work_dir: Path) -> str:
     return name
 
 
+def _store(config: AppConfig) -> Path:
+    from ase_ray.train.fit import store_dir
+
+    return store_dir(config).resolve()
+
+
+def check_store(path: Path) -> None:
+    """A one-line error when ``path`` is not a feature store."""
+    from ase_ray.features.store import ERRORS_FILE, FEATURES_FILE, META_FILE
+
+    for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise DataError(f"not a feature store: {path / name} is missing (run `ase-ray features`, or pass --store)")
+
+
 def _base_config(config: AppConfig, name: str) -> AppConfig:
     """Absolute paths everywhere (Tune runs each trial in its own folder) and the trials' Ray Train root."""
-    from ase_ray.train.fit import storage_path, store_dir
+    from ase_ray.train.fit import storage_path
 
     return apply_overrides(config, {
         "project.work_dir": str(Path(config.project.work_dir).resolve()),
-        "train.store_dir": str(store_dir(config).resolve()),
+        "train.store_dir": str(_store(config)),
         "train.storage_path": str(storage_path(config) / f"tune-{name}-trials"),
         "tune.name": name,
     })
@@ -176,11 +200,13 @@ def trial_name(trial) -> str:
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, Any], search: str,
               parent_run_id: str) -> None:
     """One trial (runs in a Tune actor): ``fit`` with the sampled params, every epoch reported to Tune."""
+    import ray.data
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ase_ray.train.fit import fit
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # bars of parallel trials garble the console
     name = ray.tune.get_context().get_trial_name()
     config = trial_config(AppConfig.model_validate(base), fixed, params, {"train.run_name": name})
     tags = {"ase_ray.stage": "tune_trial", "ase_ray.search": search, "ase_ray.trial": name}
@@ -293,7 +319,9 @@ def _finish(base: AppConfig, name: str, out_dir: Path, space: SearchSpace, rows:
     echo(table)
     if best is None:
         _log_parent(base, parent_run_id, None, [table_path, json_path])
-        raise DataError(f"no trial of search {name!r} completed (table: {table_path})")
+        _set_status(base, parent_run_id, "FAILED")
+        raise SearchError(f"no trial of search {name!r} completed (table: {table_path}; trial logs under "
+                          f"{Path(base.train.storage_path).parent / ('tune-' + name)})")
     registration = None
     if t.register_best:
         from ase_ray.registry import register_run

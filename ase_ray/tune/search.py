@@ -1,8 +1,9 @@
 """``ase-ray tune``: a Ray Tune search over the training of ``ase_ray.train.fit``.
 
 - One trial = a driver function that builds the trial's config (base + the space's ``fixed`` + the sampled
-  values) and runs ``fit``, i.e. a ``TorchTrainer``; ``TuneReportCallback`` passes every epoch's metrics
-  (``val_macro_f1``...) to Tune, where ASHA stops the weak trials early.
+  values) and runs ``fit``, i.e. a ``TorchTrainer``; a ``TuneReportCallback`` (``ase_ray.tune.report``)
+  passes every epoch's metrics (``val_macro_f1``, ``epochs_done``...) to Tune, where ASHA stops the weak
+  trials early.
 - Trials run ``tune.max_concurrent`` at a time (0: the cluster's CPUs // the CPUs of one trial), failed
   trials are retried ``tune.max_failures`` times, and every trial has a deterministic name
   (``trial_000``...) that is also its Ray Train run name: a retried or resumed trial continues from its
@@ -33,6 +34,7 @@ SEARCH_FILE = "search.json"
 CONFIG_FILE = "config.yaml"
 LATEST_FILE = "LATEST"
 DONE_KEY = "fit_done"  # in the last report of a trial whose fit() returned (model logged)
+EPOCHS_KEY = "epochs_done"  # = ase_ray.tune.report.EPOCHS_KEY (that module imports Ray)
 
 
 @dataclass
@@ -98,8 +100,8 @@ def run_search(config: AppConfig, space_path: str | Path | None = None, resume: 
          f"ASHA on {t.metric} ({t.mode}); MLflow parent run {parent_run_id}")
     try:
         grid = _tuner(base, space, name, parent_run_id, num_samples, concurrency, resume).fit()
-        unfinished = len(grid) - grid.num_terminated - grid.num_errors
-        if unfinished:  # Tune saved its state and returned (Ctrl-C)
+        unfinished = unfinished_trials(grid)
+        if unfinished:  # Ctrl-C: Tune saved its state and returned
             _set_status(base, parent_run_id, "KILLED")
             raise SearchError(f"search {name!r} was interrupted with {unfinished} trial(s) unfinished: continue it "
                               f"with `ase-ray tune --resume --set tune.name={name}`")
@@ -112,6 +114,15 @@ def run_search(config: AppConfig, space_path: str | Path | None = None, resume: 
         raise
     _set_status(base, parent_run_id, "FINISHED")
     return result
+
+
+def unfinished_trials(grid) -> int:
+    """Trials an interrupted search left to run. After Ctrl-C Tune marks every trial TERMINATED in memory,
+    but the experiment state it saved for ``Tuner.restore`` keeps them PENDING: read that."""
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem).trials
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
 
 
 def _new_name(config: AppConfig, work_dir: Path) -> str:
@@ -202,32 +213,32 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     """One trial (runs in a Tune actor): ``fit`` with the sampled params, every epoch reported to Tune."""
     import ray.data
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from ase_ray.train.fit import fit
+    from ase_ray.tune.report import EpochReportCallback
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # bars of parallel trials garble the console
     name = ray.tune.get_context().get_trial_name()
     config = trial_config(AppConfig.model_validate(base), fixed, params, {"train.run_name": name})
     tags = {"ase_ray.stage": "tune_trial", "ase_ray.search": search, "ase_ray.trial": name}
-    result = fit(config, tags=tags, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    result = fit(config, tags=tags, parent_run_id=parent_run_id, callbacks=[EpochReportCallback()])
     val = result.metrics["val"]
     ray.tune.report({"val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
                      "test_macro_f1": result.metrics["test"]["macro_f1"], "mlflow_run_id": result.run_id,
-                     DONE_KEY: 1})
+                     EPOCHS_KEY: config.train.epochs, DONE_KEY: 1})
 
 
 def scheduler(base: AppConfig, space: SearchSpace):
-    """ASHA on ``tune.metric`` over epochs (one Tune iteration per epoch). Its rungs stay below the last
-    epoch (``max_t`` = epochs - 1), so that no trial is stopped once its training is done; when trials
-    are no longer than the grace period there is nothing to stop early: FIFO."""
+    """ASHA on ``tune.metric`` over epochs trained (``epochs_done``, right after a resume too). Its rungs
+    stay below the last epoch (``max_t`` = epochs - 1), so that no trial is stopped once its training is
+    done; when trials are no longer than the grace period there is nothing to stop early: FIFO."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = base.tune
     epochs = int(space.largest("train.epochs", base.train.epochs))
     if epochs <= t.grace_period:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=epochs - 1, grace_period=t.grace_period,
+    return ASHAScheduler(time_attr=EPOCHS_KEY, max_t=epochs - 1, grace_period=t.grace_period,
                          reduction_factor=t.reduction_factor, stop_last_trials=False)
 
 
@@ -274,12 +285,11 @@ def _rows(base: AppConfig, grid, parent_run_id: str) -> list[TrialRow]:
         else:
             status = "stopped early"
         value = metrics.get(base.tune.metric)
-        epochs = int(metrics.get("training_iteration", 0)) - (1 if status == "completed" else 0)
         rows.append(TrialRow(
             trial=name, params={k: plain(v) for k, v in (result.config or {}).items()}, status=status,
             metric=None if value is None else float(value),
             val_macro_f1=None if metrics.get("val_macro_f1") is None else float(metrics["val_macro_f1"]),
-            epochs=max(0, epochs), run_id=metrics.get("mlflow_run_id") or (run.info.run_id if run else None),
+            epochs=int(metrics.get(EPOCHS_KEY, 0)), run_id=metrics.get("mlflow_run_id") or (run.info.run_id if run else None),
             error=_one_line(result.error) if result.error is not None else "",
         ))
         if run is not None and run.info.status == "RUNNING" and status != "completed":

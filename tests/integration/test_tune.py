@@ -45,7 +45,7 @@ def test_two_trial_search_nests_runs_registers_a_champion_and_writes_the_table(f
     assert sorted(r.data.tags["ase_ray.trial"] for r in children) == ["trial_000", "trial_001"]
     assert all(r.info.status == "FINISHED" for r in children)
     assert sorted(r.data.params["train.lr"] for r in children) == ["0.003", "0.01"]
-    assert [r.status for r in result.rows] == ["completed", "completed"]
+    assert [(r.status, r.epochs) for r in result.rows] == [("completed", 3), ("completed", 3)]
     assert {r.run_id for r in result.rows} == {r.info.run_id for r in children}
 
     best = result.best

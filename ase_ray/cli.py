@@ -320,7 +320,9 @@ def ablate_cmd(
 def tune_cmd(
     space: Annotated[Optional[Path], typer.Option(help="Search space YAML (see tune_spaces/).")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Feature store (default: train.store_dir).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted search (tune.name, else the latest).")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted search (tune.name, else the latest).")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):

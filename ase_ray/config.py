@@ -203,7 +203,7 @@ class PipelineConfig(StrictModel):
     )
     register_train: bool = Field(True, description="Register the train stage's model (champion if it is the best).")
     tune_space: Path | None = Field(
-        None, description="Search space of the tune stage; None: a small built-in one (ase_ray.tune.space.PIPELINE_SPACE)."
+        None, description="Search space of the tune stage; None: the built-in PIPELINE_SPACE (ase_ray.tune.space)."
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class SearchResult:
     table_path: Path
     json_path: Path
     registration: Any = None  # ase_ray.registry.Registration
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -198,7 +197,8 @@ def derive_concurrency(base: AppConfig, space: SearchSpace, resources: dict[str,
     """Trials that fit on the cluster at once (at least 1, at most the number of trials)."""
     fits = math.floor(resources.get("CPU", 1.0) / trial_cpus(base, space) + 1e-9)
     if space.largest("train.use_gpu", base.train.use_gpu):
-        fits = min(fits, math.floor(resources.get("GPU", 0.0) / space.largest("train.num_workers", base.train.num_workers)))
+        workers = space.largest("train.num_workers", base.train.num_workers)
+        fits = min(fits, math.floor(resources.get("GPU", 0.0) / workers))
     return max(1, min(fits, space.trial_count(num_samples)))
 
 
@@ -278,6 +278,7 @@ def _rows(base: AppConfig, grid, parent_run_id: str) -> list[TrialRow]:
         metrics = result.metrics or {}
         name = Path(result.path).name
         run = children.get(name)
+        run_id = metrics.get("mlflow_run_id") or (run.info.run_id if run else None)
         if result.error is not None:
             status = "error"
         elif metrics.get(DONE_KEY):
@@ -289,7 +290,7 @@ def _rows(base: AppConfig, grid, parent_run_id: str) -> list[TrialRow]:
             trial=name, params={k: plain(v) for k, v in (result.config or {}).items()}, status=status,
             metric=None if value is None else float(value),
             val_macro_f1=None if metrics.get("val_macro_f1") is None else float(metrics["val_macro_f1"]),
-            epochs=int(metrics.get(EPOCHS_KEY, 0)), run_id=metrics.get("mlflow_run_id") or (run.info.run_id if run else None),
+            epochs=int(metrics.get(EPOCHS_KEY, 0)), run_id=run_id,
             error=_one_line(result.error) if result.error is not None else "",
         ))
         if run is not None and run.info.status == "RUNNING" and status != "completed":

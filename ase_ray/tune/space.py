@@ -129,7 +129,8 @@ def parse_space(data: Any, source: str, base: AppConfig) -> SearchSpace:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid: {', '.join(TOP_KEYS)})")
     params_raw = data.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
-        raise ConfigError(f"{where}: 'params' must map config paths to specs, e.g. train.lr: {{loguniform: [1.0e-4, 1.0e-2]}}")
+        raise ConfigError(f"{where}: 'params' must map config paths to specs, "
+                          "e.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}")
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{where}: 'fixed' must map config paths to values")
@@ -140,7 +141,7 @@ def parse_space(data: Any, source: str, base: AppConfig) -> SearchSpace:
     if both:
         raise ConfigError(f"{where}: {both[0]!r} is both fixed and searched")
     num_samples = data.get("num_samples")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (type(num_samples) is not int or num_samples < 1):
         raise ConfigError(f"{where}: num_samples must be an integer >= 1, got {num_samples!r}")
     space = SearchSpace(source, params, {str(k): v for k, v in fixed.items()}, num_samples,
                         data.get("metric"), data.get("mode"), str(data.get("description") or ""), data)
@@ -163,7 +164,8 @@ def _parse_param(path: str, spec: Any, where: str) -> Param:
         if kind == "randint":
             numbers = numbers and all(isinstance(a, int) for a in args)
         if not numbers or not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
-            need = {"uniform": "lo < hi", "loguniform": "0 < lo < hi", "randint": "integers lo < hi (hi excluded)"}[kind]
+            need = {"uniform": "lo < hi", "loguniform": "0 < lo < hi",
+                    "randint": "integers lo < hi (hi excluded)"}[kind]
             raise ConfigError(f"{where}: {path!r}: {kind} needs [lo, hi] with {need}, got {args!r}")
     return Param(path, kind, list(args))
 

@@ -44,7 +44,8 @@ def test_stride_lr_and_wide_spaces():
 
 def test_param_space_uses_tune_samplers():
     space = _parse({"params": {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.pfa.stride": {"grid": [0.1, 0.2]},
-                               "train.model.heads": {"choice": [2, 4]}, "train.pfa.epochs_per_stage": {"randint": [1, 4]},
+                               "train.model.heads": {"choice": [2, 4]},
+                               "train.pfa.epochs_per_stage": {"randint": [1, 4]},
                                "train.model.dropout": {"uniform": [0.0, 0.3]}}})
     tune_space = space.param_space()
     assert tune_space["train.pfa.stride"] == {"grid_search": [0.1, 0.2]}

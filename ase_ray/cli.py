@@ -314,6 +314,48 @@ def ablate_cmd(
     typer.echo(f"wrote {result.table_path} and {result.json_path}")
 
 
+# ---------------------------------------------------------------------------------- tune / register
+@app.command("tune")
+@user_errors
+def tune_cmd(
+    space: Annotated[Optional[Path], typer.Option(help="Search space YAML (see tune_spaces/).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Feature store (default: train.store_dir).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted search (tune.name, else the latest).")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Ray Tune search (ASHA on val macro-F1) over training settings; registers the best model."""
+    from ase_ray.tune.search import run_search
+
+    if resume and space is not None:
+        typer.echo("note: --space is ignored with --resume: a search keeps the space it started with")
+    extra = [f"train.store_dir={store}"] if store is not None else []
+    result = run_search(_config(config, set_, extra), None if resume else space, resume=resume, echo=typer.echo)
+    typer.echo(f"table: {result.table_path}\nMLflow parent run: {result.parent_run_id}")
+    if result.registration is not None:
+        typer.echo(f"model: {result.registration.uri}")
+
+
+@app.command("register")
+@user_errors
+def register_cmd(
+    run_id: Annotated[str, typer.Option(help="MLflow run of a finished training (ase-ray train / a trial).")],
+    task: Annotated[Optional[str], typer.Option(help="binary or multiclass (default: the run's).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store to re-score the champion on when its validation "
+                                                       "data differ (default: train.store_dir).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Make it the champion without comparing.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Register a run's model; it becomes @champion only if it beats the champion on the same val data."""
+    from ase_ray.registry import register_run
+
+    registration = register_run(_config(config, set_), run_id, task, store, force, echo=typer.echo)
+    typer.echo(f"model: {registration.uri}")
+
+
 # ---------------------------------------------------------------------------------------- pipeline
 @app.command("pipeline")
 @user_errors

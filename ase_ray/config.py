@@ -8,7 +8,7 @@ choices, which the CLI prints without a traceback.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,7 @@ from ase_ray.features.settings import (
     TextEncoderSettings,
 )
 from ase_ray.train.settings import AblateConfig, TrainConfig
+from ase_ray.tune.settings import TuneConfig
 
 
 # --------------------------------------------------------------------------------------- project
@@ -37,6 +38,20 @@ class MlflowConfig(StrictModel):
         None, description="MLflow tracking URI; None means sqlite:///<work_dir>/mlflow.db."
     )
     experiment: str = "ase-ray"
+
+
+class RegistryConfig(StrictModel):
+    """MLflow Model Registry: one registered model per task, named ``<prefix>-<task>``."""
+
+    prefix: str = Field("ase-ray", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    champion_alias: str = Field("champion", description="The version Serve hosts.")
+    challenger_alias: str = Field("challenger", description="The latest registered version that did not win.")
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> "RegistryConfig":
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError("champion_alias and challenger_alias must differ")
+        return self
 
 
 # ------------------------------------------------------------------------------------ synthetic
@@ -178,13 +193,17 @@ class RayConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------- pipeline
-PipelineStage = Literal["data", "features", "train"]
+PipelineStage = Literal["data", "features", "train", "tune"]
 
 
 class PipelineConfig(StrictModel):
     stages: list[PipelineStage] = Field(
-        default_factory=lambda: ["data", "features", "train"],
+        default_factory=lambda: ["data", "features", "train", "tune"],
         description="Stages `ase-ray pipeline` runs, in this order.",
+    )
+    register_train: bool = Field(True, description="Register the train stage's model (champion if it is the best).")
+    tune_space: Path | None = Field(
+        None, description="Search space of the tune stage; None: the built-in PIPELINE_SPACE (ase_ray.tune.space)."
     )
 
 
@@ -198,6 +217,8 @@ class AppConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 # ------------------------------------------------------------------------------ load / overrides
@@ -210,6 +231,19 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
     return validate_config(raw)
+
+
+def apply_overrides(config: AppConfig, values: Mapping[str, Any]) -> AppConfig:
+    """A copy of ``config`` with ``{"a.b.c": value}`` applied and validated (unknown keys named)."""
+    raw = config.model_dump(mode="json")
+    for key, value in values.items():
+        _set_dotted(raw, key, value)
+    return validate_config(raw)
+
+
+def check_key(key: str) -> None:
+    """Raise :class:`ConfigError` naming the valid choices when ``key`` is not a config path."""
+    _check_path(key)
 
 
 def validate_config(raw: dict[str, Any]) -> AppConfig:

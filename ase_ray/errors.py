@@ -15,3 +15,7 @@ class ManifestError(AseRayError):
 
 class DataError(AseRayError):
     """A dataset cannot be built or used (missing folder, no images, bad split request...)."""
+
+
+class SearchError(AseRayError):
+    """A hyperparameter search was interrupted or ended without a usable trial."""

@@ -68,12 +68,43 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
             started, run_id=trained.run_id, model_dir=str(trained.model_dir),
             val_macro_f1=trained.metrics["val"]["macro_f1"], test_macro_f1=trained.metrics["test"]["macro_f1"],
         )
+        if config.pipeline.register_train and trained.run_id:
+            from ase_ray.registry import register_run
+
+            registration = register_run(config, trained.run_id, echo=echo)
+            report["stages"]["train"]["registered"] = _registered(registration)
+
+    if "tune" in stages:
+        from ase_ray.tune.search import pipeline_space, run_search
+
+        started = time.perf_counter()
+        space = config.pipeline.tune_space
+        searched = run_search(config, space, echo=echo, space_data=None if space else pipeline_space())
+        report["stages"]["tune"] = _timed(
+            started, search=searched.name, parent_run_id=searched.parent_run_id, table=str(searched.table_path),
+            best_trial=searched.best.trial, best_run_id=searched.best.run_id, best_params=searched.best.params,
+            best_metric={searched.metric: searched.best.metric},
+            registered=_registered(searched.registration) if searched.registration else None,
+        )
+
+    if {"train", "tune"} & set(stages):
+        from ase_ray.registry import champion_version
+
+        champion = champion_version(config)
+        if champion is not None:
+            report["champion"] = {"name": champion.name, "version": str(champion.version), "run_id": champion.run_id,
+                                  "uri": f"models:/{champion.name}@{config.registry.champion_alias}"}
 
     report_path = work_dir / "pipeline_report.json"
     report["report_path"] = str(report_path)
     report_path.write_text(json.dumps(report, indent=2))
     echo(_closing_text(config, report))
     return report
+
+
+def _registered(registration) -> dict:
+    return {"name": registration.name, "version": registration.version, "alias": registration.alias,
+            "reason": registration.reason}
 
 
 def _closing_text(config: AppConfig, report: dict) -> str:
@@ -85,7 +116,14 @@ def _closing_text(config: AppConfig, report: dict) -> str:
     if "train" in report["stages"]:
         t = report["stages"]["train"]
         lines.append(f"model: {t['model_dir']} (val macro-F1 {t['val_macro_f1']:.4f}, test {t['test_macro_f1']:.4f})")
-    if {"features", "train"} & set(report["stages"]):
+    if "tune" in report["stages"]:
+        t = report["stages"]["tune"]
+        lines.append(f"search {t['search']}: best {t['best_trial']} {t['best_params']} {t['best_metric']}, "
+                     f"table {t['table']}")
+    if "champion" in report:
+        c = report["champion"]
+        lines.append(f"champion: {c['uri']} (version {c['version']}, run {c['run_id']})")
+    if {"features", "train", "tune"} & set(report["stages"]):
         uri = tracking_uri(config)
         lines.append(f"MLflow runs: {uri}  (UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
     return "\n".join(lines)

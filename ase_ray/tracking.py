@@ -10,6 +10,7 @@ from ase_ray.config import AppConfig, flatten_config
 
 _SECRET = re.compile(r"(password|secret|token|api_key|apikey|credential)", re.IGNORECASE)
 MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value
+VAL_FINGERPRINT_TAG = "ase_ray.val_fingerprint"  # run tag: which validation rows its val metrics are on
 
 
 def tracking_uri(config: AppConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,15 @@ def load_task_arrays(store_dir: str | Path, task: str, use_augmented: bool = Tru
     store = load_store(store_dir)
     classes = task_classes(store, task)
     return split_arrays(store_arrays(store, task, classes), use_augmented), classes
+
+
+def split_fingerprint(arrays: Arrays, classes: list[str]) -> str:
+    """A short hash of which images (``image_id``, else path) a split holds and their labels: two runs
+    were scored on the same validation data when their fingerprints match."""
+    rows = arrays.rows
+    ids = rows["image_id"] if "image_id" in rows.columns else rows["image_path"]
+    pairs = sorted(f"{i}:{classes[int(label)]}" for i, label in zip(ids.astype(str), arrays.labels))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:16]
 
 
 def to_ray_dataset(arrays: Arrays):

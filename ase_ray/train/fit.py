@@ -12,7 +12,8 @@ import numpy as np
 
 from ase_ray.config import AppConfig
 from ase_ray.errors import DataError
-from ase_ray.train.data import Arrays, load_task_arrays, to_ray_dataset
+from ase_ray.tracking import VAL_FINGERPRINT_TAG
+from ase_ray.train.data import Arrays, load_task_arrays, split_fingerprint, to_ray_dataset
 from ase_ray.train.loop import MODEL_DIR, predict_proba, train_loop_per_worker
 from ase_ray.train.metrics import classification_metrics, confusion_figure, flat_metrics, report_text
 
@@ -37,8 +38,11 @@ def storage_path(config: AppConfig) -> Path:
 
 
 def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None) -> FitResult:
-    """Train ``config.train`` on the feature store; returns the model folder and val/test metrics."""
+        parent_run_id: str | None = None, callbacks: list | None = None) -> FitResult:
+    """Train ``config.train`` on the feature store; returns the model folder and val/test metrics.
+
+    ``callbacks``: Ray Train ``UserCallback``s for the trainer (a Tune trial passes ``TuneReportCallback``
+    so that every epoch's metrics reach the scheduler)."""
     from ase_ray.ray_env import ensure_ray
 
     cfg = config.train
@@ -49,7 +53,9 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     run_dir = storage_path(config) / cfg.run_name
-    run_id = _open_run(config, run_dir, tags, parent_run_id) if track else None
+    run_tags = {**(tags or {}), VAL_FINGERPRINT_TAG: split_fingerprint(splits["val"], classes),
+                "ase_ray.val_rows": str(len(splits["val"]))}
+    run_id = _open_run(config, run_dir, run_tags, parent_run_id) if track else None
     from ase_ray.tracking import tracking_uri
 
     trainer = TorchTrainer(
@@ -69,6 +75,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             storage_path=str(storage_path(config)),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": to_ray_dataset(splits["train"]), "val": to_ray_dataset(splits["val"])},
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -28,7 +28,7 @@ def synth_dir(tmp_path_factory) -> Path:
 def test_help_on_every_command():
     for args in ([], ["data"], ["data", "import"], ["data", "synth"], ["data", "validate"], ["data", "split"],
                  ["data", "augment"], ["data", "import", "magnetic-tile"], ["pipeline"], ["config", "show"],
-                 ["features"], ["train"], ["evaluate"], ["ablate"]):
+                 ["features"], ["train"], ["evaluate"], ["ablate"], ["tune"], ["register"]):
         result = run(*args, "--help")
         assert result.returncode == 0, (args, result.stderr)
         assert "Usage" in result.stdout

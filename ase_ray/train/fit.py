@@ -32,8 +32,16 @@ def store_dir(config: AppConfig) -> Path:
     return Path(config.train.store_dir or config.features.out_dir or Path(config.project.work_dir) / "features")
 
 
-def storage_path(config: AppConfig) -> Path:
-    return Path(config.train.storage_path or Path(config.project.work_dir) / "ray_results").resolve()
+def storage_path(config: AppConfig) -> str:
+    """Ray Train's storage: ``<storage_uri or work_dir>/ray_results`` (a path or a URI)."""
+    from ase_ray.storage import storage_location
+
+    return storage_location(config, "ray_results")
+
+
+def run_marker_dir(config: AppConfig) -> Path:
+    """Local bookkeeping of one training run name (the MLflow run a resumed attempt continues)."""
+    return Path(config.project.work_dir).resolve() / "runs" / config.train.run_name
 
 
 def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] | None = None,
@@ -48,8 +56,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     ensure_ray(config.ray)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    run_dir = storage_path(config) / cfg.run_name
-    run_id = _open_run(config, run_dir, tags, parent_run_id) if track else None
+    run_id = _open_run(config, run_marker_dir(config), tags, parent_run_id) if track else None
     from ase_ray.tracking import tracking_uri
 
     trainer = TorchTrainer(
@@ -66,7 +73,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         ),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=str(storage_path(config)),
+            storage_path=storage_path(config),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
         ),

@@ -39,7 +39,6 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(10, ge=1, description="Per-worker batch size.")
     epochs: int = Field(60, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")
-    storage_path: Path | None = Field(None, description="Ray Train results (None: <work_dir>/ray_results).")
     run_name: str = "train"
     seed: int = 0
     checkpoints_to_keep: int = Field(2, ge=1)

@@ -33,9 +33,13 @@ def store_dir(config: AppConfig) -> Path:
 
 
 def storage_path(config: AppConfig) -> str:
-    """Ray Train's storage: ``<storage_uri or work_dir>/ray_results`` (a path or a URI)."""
-    from ase_ray.storage import storage_location
+    """Ray Train's storage: ``train.storage_path``, else ``<storage_uri or work_dir>/ray_results``
+    (a path or a URI)."""
+    from ase_ray.storage import is_uri, storage_location
 
+    explicit = config.train.storage_path
+    if explicit:
+        return explicit if is_uri(explicit) else str(Path(explicit).resolve())
     return storage_location(config, "ray_results")
 
 

@@ -41,6 +41,9 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")
     run_name: str = "train"
     seed: int = 0
+    storage_path: str | None = Field(
+        None, description="Ray Train results, a path or a URI (None: <storage_uri or work_dir>/ray_results)."
+    )
     checkpoints_to_keep: int = Field(2, ge=1)
     fault_injection_epoch: int | None = Field(
         None, description="Testing only: rank 0 kills its own process once at this epoch."

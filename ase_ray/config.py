@@ -29,7 +29,16 @@ from ase_ray.tune.settings import TuneConfig
 
 # --------------------------------------------------------------------------------------- project
 class ProjectConfig(StrictModel):
-    work_dir: Path = Field(Path("work"), description="Where runs write data, stores and results.")
+    work_dir: Path = Field(
+        Path("work"),
+        description="Where runs write data, feature stores, caches and results. On a multi-node "
+        "cluster: a shared filesystem mounted at the same path on every node (EFS, NFS).",
+    )
+    storage_uri: str | None = Field(
+        None,
+        description="Shared storage for Ray Train/Tune results and MLflow artifacts: a path or a URI "
+        "that Ray and MLflow understand (s3://, gs://, file://). None: under work_dir.",
+    )
     seed: int = Field(0, description="Global seed for splits and training.")
 
 

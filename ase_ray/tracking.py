@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,21 @@ VAL_FINGERPRINT_TAG = "ase_ray.val_fingerprint"  # run tag: which validation row
 
 
 def tracking_uri(config: AppConfig) -> str:
-    if config.mlflow.tracking_uri:
-        return config.mlflow.tracking_uri
+    """``mlflow.tracking_uri``, else $MLFLOW_TRACKING_URI (a cluster's server, set on its nodes),
+    else a SQLite file in the work dir."""
+    configured = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
     db = (Path(config.project.work_dir) / "mlflow.db").resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
 
 def artifact_root(config: AppConfig) -> str:
-    return str((Path(config.project.work_dir) / "mlartifacts").resolve())
+    """Where experiments this project creates keep artifacts (a tracking server may impose its own)."""
+    from ase_ray.storage import as_uri, storage_location
+
+    return as_uri(storage_location(config, "mlartifacts"))
 
 
 def setup_mlflow(config: AppConfig, experiment: str | None = None):
@@ -32,10 +39,15 @@ def setup_mlflow(config: AppConfig, experiment: str | None = None):
     mlflow.set_tracking_uri(tracking_uri(config))
     name = experiment or config.mlflow.experiment
     if mlflow.get_experiment_by_name(name) is None:
-        location = None if config.mlflow.tracking_uri else Path(artifact_root(config), name).as_uri()
+        location = f"{artifact_root(config)}/{name}" if _is_local_store(tracking_uri(config)) else None
         mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     return mlflow
+
+
+def _is_local_store(uri: str) -> bool:
+    """A file or database store has no server to choose artifact locations: we choose them."""
+    return not uri.startswith(("http://", "https://", "databricks"))
 
 
 def safe_params(params: dict[str, Any]) -> dict[str, str]:

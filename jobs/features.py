@@ -1,9 +1,7 @@
 """`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/features.py
---manifest M [--out DIR] [--config FILE] [--set k=v ...]`."""
+--manifest M [--out DIR] [--config FILE] [--set k=v ...]`: feature extraction on Ray Data."""
 
-import sys
-
-from ase_ray.cli import app
+from _entry import run_cli
 
 if __name__ == "__main__":
-    app(["features", *sys.argv[1:]])
+    run_cli("features")

@@ -1,8 +1,7 @@
-"""`ray job submit --working-dir . -- python jobs/pipeline.py [--config FILE] [--set k=v ...]`."""
+"""`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/pipeline.py
+[--config FILE] [--set k=v ...]`: the whole workflow (data, features, train, tune, register, serve)."""
 
-import sys
-
-from ase_ray.cli import app
+from _entry import run_cli
 
 if __name__ == "__main__":
-    app(["pipeline", *sys.argv[1:]])
+    run_cli("pipeline")

@@ -1,9 +1,7 @@
 """`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/train.py
-[--store DIR] [--config FILE] [--set k=v ...]`."""
+[--store DIR] [--config FILE] [--set k=v ...]`: one training run on Ray Train."""
 
-import sys
-
-from ase_ray.cli import app
+from _entry import run_cli
 
 if __name__ == "__main__":
-    app(["train", *sys.argv[1:]])
+    run_cli("train")

@@ -330,12 +330,83 @@ class LlmReasoner:
         if not prompts:
             return ReasonOutput(texts=[], hidden=np.zeros((0, self.hidden_size), dtype=np.float32))
         with torch.inference_mode():
-            inputs = self.tokenize_prompts(prompts)
             if self.settings.mode == "generate":
-                texts, hidden = self.generate_answers(inputs)
+                texts, hidden = self.generate_answers(self.tokenize_prompts(prompts))
             else:
-                texts, hidden = prompts, self.mean_last_hidden(**inputs)
+                texts, hidden = prompts, self.forward_features(prompts)
         return ReasonOutput(texts=texts, hidden=hidden.astype(np.float32, copy=False))
+
+    # ------------------------------------------------------------------ forward mode, shared prefix
+    # Every prompt starts with the same tokens (chat template, system prompt, the template's first
+    # words). Forward mode computes them once per model load and runs only each prompt's own tokens
+    # against their cached keys and values: the same mean hidden state, about a quarter less work.
+    def forward_features(self, prompts: list[str]) -> np.ndarray:
+        token_lists = [self._token_ids(p) for p in prompts]
+        prefix = self.shared_prefix()
+        if prefix is None or not all(ids[: len(prefix.ids)] == prefix.ids and len(ids) > len(prefix.ids)
+                                     for ids in token_lists):
+            return self.mean_last_hidden(**self.tokenize_prompts(prompts))
+        return self._mean_hidden_after_prefix(prefix, [ids[len(prefix.ids):] for ids in token_lists])
+
+    def _token_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=not has_chat_template(self.tokenizer))["input_ids"]
+
+    def shared_prefix(self) -> "SharedPrefix | None":
+        if not hasattr(self, "_prefix"):
+            self._prefix = self._compute_shared_prefix()
+        return self._prefix
+
+    def _compute_shared_prefix(self) -> "SharedPrefix | None":
+        import torch
+
+        # Two prompts with nothing in common in their inputs share exactly the fixed text; the last
+        # few shared tokens are left out because a tokenizer may merge them with what follows.
+        a, b = (self._token_ids(p) for p in self.build_prompts(["0 A", "Z 9"], ["a b", "x y"]))
+        common = 0
+        while common < min(len(a), len(b)) and a[common] == b[common]:
+            common += 1
+        ids = a[: max(0, common - PREFIX_SAFETY_TOKENS)]
+        if len(ids) < MIN_PREFIX_TOKENS:
+            return None
+        input_ids = torch.tensor([ids], device=self.device)
+        output = self.model.base_model(input_ids=input_ids, use_cache=True)
+        return SharedPrefix(ids, output.past_key_values, output.last_hidden_state[0].sum(dim=0))
+
+    def _mean_hidden_after_prefix(self, prefix: "SharedPrefix", suffixes: list[list[int]]) -> np.ndarray:
+        import torch
+        from transformers import DynamicCache
+
+        batch, width, length = len(suffixes), max(len(s) for s in suffixes), len(prefix.ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=self.device)
+        suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=self.device)
+        cache = DynamicCache(
+            [(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
+             for layer in prefix.cache.layers],
+            config=self.model.config,
+        )
+        output = self.model.base_model(
+            input_ids=input_ids,
+            attention_mask=torch.cat([torch.ones(batch, length, dtype=suffix_mask.dtype, device=self.device),
+                                      suffix_mask], dim=1),
+            position_ids=length + positions_from_mask(suffix_mask),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = output.last_hidden_state * suffix_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
+        total = hidden.sum(dim=1) + prefix.hidden_sum
+        return (total / (length + suffix_mask.sum(dim=1, keepdim=True))).float().cpu().numpy()
+
+
+PREFIX_SAFETY_TOKENS = 2
+MIN_PREFIX_TOKENS = 4
+
+
+@dataclass
+class SharedPrefix:
+    ids: list[int]
+    cache: object  # transformers DynamicCache of the prefix (batch 1)
+    hidden_sum: "torch.Tensor"  # (H,) sum of the prefix tokens' last hidden states
 
 
 class NoReasoner:

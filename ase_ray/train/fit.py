@@ -33,8 +33,24 @@ def store_dir(config: AppConfig) -> Path:
     return Path(config.train.store_dir or config.features.out_dir or Path(config.project.work_dir) / "features")
 
 
-def storage_path(config: AppConfig) -> Path:
-    return Path(config.train.storage_path or Path(config.project.work_dir) / "ray_results").resolve()
+def storage_path(config: AppConfig) -> str:
+    """Ray Train's storage: ``train.storage_path``, else ``<storage_uri or work_dir>/ray_results``
+    (a path or a URI)."""
+    from ase_ray.storage import is_uri, storage_location
+
+    explicit = config.train.storage_path
+    if explicit:
+        return explicit if is_uri(explicit) else str(Path(explicit).resolve())
+    return storage_location(config, "ray_results")
+
+
+def run_marker_dir(config: AppConfig) -> Path:
+    """Local bookkeeping of one Ray Train run (storage + name): the MLflow run that a resumed
+    attempt continues. Kept in work_dir because the storage may be a URI."""
+    import hashlib
+
+    storage = hashlib.sha256(storage_path(config).encode()).hexdigest()[:12]
+    return Path(config.project.work_dir).resolve() / "runs" / storage / config.train.run_name
 
 
 def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] | None = None,
@@ -52,10 +68,9 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     ensure_ray(config.ray)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    run_dir = storage_path(config) / cfg.run_name
     run_tags = {**(tags or {}), VAL_FINGERPRINT_TAG: split_fingerprint(splits["val"], classes),
                 "ase_ray.val_rows": str(len(splits["val"]))}
-    run_id = _open_run(config, run_dir, run_tags, parent_run_id) if track else None
+    run_id = _open_run(config, run_marker_dir(config), run_tags, parent_run_id) if track else None
     from ase_ray.tracking import tracking_uri
 
     trainer = TorchTrainer(
@@ -72,7 +87,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         ),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=str(storage_path(config)),
+            storage_path=storage_path(config),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
             callbacks=list(callbacks or []),

@@ -39,9 +39,11 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(10, ge=1, description="Per-worker batch size.")
     epochs: int = Field(60, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")
-    storage_path: Path | None = Field(None, description="Ray Train results (None: <work_dir>/ray_results).")
     run_name: str = "train"
     seed: int = 0
+    storage_path: str | None = Field(
+        None, description="Ray Train results, a path or a URI (None: <storage_uri or work_dir>/ray_results)."
+    )
     checkpoints_to_keep: int = Field(2, ge=1)
     fault_injection_epoch: int | None = Field(
         None, description="Testing only: rank 0 kills its own process once at this epoch."

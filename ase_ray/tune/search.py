@@ -28,6 +28,7 @@ from typing import Any
 
 from ase_ray.config import AppConfig, apply_overrides, dump_config, load_config
 from ase_ray.errors import ConfigError, DataError, SearchError
+from ase_ray.storage import join, parent
 from ase_ray.tune.space import PIPELINE_SPACE, SearchSpace, load_space, parse_space, plain, trial_config
 
 SEARCH_FILE = "search.json"
@@ -164,9 +165,14 @@ def _base_config(config: AppConfig, name: str) -> AppConfig:
     return apply_overrides(config, {
         "project.work_dir": str(Path(config.project.work_dir).resolve()),
         "train.store_dir": str(_store(config)),
-        "train.storage_path": str(storage_path(config) / f"tune-{name}-trials"),
+        "train.storage_path": join(storage_path(config), f"tune-{name}-trials"),
         "tune.name": name,
     })
+
+
+def _experiment_location(base: AppConfig, name: str) -> str:
+    """Tune's experiment folder, beside the trials' Ray Train root that _base_config set."""
+    return join(parent(base.train.storage_path), f"tune-{name}")
 
 
 def _load(space_path, space_data, base: AppConfig) -> SearchSpace:
@@ -253,10 +259,9 @@ def _tuner(base: AppConfig, space: SearchSpace, name: str, parent_run_id: str, n
                              parent_run_id=parent_run_id),
         {"CPU": t.driver_cpus},
     )
-    root = Path(base.train.storage_path).parent  # _base_config put the trials under <ray_results>/tune-<name>-trials
-    experiment = root / f"tune-{name}"
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    experiment = _experiment_location(base, name)
+    if resume and tune.Tuner.can_restore(experiment):
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
@@ -265,7 +270,7 @@ def _tuner(base: AppConfig, space: SearchSpace, name: str, parent_run_id: str, n
             max_concurrent_trials=concurrency, search_alg=BasicVariantGenerator(random_state=base.project.seed),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
-        run_config=tune.RunConfig(name=experiment.name, storage_path=str(root),
+        run_config=tune.RunConfig(name=f"tune-{name}", storage_path=parent(experiment),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
 
@@ -332,7 +337,7 @@ def _finish(base: AppConfig, name: str, out_dir: Path, space: SearchSpace, rows:
         _log_parent(base, parent_run_id, None, [table_path, json_path])
         _set_status(base, parent_run_id, "FAILED")
         raise SearchError(f"no trial of search {name!r} completed (table: {table_path}; trial logs under "
-                          f"{Path(base.train.storage_path).parent / ('tune-' + name)})")
+                          f"{_experiment_location(base, name)})")
     registration = None
     if t.register_best:
         from ase_ray.registry import register_run

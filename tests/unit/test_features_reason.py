@@ -66,6 +66,26 @@ def test_forward_features_do_not_depend_on_padding(tiny_forward):
     np.testing.assert_allclose(batched.hidden[1], single.hidden[0], atol=1e-5)
 
 
+def test_forward_with_the_shared_prefix_equals_the_full_forward_pass(tiny_forward):
+    import torch
+
+    prompts = tiny_forward.build_prompts(OCR, DESCRIPTIONS)
+    prefix = tiny_forward.shared_prefix()
+    assert prefix is not None and 4 <= len(prefix.ids) < min(len(tiny_forward._token_ids(p)) for p in prompts)
+    with torch.inference_mode():
+        full = tiny_forward.mean_last_hidden(**tiny_forward.tokenize_prompts(prompts))
+    np.testing.assert_allclose(tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden, full, atol=1e-5)
+
+
+def test_a_prompt_that_does_not_start_with_the_prefix_takes_the_full_pass(tiny_forward):
+    import torch
+
+    prompts = ["entirely different text", *tiny_forward.build_prompts(OCR[:1], DESCRIPTIONS[:1])]
+    with torch.inference_mode():
+        full = tiny_forward.mean_last_hidden(**tiny_forward.tokenize_prompts(prompts))
+        np.testing.assert_allclose(tiny_forward.forward_features(prompts), full, atol=1e-5)
+
+
 def test_tiny_models_are_identical_across_builds(tiny_forward):
     again = build_reasoner(ReasonSettings(backend="tiny", mode="forward", device="cpu"))
     np.testing.assert_array_equal(

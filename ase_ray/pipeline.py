@@ -95,11 +95,55 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
             report["champion"] = {"name": champion.name, "version": str(champion.version), "run_id": champion.run_id,
                                   "uri": f"models:/{champion.name}@{config.registry.champion_alias}"}
 
+    if "serve" in stages:
+        started = time.perf_counter()
+        served = serve_one_prediction(config, _one_test_image(df), echo)
+        report["stages"]["serve"] = _timed(started, **served)
+
     report_path = work_dir / "pipeline_report.json"
     report["report_path"] = str(report_path)
     report_path.write_text(json.dumps(report, indent=2))
     echo(_closing_text(config, report))
     return report
+
+
+def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict:
+    """Start Serve with the champion, answer one real HTTP prediction on ``image_path``, stop it."""
+    import httpx
+    from ray import serve
+
+    from ase_ray.ray_env import ensure_ray
+    from ase_ray.serve.deploy import deploy
+
+    ensure_ray(config.ray)
+    url = deploy(config)
+    try:
+        with open(image_path, "rb") as image:
+            response = httpx.post(f"{url}/predict", files={"file": (Path(image_path).name, image, "image/png")},
+                                  headers=_api_key_header(config), timeout=300)
+    finally:
+        serve.delete(config.serve.app_name)
+    if response.status_code != 200:
+        raise DataError(f"Serve answered {response.status_code} on {url}/predict: {response.text[:500]}")
+    body = response.json()
+    model = body["model"]
+    echo(f"serve: {url}/predict -> {body['label']} (confidence {body['confidence']:.2f}, model {model['name']} "
+         f"version {model['version']}, {body['latency_ms']:.0f} ms); stopped")
+    return {"url": url, "image": image_path, "prediction": {
+        "label": body["label"], "confidence": body["confidence"], "needs_review": body["needs_review"],
+        "model_name": model["name"], "model_version": model["version"], "latency_ms": body["latency_ms"]}}
+
+
+def _api_key_header(config: AppConfig) -> dict[str, str]:
+    import os
+
+    key = os.environ.get(config.serve.api_key_env or "", "")
+    return {"X-API-Key": key} if key else {}
+
+
+def _one_test_image(df: pd.DataFrame) -> str:
+    test = df[df[SPLIT] == "test"]
+    return str((test if len(test) else df).iloc[0]["image_path"])
 
 
 def _registered(registration) -> dict:
@@ -123,6 +167,9 @@ def _closing_text(config: AppConfig, report: dict) -> str:
     if "champion" in report:
         c = report["champion"]
         lines.append(f"champion: {c['uri']} (version {c['version']}, run {c['run_id']})")
+    if "serve" in report["stages"]:
+        p = report["stages"]["serve"]["prediction"]
+        lines.append(f"served one prediction: {p['label']} ({p['latency_ms']:.0f} ms); `ase-ray serve` starts it again")
     if {"features", "train", "tune"} & set(report["stages"]):
         uri = tracking_uri(config)
         lines.append(f"MLflow runs: {uri}  (UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")

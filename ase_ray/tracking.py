@@ -14,10 +14,14 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value
 VAL_FINGERPRINT_TAG = "ase_ray.val_fingerprint"  # run tag: which validation rows its val metrics are on
 
 
+TRACKING_URI_ENV = "ASE_RAY_TRACKING_URI"
+
+
 def tracking_uri(config: AppConfig) -> str:
-    """``mlflow.tracking_uri``, else $MLFLOW_TRACKING_URI (a cluster's server, set on its nodes),
-    else a SQLite file in the work dir."""
-    configured = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    """``mlflow.tracking_uri``, else $ASE_RAY_TRACKING_URI (a cluster's server, set on its nodes by
+    cluster.yaml), else a SQLite file in the work dir. Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri
+    writes that one, so it would pin every later config of a process to the first one's store."""
+    configured = config.mlflow.tracking_uri or os.environ.get(TRACKING_URI_ENV)
     if configured:
         return configured
     db = (Path(config.project.work_dir) / "mlflow.db").resolve()

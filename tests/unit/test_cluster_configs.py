@@ -41,7 +41,7 @@ def test_cloud_config_has_gpu_workers_tesseract_mlflow_and_private_dashboard():
     assert "tesseract-ocr" in setup and "pip install" in setup and "torch==2.13.0" in setup
     head = " ".join(config["head_start_ray_commands"])
     assert "mlflow server" in head and "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
-    assert "MLFLOW_TRACKING_URI" in " ".join(config["worker_start_ray_commands"])
+    assert "ASE_RAY_TRACKING_URI" in " ".join(config["worker_start_ray_commands"])
 
 
 @pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
@@ -70,7 +70,7 @@ def test_cluster_app_config_loads_with_gpu_stages_and_shared_storage():
 
 
 def test_storage_defaults_to_the_work_dir_and_keeps_uris(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ASE_RAY_TRACKING_URI", raising=False)
     local = load_config(overrides=[f"project.work_dir={tmp_path}"])
     assert storage_location(local, "ray_results") == str(tmp_path / "ray_results")
     assert artifact_root(local) == (tmp_path / "mlartifacts").as_uri()
@@ -78,7 +78,7 @@ def test_storage_defaults_to_the_work_dir_and_keeps_uris(tmp_path, monkeypatch):
     shared = load_config(overrides=[f"project.work_dir={tmp_path}", "project.storage_uri=gs://bucket/x/"])
     assert storage_location(shared, "ray_results") == "gs://bucket/x/ray_results"
     assert as_uri("s3://b/k") == "s3://b/k"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.10:5000")
+    monkeypatch.setenv("ASE_RAY_TRACKING_URI", "http://10.0.0.10:5000")
     assert tracking_uri(local) == "http://10.0.0.10:5000"
 
 

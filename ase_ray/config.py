@@ -202,12 +202,12 @@ class RayConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------- pipeline
-PipelineStage = Literal["data", "features", "train", "tune", "serve"]
+PipelineStage = Literal["data", "features", "train", "tune"]
 
 
 class PipelineConfig(StrictModel):
     stages: list[PipelineStage] = Field(
-        default_factory=lambda: ["data", "features", "train", "tune", "serve"],
+        default_factory=lambda: ["data", "features", "train", "tune"],
         description="Stages `ase-ray pipeline` runs, in this order.",
     )
     register_train: bool = Field(True, description="Register the train stage's model (champion if it is the best).")

@@ -15,6 +15,9 @@ WORKER_ENV = {
 }
 
 
+JOB_RUNTIME_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
+
+
 def ensure_ray(config: RayConfig):
     """Connect once per process; returns the ``ray`` module."""
     address = config.address or os.environ.get("RAY_ADDRESS")
@@ -25,6 +28,11 @@ def ensure_ray(config: RayConfig):
     if ray.is_initialized():
         return ray
     env = {**WORKER_ENV, **config.env_vars}
+    if os.environ.get(JOB_RUNTIME_ENV_VAR):
+        # A driver of `ray job submit`: the job's runtime_env (jobs/runtime_env.yaml) is the workers'
+        # environment, and Ray refuses a second one that sets the same variables.
+        ray.init(address=address or "auto", log_to_driver=config.log_to_driver)
+        return ray
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=config.log_to_driver)
         return ray

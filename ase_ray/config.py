@@ -23,6 +23,7 @@ from ase_ray.features.settings import (
     StageResources,
     TextEncoderSettings,
 )
+from ase_ray.serve.settings import ServeConfig
 from ase_ray.train.settings import AblateConfig, TrainConfig
 
 
@@ -198,6 +199,7 @@ class AppConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 # ------------------------------------------------------------------------------ load / overrides

@@ -15,3 +15,14 @@ class ManifestError(AseRayError):
 
 class DataError(AseRayError):
     """A dataset cannot be built or used (missing folder, no images, bad split request...)."""
+
+
+class RequestError(AseRayError):
+    """A bad HTTP request to the Serve endpoint: answered with ``status`` (4xx) and a JSON body
+    ``{"error": code, "detail": message}``, never a stack trace."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message

@@ -355,6 +355,49 @@ def register_cmd(
     registration = register_run(_config(config, set_), run_id, task, store, force, echo=typer.echo)
     typer.echo(f"model: {registration.uri}")
 
+# ------------------------------------------------------------------------------- serve / predict
+ModelUriOpt = Annotated[
+    Optional[str],
+    typer.Option("--model-uri", help="models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model "
+                 "(default: serve.model_uri, else models:/ase-ray-<train.task>@champion)."),
+]
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model_uri: ModelUriOpt = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default: serve.port, 8000).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default: serve.host, 127.0.0.1).")] = None,
+    detach: Annotated[bool, typer.Option(help="Deploy on a running cluster (RAY_ADDRESS) and return.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Serve the model over HTTP with Ray Serve (POST /predict, /predict/batch; GET /healthz, /metadata,
+    /docs) until Ctrl-C. Set the env var named by serve.api_key_env (ASE_RAY_API_KEY) to require a key."""
+    from ase_ray.serve.deploy import run_until_stopped
+
+    extra = [f"serve.model_uri={model_uri}"] if model_uri else []
+    extra += [f"serve.port={port}"] if port is not None else []
+    extra += [f"serve.host={host}"] if host else []
+    run_until_stopped(_config(config, set_, extra), echo=typer.echo, detach=detach)
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    manifest: Annotated[Path, typer.Option(help="Manifest of images to classify (image_path; labels optional).")],
+    out: Annotated[Path, typer.Option(help="Output folder: predictions.parquet, predictions.csv, summary.json.")],
+    model_uri: ModelUriOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Classify every image of a manifest as a Ray Data batch job, with the same predictor as Serve."""
+    from ase_ray.serve.batch import predict_manifest
+
+    result = predict_manifest(_config(config, set_), manifest, out, model_uri, echo=typer.echo)
+    typer.echo(f"wrote {result.out_dir}")
+
 
 # ---------------------------------------------------------------------------------------- pipeline
 @app.command("pipeline")

@@ -23,6 +23,7 @@ from ase_ray.features.settings import (
     DecodeResources,
     TextEncoderSettings,
 )
+from ase_ray.serve.settings import ServeConfig
 from ase_ray.train.settings import AblateConfig, TrainConfig
 from ase_ray.tune.settings import TuneConfig
 
@@ -202,7 +203,7 @@ class RayConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------- pipeline
-PipelineStage = Literal["data", "features", "train", "tune"]
+PipelineStage = Literal["data", "features", "train", "tune", "serve"]
 
 
 class PipelineConfig(StrictModel):
@@ -228,6 +229,7 @@ class AppConfig(StrictModel):
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 # ------------------------------------------------------------------------------ load / overrides

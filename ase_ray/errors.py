@@ -19,3 +19,13 @@ class DataError(AseRayError):
 
 class SearchError(AseRayError):
     """A hyperparameter search was interrupted or ended without a usable trial."""
+
+class RequestError(AseRayError):
+    """A bad HTTP request to the Serve endpoint: answered with ``status`` (4xx) and a JSON body
+    ``{"error": code, "detail": message}``, never a stack trace."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message

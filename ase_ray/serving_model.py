@@ -3,6 +3,9 @@
 Input: a DataFrame with the store's array columns (``image_pooled``, ``image_tokens``, ``llm_hidden``,
 ``text_<src>_pooled/_tokens/_mask``), each cell a flat list or array; they are reshaped with the
 dimensions in ``model.json``. Output: ``label`` and ``prob_<class>`` per row.
+
+``features.json`` beside ``model.json`` (when the store recorded it) holds the feature-extraction
+settings the model was trained on; Ray Serve and ``ase-ray predict`` extract with exactly those.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 ARTIFACT_KEY = "model_dir"
+FEATURES_FILE = "features.json"
 
 
 def feature_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -46,6 +50,42 @@ def frame_to_features(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, np
     return out
 
 
+def check_features(features: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The model's input arrays from in-memory features (float32, masks int64), shapes checked."""
+    from ase_ray.errors import DataError
+
+    out = {}
+    for column, shape in feature_shapes(meta).items():
+        values = features.get(column)
+        if values is None:
+            raise DataError(f"features have no {column!r} (needs {sorted(feature_shapes(meta))})")
+        values = np.asarray(values)
+        if tuple(values.shape[1:]) != tuple(shape):
+            raise DataError(f"feature {column!r} has shape {tuple(values.shape[1:])}, the model needs {tuple(shape)}")
+        out[column] = values.astype(np.int64) if column.endswith("_mask") else values.astype(np.float32)
+    return out
+
+
+def write_feature_settings(model_dir: str | Path, store_meta: dict[str, Any]) -> Path | None:
+    """Record the store's feature settings and backends beside the model (None: the store has none)."""
+    import json
+
+    if not store_meta.get("features"):
+        return None
+    path = Path(model_dir) / FEATURES_FILE
+    body = {"features": store_meta["features"], "backends": store_meta.get("backends", {}),
+            "shapes": store_meta.get("shapes", {})}
+    path.write_text(json.dumps(body, indent=2))
+    return path
+
+
+def read_feature_settings(model_dir: str | Path) -> dict[str, Any] | None:
+    import json
+
+    path = Path(model_dir) / FEATURES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def features_to_frame(features: dict[str, np.ndarray], meta: dict[str, Any], rows: int) -> pd.DataFrame:
     return pd.DataFrame({c: [features[c][i].reshape(-1).tolist() for i in range(rows)] for c in feature_shapes(meta)})
 
@@ -61,11 +101,19 @@ class DefectClassifierModel(_pyfunc_base()):
         from ase_ray.models.io import load_model
 
         self.module, self.meta = load_model(context.artifacts[ARTIFACT_KEY])
+        self.feature_settings = read_feature_settings(context.artifacts[ARTIFACT_KEY])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return self.predict_arrays(frame_to_features(model_input, self.meta))
+
+    def predict_proba(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Class probabilities (N, C) for in-memory arrays (no DataFrame round trip; Serve uses this)."""
         from ase_ray.train.loop import predict_proba
 
-        probs = predict_proba(self.module, frame_to_features(model_input, self.meta))
+        return predict_proba(self.module, check_features(features, self.meta))
+
+    def predict_arrays(self, features: dict[str, np.ndarray]) -> pd.DataFrame:
+        probs = self.predict_proba(features)
         classes = self.meta["classes"]
         out = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
         out.insert(0, "label", [classes[i] for i in probs.argmax(1)])

@@ -64,3 +64,50 @@ def fake_feature_store(
     errors = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                            (("row_id", "int64"), ("image_path", str), ("label", str), ("stage", str), ("message", str))})
     return write_store_arrays(rows, arrays, errors, out_dir, {"manifest": str(manifest), "backends": {"fake": True}})
+
+
+def register_untrained_model(
+    config,
+    images: list,
+    model_name: str,
+    alias: str | None = "champion",
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+) -> str:
+    """Log and register a randomly initialised classifier whose input widths match what
+    ``config.features`` extracts from ``images`` (decoded images), with the feature settings recorded
+    beside it, as training does. For tests and the Serve load benchmark (no training run needed).
+    Returns the registered version."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from ase_ray.features.inmemory import FeatureExtractor, feature_settings
+    from ase_ray.features.pipeline import backend_description
+    from ase_ray.models.classifier import build_model
+    from ase_ray.models.io import save_model
+    from ase_ray.models.projections import dims_from_batch
+    from ase_ray.serving_model import log_pyfunc_model, write_feature_settings
+    from ase_ray.tracking import setup_mlflow
+
+    extracted = FeatureExtractor(config.features)(images)
+    if extracted.ok != list(range(len(images))):
+        raise ValueError(f"feature extraction failed: {[e for e in extracted.errors if e]}")
+    dims = dims_from_batch(extracted.arrays)
+    task = config.train.task
+    classes = ["normal", "defect"] if task == "binary" else [c.name for c in config.data.synth.classes]
+    torch.manual_seed(seed)
+    model = build_model(config.train.model, dims, len(classes))
+    target = Path(out_dir or tempfile.mkdtemp(prefix="ase_ray_model_"))
+    save_model(model, target, config.train.model, dims, classes, extra={"task": task, "untrained": True})
+    write_feature_settings(target, {"features": feature_settings(config.features), "backends": backend_description(config)})
+    setup_mlflow(config)
+    with mlflow.start_run(run_name=f"untrained-{model_name}-{seed}", tags={"ase_ray.stage": "test-model"}) as run:
+        log_pyfunc_model(target, SimpleNamespace(features=extracted.arrays))
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", model_name).version
+    if alias:
+        MlflowClient().set_registered_model_alias(model_name, alias, version)
+    return str(version)

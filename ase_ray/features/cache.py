@@ -21,8 +21,8 @@ CACHE_VERSION = "1"  # bump when an output format changes, to orphan old entries
 
 
 def fingerprint(stage: str, settings: Any) -> str:
-    """Hash of what decides a stage's output: its name, settings (minus resources) and format version."""
-    body = settings.model_dump(mode="json", exclude={"resources", "device", "timeout_s"})
+    """Hash of what decides a stage's output: its name, settings (minus how it runs) and format version."""
+    body = settings.model_dump(mode="json", exclude={"resources", "device", "timeout_s", "parallel"})
     text = json.dumps({"stage": stage, "settings": body, "version": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -67,6 +67,21 @@ class StageCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+class NoCache(StageCache):
+    """Keeps nothing: every lookup misses and nothing is written (Serve answers new images; writing
+    an entry per request would grow the disk without bound)."""
+
+    def __init__(self, stage: str, stage_fingerprint: str):
+        self.dir = None
+        self.fingerprint = stage_fingerprint
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return None
+
+    def put(self, key: str, values: dict[str, Any]) -> None:
+        return None
 
 
 def _unwrap(value: np.ndarray) -> Any:

@@ -186,7 +186,11 @@ class TesseractOcr:
         return OcrResult(text=text, fields=parse_fields(text))
 
     def read_batch(self, images: list[Image.Image]) -> list[OcrResult]:
-        """OCR each image in order; the first failure raises :class:`OcrImageError` with ``index``."""
+        """OCR each image in order (``settings.parallel`` tesseract processes at once); the first failure
+        raises :class:`OcrImageError` with ``index``."""
+        if self.settings.parallel > 1 and len(images) > 1:
+            with single_openmp_thread():  # set once around the threads, so no thread restores it early
+                return read_parallel(self, images, self.settings.parallel)
         return read_each(self, images)
 
 
@@ -206,6 +210,22 @@ def read_each(backend: TesseractOcr | RapidOcr, images: list[Image.Image]) -> li
             error.index = index
             raise
     return results
+
+
+def read_parallel(backend: TesseractOcr, images: list[Image.Image], workers: int) -> list[OcrResult]:
+    """Like :func:`read_each` with up to ``workers`` images read at once (each read is a tesseract child
+    process, so threads run them on separate cores); results and the first error keep the input order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(index: int) -> OcrResult:
+        try:
+            return backend.read(images[index])
+        except OcrImageError as error:
+            error.index = index
+            raise
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(images))) as pool:
+        return list(pool.map(read, range(len(images))))
 
 
 # ------------------------------------------------------------------------------------ rapidocr

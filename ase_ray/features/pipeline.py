@@ -19,15 +19,9 @@ import pandas as pd
 from ase_ray.config import AppConfig
 from ase_ray.data.manifest import DatasetInfo, chunks, read_dataset_info, read_manifest
 from ase_ray.errors import DataError
+from ase_ray.features.inmemory import feature_settings
 from ase_ray.features.settings import StageResources
-from ase_ray.features.stages import (
-    DecodeStage,
-    DescribeStage,
-    ImageEncodeStage,
-    OcrStage,
-    ReasonStage,
-    TextEncodeStage,
-)
+from ase_ray.features.stages import DecodeStage, stage_plan_of
 from ase_ray.features.store import Store, write_store
 
 STAGE_NAMES = ("decode", "ocr", "describe", "reason", "image_encoder", "text_encoder")
@@ -41,14 +35,7 @@ class ExtractionResult:
 
 
 def stage_plan(config: AppConfig) -> list[tuple[type, Any]]:
-    f = config.features
-    return [
-        (OcrStage, f.ocr),
-        (DescribeStage, f.describe),
-        (ReasonStage, f.reason),
-        (ImageEncodeStage, f.image_encoder),
-        (TextEncodeStage, f.text_encoder),
-    ]
+    return stage_plan_of(config.features)
 
 
 def cache_root(config: AppConfig) -> Path:
@@ -140,6 +127,7 @@ def extract_features(
     meta = {
         "manifest": str(Path(manifest_path).resolve()),
         "backends": backend_description(config),
+        "features": feature_settings(config.features),  # what serving must extract for a model
         "cache_dir": str(cache),
     }
     store = write_store(rows, cache, target, meta)

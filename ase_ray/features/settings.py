@@ -77,6 +77,10 @@ class OcrSettings(StrictModel):
     text_region: tuple[float, float, float, float] | None = Field(
         None, description="Optional crop (x0, y0, x1, y1) as fractions of the image where text is printed."
     )
+    parallel: int = Field(
+        1, ge=1, description="tesseract processes at once within a batch (output unchanged; Serve sets it "
+        "from serve.features.ocr_parallel)."
+    )
     resources: OcrResources = Field(default_factory=OcrResources)
 
 

@@ -8,6 +8,10 @@ is assembled from the cache at the end, so Ray moves small rows and a re-run rec
 Columns every stage maintains: ``error_stage`` / ``error_message`` (empty when fine; a row with an
 error is passed through untouched by later stages), ``t_<stage>`` (seconds spent on the row),
 ``hit_<stage>`` (served from cache) and ``key_<stage>`` (its cache entry).
+
+The same stages serve images held in memory (Ray Serve, batch prediction): a batch may carry the
+decoded image in an ``image`` column instead of reading ``image_path``, ``cache_root=None`` keeps
+nothing on disk, and :meth:`Stage.run_with_outputs` also returns the arrays (see ``inmemory.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ase_ray.features.cache import StageCache, fingerprint
+from ase_ray.features.cache import NoCache, StageCache, fingerprint
 
 TEXT_SOURCES = ("ocr", "description", "reasoning")
 TEXT_COLUMNS = {"ocr": "ocr_text", "description": "description", "reasoning": "reasoning"}
+IMAGE_COLUMN = "image"  # optional: the decoded RGB image, used instead of reading image_path
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -34,14 +39,21 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+def row_image(row: pd.Series) -> Image.Image:
+    """The row's image: the in-memory one when the batch carries it, else read from ``image_path``."""
+    image = row.get(IMAGE_COLUMN) if IMAGE_COLUMN in row.index else None
+    return image if image is not None else load_rgb(row["image_path"])
+
+
 class Stage:
     """Template: subclasses set ``name`` and implement ``inputs``, ``compute`` and ``row_outputs``."""
 
     name = "stage"
 
-    def __init__(self, settings: Any, cache_root: str):
+    def __init__(self, settings: Any, cache_root: str | None):
         self.settings = settings
-        self.cache = StageCache(cache_root, self.name, fingerprint(self.name, settings))
+        key = fingerprint(self.name, settings)
+        self.cache = NoCache(self.name, key) if cache_root is None else StageCache(cache_root, self.name, key)
         self._backend: Any = None
 
     @property
@@ -71,13 +83,18 @@ class Stage:
 
     # -- the shared call ----------------------------------------------------------------------
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self._run(batch, compute_misses=True)
+        return self._run(batch, compute_misses=True)[0]
 
     def lookup(self, batch: pd.DataFrame) -> pd.DataFrame | None:
         """The batch completed from the cache alone, or None when any row would need the model."""
-        return self._run(batch, compute_misses=False)
+        done = self._run(batch, compute_misses=False)
+        return None if done is None else done[0]
 
-    def _run(self, batch: pd.DataFrame, compute_misses: bool) -> pd.DataFrame | None:
+    def run_with_outputs(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, dict[str, Any]]]:
+        """Like a call, and also every output (arrays included) by row position, for rows without error."""
+        return self._run(batch, compute_misses=True)
+
+    def _run(self, batch: pd.DataFrame, compute_misses: bool) -> tuple[pd.DataFrame, dict[int, dict[str, Any]]] | None:
         batch = batch.reset_index(drop=True)
         started = time.perf_counter()
         todo = [i for i in range(len(batch)) if not batch.at[i, "error_stage"]]
@@ -115,7 +132,7 @@ class Stage:
         batch[f"t_{self.name}"] = elapsed / max(1, len(batch))
         batch[f"hit_{self.name}"] = hits
         batch[f"key_{self.name}"] = keys
-        return batch
+        return batch, results
 
     def row_outputs_columns(self) -> tuple[str, ...]:
         return ()
@@ -202,7 +219,7 @@ class OcrStage(Stage):
         return build_ocr(self.settings)
 
     def compute(self, rows):
-        results = self.backend.read_batch([load_rgb(r["image_path"]) for r in rows])
+        results = self.backend.read_batch([row_image(r) for r in rows])
         return [{"text": r.text, "fields": json.dumps(r.fields, sort_keys=True)} for r in results]
 
     def row_outputs(self, outputs):
@@ -221,7 +238,7 @@ class DescribeStage(Stage):
         return build_describer(self.settings)
 
     def compute(self, rows):
-        texts = self.backend.describe_batch([load_rgb(r["image_path"]) for r in rows])
+        texts = self.backend.describe_batch([row_image(r) for r in rows])
         return [{"text": t} for t in texts]
 
     def row_outputs(self, outputs):
@@ -262,7 +279,7 @@ class ImageEncodeStage(Stage):
         return build_image_encoder(self.settings)
 
     def compute(self, rows):
-        feats = self.backend.encode_batch([load_rgb(r["image_path"]) for r in rows])
+        feats = self.backend.encode_batch([row_image(r) for r in rows])
         return [{"pooled": p, "tokens": t.astype(np.float16)} for p, t in zip(feats.pooled, feats.tokens)]
 
 
@@ -291,3 +308,14 @@ class TextEncodeStage(Stage):
 
 
 STAGES = (OcrStage, DescribeStage, ReasonStage, ImageEncodeStage, TextEncodeStage)
+
+
+def stage_plan_of(features: Any) -> list[tuple[type[Stage], Any]]:
+    """(stage class, its settings) in pipeline order, from a ``FeaturesConfig``."""
+    return [
+        (OcrStage, features.ocr),
+        (DescribeStage, features.describe),
+        (ReasonStage, features.reason),
+        (ImageEncodeStage, features.image_encoder),
+        (TextEncodeStage, features.text_encoder),
+    ]

@@ -108,6 +108,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.copytree(Path(ckpt) / MODEL_DIR, model_dir)
+    _record_feature_settings(config, model_dir)
     metrics = evaluate_model_dir(model_dir, splits, classes)
     results_path = _write_results(config, run_id, model_dir, metrics, classes)
     if run_id:
@@ -115,6 +116,16 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}): val macro-F1 {metrics['val']['macro_f1']:.4f}, "
          f"test macro-F1 {metrics['test']['macro_f1']:.4f}")
     return FitResult(run_id, model_dir, metrics, classes, results_path)
+
+
+def _record_feature_settings(config: AppConfig, model_dir: Path) -> None:
+    """Keep the store's feature settings with the model, so Serve extracts what training saw."""
+    from ase_ray.features.store import META_FILE
+    from ase_ray.serving_model import write_feature_settings
+
+    meta_path = store_dir(config) / META_FILE
+    if meta_path.is_file():
+        write_feature_settings(model_dir, json.loads(meta_path.read_text()))
 
 
 def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list[str]) -> dict[str, Any]:

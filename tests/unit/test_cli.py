@@ -28,7 +28,7 @@ def synth_dir(tmp_path_factory) -> Path:
 def test_help_on_every_command():
     for args in ([], ["data"], ["data", "import"], ["data", "synth"], ["data", "validate"], ["data", "split"],
                  ["data", "augment"], ["data", "import", "magnetic-tile"], ["pipeline"], ["config", "show"],
-                 ["features"], ["train"], ["evaluate"], ["ablate"], ["tune"], ["register"]):
+                 ["features"], ["train"], ["evaluate"], ["ablate"], ["tune"], ["register"], ["serve"], ["predict"]):
         result = run(*args, "--help")
         assert result.returncode == 0, (args, result.stderr)
         assert "Usage" in result.stdout
@@ -119,3 +119,19 @@ def test_import_magnetic_tile_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     df = pd.read_csv(tmp_path / "manifest.csv")
     assert len(df) == 1344 and {"label", "binary_label", "group"} <= set(df.columns)
+
+
+def test_serve_and_predict_with_an_unknown_model_are_one_line_errors(tmp_path):
+    work = f"project.work_dir={tmp_path / 'work'}"
+    result = run("serve", "--model-uri", "models:/ase-ray-multiclass@champion", "--port", "18123", "--set", work)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # MLflow logs its database set-up first
+    assert last.startswith("error: cannot resolve model models:/ase-ray-multiclass@champion"), result.stderr
+    assert "Traceback" not in result.stderr
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_path\nnone.png\n")
+    result = run("predict", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--set", work)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resolve model"), result.stderr
+    result = run("serve", "--detach", "--set", work)
+    assert result.returncode == 2 and "--detach needs a running cluster" in result.stderr

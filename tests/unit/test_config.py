@@ -73,8 +73,27 @@ def test_flatten_has_dotted_keys():
 def test_shipped_configs_load():
     from pathlib import Path
 
+    import yaml
+
     for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
-        load_config(path)
+        if "applications" in (yaml.safe_load(path.read_text()) or {}):
+            _check_serve_deploy_config(path)  # Ray Serve's own format (serve deploy)
+        else:
+            load_config(path)
+
+
+def _check_serve_deploy_config(path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from ase_ray.serve.deploy import IMPORT_PATH, MODEL_DEPLOYMENTS, ServeAppArgs
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == IMPORT_PATH
+    ServeAppArgs.model_validate(app.args).app_config()  # the ase-ray config it names loads
+    configs = {d.name: d.user_config for d in app.deployments}
+    assert configs[MODEL_DEPLOYMENTS[0]] == configs[MODEL_DEPLOYMENTS[1]]
 
 
 def test_overriding_one_resource_field_keeps_the_stage_defaults():

@@ -193,3 +193,14 @@ def test_join_boxes_into_lines_merges_split_boxes() -> None:
 )
 def test_parse_fields(text: str, expected: dict) -> None:
     assert parse_fields(text) == expected
+
+
+def test_parallel_batch_reads_the_same_in_order_and_names_the_failing_image(tesseract):
+    parallel = TesseractOcr(tesseract.settings.model_copy(update={"parallel": 3}))
+    images = [render_band(("LOT A7 ID 0123", f"LEN {i}.5 AREA 0.53 DIFF 41")) for i in range(4)]
+    assert [r.fields["LEN"] for r in parallel.read_batch(images)] == [0.5, 1.5, 2.5, 3.5]
+    broken = images[:2] + [Image.new("RGB", (0, 0))] + images[2:]
+    with pytest.raises(OcrImageError) as info:
+        parallel.read_batch(broken)
+    assert info.value.index == 2
+    assert os.environ.get("OMP_THREAD_LIMIT") == "1"  # restored as it was (conftest sets it)

@@ -1,0 +1,324 @@
+"""The Ray Serve application: FastAPI ingress -> Features (batched) -> Classifier.
+
+- ``Ingress`` (CPU): the HTTP API; validates uploads (``inputs.py``), fans images out to Features,
+  sends their arrays to Classifier, answers with the schemas of ``schemas.py``.
+- ``Features`` (a GPU on a cluster): the extraction stages of the batch pipeline, in-process
+  (``ase_ray.features.inmemory``), with ``@serve.batch`` dynamic batching across requests.
+- ``Classifier``: the MLflow pyfunc of the model.
+
+Features and Classifier take the same ``user_config`` (:class:`~ase_ray.serve.schemas.ModelSelection`:
+model URI and review threshold); a changed user_config reaches ``reconfigure`` on the running
+replicas: the model (and, when the new model was trained on other feature settings, the feature
+backends) swap without a redeploy.
+
+``app_builder(args)`` is the import path for ``serve deploy`` / ``serve run`` config files;
+``build_app(config)`` builds the application from a typed config.
+"""
+
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ase_ray.config import AppConfig
+from ase_ray.errors import AseRayError, RequestError
+from ase_ray.serve import inputs
+from ase_ray.serve.schemas import (
+    ERROR_RESPONSES,
+    BatchPrediction,
+    Health,
+    Metadata,
+    ModelSelection,
+    Prediction,
+    upload_body,
+)
+
+INGRESS, FEATURES, CLASSIFIER = "Ingress", "Features", "Classifier"
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="ase-ray defect classifier",
+    description="Upload an AOI image, get the defect class, its probabilities, the OCR fields and the "
+    "generated texts. Errors are JSON: {\"error\": code, \"detail\": message}.",
+    version="1",
+)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Never a stack trace to the client; the replica log keeps it.
+    return JSONResponse({"error": "internal_error", "detail": type(exc).__name__}, status_code=500)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (tests of the class itself)
+        return f"pid-{os.getpid()}"
+
+
+# -------------------------------------------------------------------------------------- features
+@serve.deployment(name=FEATURES)
+class Features:
+    """OCR / describer / reasoner / encoders, loaded once per replica; images batched across requests."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from ase_ray.tracking import tracking_uri
+
+        self.config = AppConfig.model_validate(config)
+        self.tracking_uri = tracking_uri(self.config)
+        self.extractor = None
+        self.features = None
+        self.source = "config"
+        self.selection: ModelSelection | None = None
+        batching = self.config.serve.batching
+        self.extract.set_max_batch_size(batching.max_batch_size)
+        self.extract.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from ase_ray.features.inmemory import FeatureExtractor, features_key
+        from ase_ray.features.pipeline import cache_root
+        from ase_ray.serve.predictor import model_feature_settings, resolve_model_ref, serving_features
+
+        selection = ModelSelection.model_validate(user_config)
+        try:
+            ref = resolve_model_ref(selection.model_uri, self.tracking_uri)
+            recorded = model_feature_settings(ref, self.tracking_uri)
+        except AseRayError:
+            if self.extractor is None:
+                raise
+            return  # keep serving the current features; Classifier reports the failed swap
+        features = serving_features(self.config.features, recorded, self.config.serve.features)
+        if self.extractor is None or features_key(features) != self.extractor.key:
+            cache = str(cache_root(self.config)) if self.config.serve.feature_cache else None
+            self.extractor = FeatureExtractor(features, cache).load()
+            self.features = features
+        self.source = "model" if recorded else "config"
+        self.selection = selection
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def extract(self, images: list) -> list[dict[str, Any]]:
+        """One call per image; Serve hands this method the images of concurrent requests together."""
+        extractor = self.extractor  # a swap during the batch does not mix two extractors
+        return await asyncio.to_thread(self._extract, extractor, images)
+
+    @staticmethod
+    def _extract(extractor, images: list) -> list[dict[str, Any]]:
+        from ase_ray.serve.predictor import feature_rows
+
+        started = time.perf_counter()
+        extracted = extractor(images)
+        stages = " ".join(f"{k} {v * 1000:.0f}" for k, v in extracted.seconds.items())
+        logger.info(f"batch of {len(images)} image(s) in {(time.perf_counter() - started) * 1000:.0f} ms ({stages} ms)")
+        rows = feature_rows(extracted)
+        for row in rows:
+            row["features_key"] = extractor.key
+            row["batch_size"] = len(images)
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        from ase_ray.features.pipeline import backend_description
+
+        batching = self.config.serve.batching
+        return {
+            "backends": backend_description(self.config.model_copy(update={"features": self.features})),
+            "features_source": self.source,
+            "features_key": self.extractor.key,
+            "batching": {"max_batch_size": batching.max_batch_size,
+                         "batch_wait_timeout_s": batching.batch_wait_timeout_s},
+            "replica": _replica_id(),
+        }
+
+
+# ------------------------------------------------------------------------------------ classifier
+@serve.deployment(name=CLASSIFIER)
+class Classifier:
+    """The MLflow pyfunc, loaded once per replica and again only when user_config names another model."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from ase_ray.tracking import tracking_uri
+
+        self.config = AppConfig.model_validate(config)
+        self.tracking_uri = tracking_uri(self.config)
+        self.model = None
+        self.expected_key = ""
+        self.threshold = self.config.serve.review_threshold
+        self.swap_error: str | None = None
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from ase_ray.features.inmemory import features_key
+        from ase_ray.serve.predictor import load_model, resolve_model_ref, serving_features
+
+        selection = ModelSelection.model_validate(user_config)
+        try:
+            ref = resolve_model_ref(selection.model_uri, self.tracking_uri)
+            if self.model is None or ref != self.model.ref:
+                model = load_model(ref, self.tracking_uri)
+                self.expected_key = features_key(serving_features(self.config.features, model.feature_settings))
+                self.model = model
+            self.swap_error = None
+        except AseRayError as exc:
+            if self.model is None:
+                raise
+            self.swap_error = str(exc)  # the previous model keeps serving
+        self.threshold = selection.review_threshold
+
+    def classify(self, rows: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+        from ase_ray.serve.predictor import classify
+
+        model, threshold = self.model, self.threshold
+        if any(key != self.expected_key for key in keys):
+            return {"swap_in_progress": True}  # features from another model's settings: the caller retries
+        return {"predictions": classify(model, rows, threshold), "model": model.ref.describe(),
+                "review_threshold": threshold}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.model.describe(), "review_threshold": self.threshold, "swap_error": self.swap_error,
+                "features_key": self.expected_key, "replica": _replica_id()}
+
+
+# --------------------------------------------------------------------------------------- ingress
+# Helpers come before the class: @serve.ingress serializes the class where it is defined, so a
+# module-level name defined below it would be missing in the replica.
+def _model_info(model: dict[str, Any]) -> dict[str, Any]:
+    return {k: model.get(k) for k in ("uri", "name", "version", "alias", "run_id")}
+
+
+def _limits(limits: inputs.Limits) -> dict[str, Any]:
+    return {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+            "max_batch_images": limits.max_batch_images, "allowed_formats": list(limits.allowed_formats)}
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _prediction(result: dict[str, Any], i: int, row: dict[str, Any], image: inputs.ValidImage,
+                metadata: dict[str, Any], started: float) -> Prediction:
+    p = result["predictions"][i]
+    texts = row["texts"]
+    return Prediction(
+        label=p["label"], probabilities=p["probabilities"], confidence=p["confidence"],
+        needs_review=p["needs_review"], review_threshold=result["review_threshold"],
+        ocr={"text": texts["ocr_text"], "fields": texts["ocr_fields"]},
+        texts={"description": texts["description"], "reasoning": texts["reasoning"]},
+        image={"filename": image.filename, "image_id": image.decoded.image_id, "width": image.width,
+               "height": image.height, "format": image.format},
+        model=_model_info(result["model"]), metadata=metadata, latency_ms=_ms(started),
+    )
+
+
+@serve.deployment(name=INGRESS)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, features: DeploymentHandle, classifier: DeploymentHandle, config: dict[str, Any],
+                 api_key_sha256: str | None = None) -> None:
+        self.features = features
+        self.classifier = classifier
+        self.config = AppConfig.model_validate(config)
+        self.limits = inputs.Limits.from_config(self.config.serve)
+        self.api_key_sha256 = api_key_sha256 or inputs.env_key_digest(self.config.serve.api_key_env)
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        return Health()
+
+    @api.get("/metadata", response_model=Metadata, responses={401: ERROR_RESPONSES[401]})
+    async def metadata(self, request: Request) -> Metadata:
+        inputs.check_api_key(self.api_key_sha256, request.headers)
+        model, features = await asyncio.gather(self.classifier.describe.remote(), self.features.describe.remote())
+        return Metadata(
+            model=_model_info(model), task=model["task"], classes=model["classes"],
+            review_threshold=model["review_threshold"], loaded_at=model["loaded_at"],
+            backends=features["backends"], features_source=features["features_source"],
+            features_key=features["features_key"], batching=features["batching"],
+            limits=_limits(self.limits), api_key_required=bool(self.api_key_sha256),
+            replicas={"classifier": model["replica"], "features": features["replica"], "ingress": _replica_id()},
+            swap_error=model["swap_error"],
+        )
+
+    @api.post("/predict", response_model=Prediction, responses=ERROR_RESPONSES, openapi_extra=upload_body(False))
+    async def predict(self, request: Request) -> Prediction:
+        started = time.perf_counter()
+        images, metadata = await self._read(request, batch=False)
+        result, rows = await self._run(images)
+        return _prediction(result, 0, rows[0], images[0], metadata, started)
+
+    @api.post("/predict/batch", response_model=BatchPrediction, responses=ERROR_RESPONSES,
+              openapi_extra=upload_body(True))
+    async def predict_batch(self, request: Request) -> BatchPrediction:
+        started = time.perf_counter()
+        images, metadata = await self._read(request, batch=True)
+        result, rows = await self._run(images)
+        predictions = [_prediction(result, i, rows[i], images[i], metadata, started) for i in range(len(images))]
+        return BatchPrediction(predictions=predictions, count=len(predictions), model=_model_info(result["model"]),
+                               latency_ms=_ms(started))
+
+    async def _read(self, request: Request, batch: bool) -> tuple[list[inputs.ValidImage], dict[str, Any]]:
+        inputs.check_api_key(self.api_key_sha256, request.headers)
+        limit = self.limits.body_limit(self.limits.max_batch_images if batch else 1)
+        body = await inputs.read_body(request.headers, request.stream(), limit)
+        upload = await inputs.parse_upload(request.headers, body, self.limits.max_batch_images)
+        files = inputs.require_files(upload, self.limits, batch)
+        metadata = inputs.parse_metadata(upload)
+        return [inputs.validate_image(f, self.limits, i) for i, f in enumerate(files)], metadata
+
+    async def _run(self, images: list[inputs.ValidImage]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        rows = await asyncio.gather(*(self.features.extract.remote(image.decoded) for image in images))
+        for i, row in enumerate(rows):
+            if row["error"]:
+                raise RequestError(422, "unprocessable_image", f"image {i}: feature extraction failed at {row['error'][:300]}")
+        result = await self.classifier.classify.remote([row["arrays"] for row in rows], [row["features_key"] for row in rows])
+        if result.get("swap_in_progress"):
+            raise RequestError(503, "model_swap_in_progress",
+                               "the feature and classifier replicas serve different models for a moment; retry")
+        return result, rows
+
+
+# ------------------------------------------------------------------------------------- building
+def build_app(config: AppConfig, api_key_sha256: str | None = None):
+    """The application for ``config`` (paths should be absolute: see ``deploy.serving_config``)."""
+    s = config.serve
+    selection = ModelSelection(model_uri=s.resolved_model_uri(config.train.task),
+                               review_threshold=s.review_threshold).model_dump()
+    body = config.model_dump(mode="json")
+    features = Features.options(
+        num_replicas=s.features.num_replicas, max_ongoing_requests=s.features.max_ongoing_requests,
+        ray_actor_options=_actor_options(s.features), user_config=selection,
+    ).bind(body)
+    classifier = Classifier.options(
+        num_replicas=s.classifier.num_replicas, max_ongoing_requests=s.classifier.max_ongoing_requests,
+        ray_actor_options=_actor_options(s.classifier), user_config=selection,
+    ).bind(body)
+    return Ingress.options(
+        num_replicas=s.ingress.num_replicas, max_ongoing_requests=s.ingress.max_ongoing_requests,
+        ray_actor_options=_actor_options(s.ingress),
+    ).bind(features, classifier, body, api_key_sha256)
+
+
+def _actor_options(settings) -> dict[str, Any]:
+    return {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+
+
+def app_builder(args: dict[str, Any]):
+    """Import path for Serve config files (``import_path: ase_ray.serve.app:app_builder``).
+
+    ``args``: ``config`` (a full config mapping, as ``ase-ray serve`` deploys it) or ``config_file``
+    + ``overrides`` (``a.b.c=value`` strings), and optionally ``api_key_sha256``."""
+    from ase_ray.serve.deploy import ServeAppArgs, serving_config
+
+    parsed = ServeAppArgs.model_validate(args or {})
+    config = serving_config(parsed.app_config())
+    return build_app(config, parsed.api_key_sha256 or inputs.env_key_digest(config.serve.api_key_env))

@@ -1,0 +1,233 @@
+"""The one prediction path: decoded images -> feature columns (the extraction stages) -> classifier.
+
+- :func:`resolve_model_ref` turns a model URI into a pinned reference (``models:/name@alias`` ->
+  the version it points to now) with its name, version, alias and run.
+- :func:`load_model` loads the MLflow pyfunc once (per replica or actor) and with it the feature
+  settings the model was trained on (``features.json``).
+- :func:`serving_features` gives the feature config to extract with: the model's recorded settings,
+  resources from the deployment.
+- :func:`classify` turns per-image feature arrays into predictions (label, probabilities,
+  ``needs_review``).
+
+Ray Serve splits these over two deployments (features on the GPU pool, batched; the classifier
+apart); :class:`Predictor` composes the same functions in one process for ``ase-ray predict``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ase_ray.errors import DataError
+
+if TYPE_CHECKING:
+    from ase_ray.config import AppConfig, FeaturesConfig
+    from ase_ray.features.inmemory import DecodedImage, ExtractedFeatures, FeatureExtractor
+    from ase_ray.serve.settings import DeploymentSettings
+    from ase_ray.serving_model import DefectClassifierModel
+
+_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
+_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
+_RUN = re.compile(r"^runs:/(?P<run_id>[^/]+)(/.*)?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model URI as asked, the URI it was pinned to, and what the registry says about it."""
+
+    uri: str
+    load_uri: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def set_tracking(tracking_uri: str) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+
+
+def resolve_model_ref(model_uri: str, tracking_uri: str) -> ModelRef:
+    """Pin ``model_uri``: an alias resolves to its current version; raises :class:`DataError` when the
+    registry does not know it."""
+    from mlflow.tracking import MlflowClient
+
+    set_tracking(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if match := _ALIAS.match(model_uri):
+            name, alias = match["name"], match["alias"]
+            mv = client.get_model_version_by_alias(name, alias)
+            return ModelRef(model_uri, f"models:/{name}/{mv.version}", name, str(mv.version), alias, mv.run_id)
+        if match := _VERSION.match(model_uri):
+            mv = client.get_model_version(match["name"], match["version"])
+            return ModelRef(model_uri, model_uri, match["name"], str(mv.version), None, mv.run_id)
+        if match := _RUN.match(model_uri):
+            run_id = match["run_id"]
+            client.get_run(run_id)
+            versions = client.search_model_versions(f"run_id = '{run_id}'")
+            if len(versions) == 1:
+                return ModelRef(model_uri, model_uri, versions[0].name, str(versions[0].version), None, run_id)
+            return ModelRef(model_uri, model_uri, None, None, None, run_id)
+    except Exception as exc:  # MLflow raises several types for unknown names, aliases and runs
+        raise DataError(f"cannot resolve model {model_uri}: {_first_line(exc)}") from None
+    if model_uri.startswith("models:/"):
+        return ModelRef(model_uri, model_uri, model_uri.split("/")[1], None, None, None)
+    return ModelRef(model_uri, model_uri)  # a local MLflow model folder
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    python_model: "DefectClassifierModel"
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.python_model.meta["classes"])
+
+    @property
+    def task(self) -> str | None:
+        return self.python_model.meta.get("extra", {}).get("task")
+
+    @property
+    def feature_settings(self) -> dict[str, Any] | None:
+        recorded = self.python_model.feature_settings
+        return recorded.get("features") if recorded else None
+
+    def predict_proba(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        return self.python_model.predict_proba(features)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.ref.describe(), "task": self.task, "classes": self.classes, "loaded_at": self.loaded_at}
+
+
+def load_model(ref: ModelRef, tracking_uri: str) -> LoadedModel:
+    """The pyfunc of ``ref`` (an ase-ray DefectClassifierModel), loaded once."""
+    import mlflow.pyfunc
+
+    from ase_ray.serving_model import DefectClassifierModel
+
+    set_tracking(tracking_uri)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(ref.load_uri)
+    except Exception as exc:
+        raise DataError(f"cannot load model {ref.uri}: {_first_line(exc)}") from None
+    python_model = pyfunc.unwrap_python_model()
+    if not isinstance(python_model, DefectClassifierModel):
+        raise DataError(f"{ref.uri} is not an ase-ray defect classifier ({type(python_model).__name__})")
+    return LoadedModel(ref, python_model)
+
+
+def model_feature_settings(ref: ModelRef, tracking_uri: str) -> dict[str, Any] | None:
+    """The feature settings recorded with a model (its ``features.json``), without loading the weights."""
+    import mlflow
+
+    from ase_ray.serving_model import FEATURES_FILE, read_feature_settings
+
+    set_tracking(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.load_uri))
+    except Exception as exc:
+        raise DataError(f"cannot fetch model {ref.uri}: {_first_line(exc)}") from None
+    found = sorted(local.rglob(FEATURES_FILE))
+    recorded = read_feature_settings(found[0].parent) if found else None
+    return recorded.get("features") if recorded else None
+
+
+def serving_features(base: "FeaturesConfig", recorded: dict[str, Any] | None,
+                     resources: "DeploymentSettings | None" = None) -> "FeaturesConfig":
+    """The model's recorded feature settings (``base`` where it has none), each stage's resources set
+    to the replica's, so torch uses the replica's CPUs and the GPU when it has one."""
+    from ase_ray.features.inmemory import STAGE_SECTIONS, features_from_settings
+
+    features = features_from_settings(base, recorded)
+    if resources is None:
+        return features
+    update = {}
+    for name in STAGE_SECTIONS:
+        section = getattr(features, name)
+        res = section.resources.model_copy(update={"num_cpus": max(1.0, resources.num_cpus),
+                                                    "num_gpus": resources.num_gpus})
+        update[name] = section.model_copy(update={"resources": res})
+    update["ocr"] = update["ocr"].model_copy(update={"parallel": getattr(resources, "ocr_parallel", 1)})
+    return features.model_copy(update=update)
+
+
+# ------------------------------------------------------------------------------------- classify
+def classify(model: LoadedModel, rows: list[dict[str, np.ndarray]], threshold: float) -> list[dict[str, Any]]:
+    """Predictions for per-image feature arrays: ``label``, ``probabilities``, ``confidence``,
+    ``needs_review`` (top probability under ``threshold``)."""
+    if not rows:
+        return []
+    stacked = {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
+    probs = model.predict_proba(stacked)
+    classes = model.classes
+    out = []
+    for p in probs:
+        top = int(np.argmax(p))
+        out.append({
+            "label": classes[top],
+            "probabilities": {c: float(v) for c, v in zip(classes, p)},
+            "confidence": float(p[top]),
+            "needs_review": bool(p[top] < threshold),
+        })
+    return out
+
+
+def feature_rows(extracted: "ExtractedFeatures") -> list[dict[str, Any]]:
+    """Per image: ``{"error": ""|message, "texts": {...}, "arrays": {...}}`` (arrays for good images)."""
+    rows, position = [], 0
+    for i, error in enumerate(extracted.errors):
+        if error:
+            rows.append({"error": error, "texts": {}, "arrays": {}, "image_id": extracted.image_ids[i]})
+            continue
+        rows.append({"error": "", "texts": extracted.texts[i], "arrays": extracted.row_arrays(position),
+                     "image_id": extracted.image_ids[i]})
+        position += 1
+    return rows
+
+
+class Predictor:
+    """Features + classifier in one process (batch prediction); Serve runs the same two halves apart."""
+
+    def __init__(self, model: LoadedModel, extractor: "FeatureExtractor", review_threshold: float) -> None:
+        self.model = model
+        self.extractor = extractor
+        self.review_threshold = review_threshold
+
+    @classmethod
+    def load(cls, config: "AppConfig", ref: ModelRef, cache_root: str | None = None,
+             resources: "DeploymentSettings | None" = None) -> "Predictor":
+        from ase_ray.features.inmemory import FeatureExtractor
+        from ase_ray.tracking import tracking_uri
+
+        model = load_model(ref, tracking_uri(config))
+        features = serving_features(config.features, model.feature_settings, resources)
+        return cls(model, FeatureExtractor(features, cache_root).load(), config.serve.review_threshold)
+
+    def predict(self, images: list["DecodedImage"]) -> list[dict[str, Any]]:
+        """One dict per image: the prediction and texts, or ``error``."""
+        if not images:
+            return []
+        rows = feature_rows(self.extractor(images))
+        good = [r for r in rows if not r["error"]]
+        predictions = iter(classify(self.model, [r["arrays"] for r in good], self.review_threshold))
+        return [{"error": r["error"], "image_id": r["image_id"], **r["texts"],
+                 **({} if r["error"] else next(predictions))} for r in rows]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().split("\n")[0]
+    return text[:300] or type(exc).__name__

@@ -1,0 +1,110 @@
+"""Config section of the Ray Serve endpoint and batch prediction (light: pydantic only)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from ase_ray.config_base import StrictModel
+
+REGISTRY_PREFIX = "ase-ray-"
+DEFAULT_ALIAS = "champion"
+
+
+def default_model_uri(task: str) -> str:
+    """``models:/ase-ray-<task>@champion``: the registry's champion for the task.
+
+    The registered-model name follows the registry helper's ``model_name(task)``; switch to it when
+    both live on one branch."""
+    return f"models:/{REGISTRY_PREFIX}{task}@{DEFAULT_ALIAS}"
+
+
+class DeploymentSettings(StrictModel):
+    """Replicas and resources of one Serve deployment."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests one replica holds at once (>= max_batch_size for batching to fill)."
+    )
+
+
+# One class per deployment, so that a partial override (--set serve.ingress.max_ongoing_requests=128)
+# keeps that deployment's other defaults (a default_factory only applies when the section is absent).
+class IngressSettings(DeploymentSettings):
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class FeaturesSettings(DeploymentSettings):
+    """The OCR/VLM/LLM/encoder replica (num_gpus: 1 on a GPU cluster)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1, description="Keep >= max_batch_size so batches can fill.")
+    ocr_parallel: int = Field(2, ge=1, description="tesseract processes at once on a batch in this replica.")
+
+
+class ClassifierSettings(DeploymentSettings):
+    num_cpus: float = Field(0.2, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class BatchingSettings(StrictModel):
+    """``@serve.batch`` of the feature deployment: images from concurrent requests run as one batch."""
+
+    max_batch_size: int = Field(8, ge=1, description="1 turns dynamic batching off.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="Longest wait for a batch to fill.")
+
+
+class BatchPredictSettings(StrictModel):
+    """``ase-ray predict``: the predictor actors of the Ray Data batch job."""
+
+    batch_size: int = Field(8, ge=1, description="Images per Ray Data batch.")
+    actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ServeConfig(StrictModel):
+    """``ase-ray serve`` (Ray Serve HTTP endpoint) and ``ase-ray predict`` (Ray Data batch job)."""
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean to expose it.")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "ase-ray"
+    model_uri: str | None = Field(
+        None, description="models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model; "
+        "None: models:/ase-ray-<train.task>@champion."
+    )
+    review_threshold: float = Field(
+        0.6, ge=0, le=1, description="needs_review is true when the top probability is below this."
+    )
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image file accepted.")
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Largest width x height accepted, read from the header before decoding."
+    )
+    max_batch_images: int = Field(16, ge=1, description="Most images in one /predict/batch request.")
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "BMP", "TIFF", "WEBP"], description="PIL format names."
+    )
+    api_key_env: str | None = Field(
+        "ASE_RAY_API_KEY", description="Environment variable holding the API key; when it is set (not "
+        "empty) every request except /healthz and /docs must send it (X-API-Key or Bearer)."
+    )
+    feature_cache: bool = Field(
+        False, description="Serve: reuse/write the stage cache (features.cache_dir). Batch prediction always uses it."
+    )
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    features: FeaturesSettings = Field(default_factory=FeaturesSettings)
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    predict: BatchPredictSettings = Field(default_factory=BatchPredictSettings)
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("allowed_formats must name at least one format")
+        return [f.upper() for f in v]
+
+    def resolved_model_uri(self, task: str) -> str:
+        return self.model_uri or default_model_uri(task)

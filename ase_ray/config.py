@@ -208,7 +208,7 @@ PipelineStage = Literal["data", "features", "train", "tune", "serve"]
 
 class PipelineConfig(StrictModel):
     stages: list[PipelineStage] = Field(
-        default_factory=lambda: ["data", "features", "train", "tune"],
+        default_factory=lambda: ["data", "features", "train", "tune", "serve"],
         description="Stages `ase-ray pipeline` runs, in this order.",
     )
     register_train: bool = Field(True, description="Register the train stage's model (champion if it is the best).")

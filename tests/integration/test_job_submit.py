@@ -28,7 +28,6 @@ TINY_PIPELINE = [
     "features.text_encoder.backend=tiny", "features.describe.max_new_tokens=4",
     "features.reason.resources.actors=1",
     "train.epochs=2", "train.num_workers=1",
-    "pipeline.stages=[data,features,train,tune]",
 ]
 
 
@@ -71,13 +70,17 @@ def test_pipeline_job_on_a_local_ray_head(ray_head, tmp_path):
         ray_head, "jobs/pipeline.py",
         "--set", f"project.work_dir={work}", "--set", f"mlflow.tracking_uri={tracking}",
         "--set", f"project.storage_uri={(tmp_path / 'shared').as_uri()}",
+        "--set", f"serve.port={free_port()}",
         *[arg for override in TINY_PIPELINE for arg in ("--set", override)],
     )
     status, logs = _wait(ray_head, job_id, timeout_s=1200)
     assert status == "SUCCEEDED", logs[-6000:]
 
     report = json.loads((work / "pipeline_report.json").read_text())
-    assert {"features", "train", "tune"} <= set(report["stages"])
+    assert {"features", "train", "tune", "serve"} <= set(report["stages"])
+    prediction = report["stages"]["serve"]["prediction"]  # one real HTTP answer from the champion
+    assert prediction["label"] in report["dataset"]["counts"]["train"]
+    assert prediction["model_version"] == report["champion"]["version"]
 
     client = MlflowClient(tracking)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -49,9 +49,11 @@ def make_config(args, work: Path, batch_size: int, port: int):
     from ase_ray.config import load_config
 
     overrides = [f"project.work_dir={work}", "data.synth.scale=0.05", "data.synth.seed=11", f"serve.port={port}",
-                 f"serve.batching.max_batch_size={batch_size}", f"serve.batching.batch_wait_timeout_s={args.wait}",
+                 f"serve.batching.max_batch_size={batch_size}",
                  "serve.api_key_env=ASE_RAY_BENCH_UNUSED_KEY", f"serve.features.max_ongoing_requests={args.max_ongoing}",
                  f"serve.ingress.max_ongoing_requests={args.max_ongoing * 2}"]
+    if args.wait is not None:
+        overrides.append(f"serve.batching.batch_wait_timeout_s={args.wait}")
     if args.backends == "tiny":
         overrides += TINY
     return load_config(overrides=overrides + list(args.set or []))
@@ -72,6 +74,21 @@ def prepare(args, work: Path):
     register_untrained_model(cfg, [decode_image_bytes(b) for b in images[:2]], "ase-ray-multiclass",
                              out_dir=work / "model")
     return cfg, images
+
+
+def extractor_in_process(cfg, images: list[bytes], batch: int, n: int = 16) -> float:
+    """ms per image of the feature stages alone, in this process (no Serve, no HTTP): what batching
+    saves in the extraction itself when nothing else competes for the cores."""
+    from ase_ray.features.inmemory import FeatureExtractor, decode_image_bytes
+    from ase_ray.serve.predictor import serving_features
+
+    extractor = FeatureExtractor(serving_features(cfg.features, None, cfg.serve.features)).load()
+    decoded = [decode_image_bytes(images[i % len(images)]) for i in range(n)]
+    extractor(decoded[:2])
+    started = time.perf_counter()
+    for i in range(0, n, batch):
+        extractor(decoded[i:i + batch])
+    return round((time.perf_counter() - started) / n * 1000, 1)
 
 
 def run_level(url: str, images: list[bytes], concurrency: int, total: int) -> dict:
@@ -168,7 +185,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['batching']} | {r['max_batch_size']} | {r['concurrency']} | {r['requests']} | "
                      f"{r['req_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
     t = result["targets"]
-    lines += ["", "Targets: " + ", ".join(f"{k} = {v}" for k, v in t.items())]
+    lines += ["", "Targets: " + ", ".join(f"{k} = {v}" for k, v in t.items()),
+              "", "Feature stages alone in the benchmark process (no Serve, no HTTP), ms per image: "
+              + ", ".join(f"{k} = {v}" for k, v in result["features_in_process"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--batch-size", type=int, default=8, help="max_batch_size with batching on.")
-    p.add_argument("--wait", type=float, default=0.02, help="batch_wait_timeout_s.")
+    p.add_argument("--wait", type=float, default=None, help="batch_wait_timeout_s (default: the config's).")
     p.add_argument("--max-ongoing", type=int, default=64, help="max_ongoing_requests of Features.")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--set", action="append", help="Extra config override a.b.c=value.")
@@ -201,6 +220,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     cfg, images = prepare(args, work)
     echo(f"prepared {len(images)} images and a model ({args.backends} backends) in {time.perf_counter() - started:.0f} s")
+    in_process = {f"batch_{b}_ms_per_image": extractor_in_process(cfg, images, b) for b in (1, args.batch_size)}
+    echo(f"feature stages in this process (no HTTP): {in_process}")
     ensure_ray(RayConfig(log_to_driver=False))
     port = free_port()
     rows = []
@@ -217,10 +238,12 @@ def main(argv=None) -> int:
     result = {
         "meta": {"date": date.today().isoformat(), "cpus": os.cpu_count(), "machine": platform.machine(),
                  "backends": args.backends, "image_size": f"{width}x{height}", "warmup": args.warmup,
-                 "batch_wait_timeout_s": args.wait, "ocr_parallel": cfg.serve.features.ocr_parallel,
+                 "batch_wait_timeout_s": cfg.serve.batching.batch_wait_timeout_s,
+                 "ocr_parallel": cfg.serve.features.ocr_parallel,
                  "total_s": round(time.perf_counter() - started, 1),
                  "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "results": rows,
+        "features_in_process": in_process,
         "targets": targets(rows),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ class Features:
         self.source = "model" if recorded else "config"
         self.selection = selection
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # set from serve.batching in __init__
     async def extract(self, images: list) -> list[dict[str, Any]]:
         """One call per image; Serve hands this method the images of concurrent requests together."""
         extractor = self.extractor  # a swap during the batch does not mix two extractors
@@ -166,8 +166,8 @@ class Classifier:
             ref = resolve_model_ref(selection.model_uri, self.tracking_uri)
             if self.model is None or ref != self.model.ref:
                 model = load_model(ref, self.tracking_uri)
-                self.expected_key = features_key(serving_features(self.config.features, model.feature_settings))
-                self.model = model
+                key = features_key(serving_features(self.config.features, model.feature_settings))
+                self.model, self.expected_key = model, key
             self.swap_error = None
         except AseRayError as exc:
             if self.model is None:

@@ -53,7 +53,10 @@ class BatchingSettings(StrictModel):
     """``@serve.batch`` of the feature deployment: images from concurrent requests run as one batch."""
 
     max_batch_size: int = Field(8, ge=1, description="1 turns dynamic batching off.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="Longest wait for a batch to fill.")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="Longest wait for a batch to fill (a lone request waits this long; "
+        "closed-loop clients need roughly their round trip for batches to fill)."
+    )
 
 
 class BatchPredictSettings(StrictModel):

@@ -109,6 +109,8 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
 
 def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict:
     """Start Serve with the champion, answer one real HTTP prediction on ``image_path``, stop it."""
+    import mimetypes
+
     import httpx
     from ray import serve
 
@@ -119,7 +121,8 @@ def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict
     url = deploy(config)
     try:
         with open(image_path, "rb") as image:
-            response = httpx.post(f"{url}/predict", files={"file": (Path(image_path).name, image, "image/png")},
+            mime = mimetypes.guess_type(image_path)[0] or "application/octet-stream"
+            response = httpx.post(f"{url}/predict", files={"file": (Path(image_path).name, image, mime)},
                                   headers=_api_key_header(config), timeout=300)
     finally:
         serve.delete(config.serve.app_name)

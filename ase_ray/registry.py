@@ -63,6 +63,11 @@ def champion_uri(config: AppConfig, task: str | None = None) -> str:
     return f"models:/{name}@{config.registry.champion_alias}"
 
 
+def served_model_uri(config: AppConfig) -> str:
+    """What Serve and ``ase-ray predict`` load: ``serve.model_uri``, else the task's champion."""
+    return config.serve.model_uri or champion_uri(config)
+
+
 def resolve_champion_uri(config: AppConfig, task: str | None = None) -> str:
     """The champion's ``models:/`` URI; :class:`DataError` when no champion is registered yet."""
     if champion_version(config, task) is None:

@@ -3,9 +3,7 @@
 cluster and return (it keeps serving; `serve shutdown` or `serve deploy` with another config change
 it). The declarative alternative is `serve deploy configs/serve.yaml`."""
 
-import sys
-
-from ase_ray.cli import app
+from _entry import run_cli
 
 if __name__ == "__main__":
-    app(["serve", "--detach", *sys.argv[1:]])
+    run_cli("serve", "--detach")

@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ase_ray.config import AppConfig
 from ase_ray.errors import AseRayError, RequestError
+from ase_ray.registry import served_model_uri
 from ase_ray.serve import inputs
 from ase_ray.serve.schemas import (
     ERROR_RESPONSES,
@@ -291,7 +292,7 @@ class Ingress:
 def build_app(config: AppConfig, api_key_sha256: str | None = None):
     """The application for ``config`` (paths should be absolute: see ``deploy.serving_config``)."""
     s = config.serve
-    selection = ModelSelection(model_uri=s.resolved_model_uri(config.train.task),
+    selection = ModelSelection(model_uri=served_model_uri(config),
                                review_threshold=s.review_threshold).model_dump()
     body = config.model_dump(mode="json")
     features = Features.options(

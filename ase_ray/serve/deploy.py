@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from ase_ray.config import AppConfig, load_config, validate_config
 from ase_ray.config_base import StrictModel
 from ase_ray.errors import ConfigError, DataError
+from ase_ray.registry import served_model_uri
 
 IMPORT_PATH = "ase_ray.serve.app:app_builder"
 MODEL_DEPLOYMENTS = ("Features", "Classifier")  # the deployments whose user_config names the model
@@ -75,7 +76,7 @@ def model_selection(config: AppConfig, model_uri: str | None = None, review_thre
 
     s = config.serve
     return ModelSelection(
-        model_uri=model_uri or s.resolved_model_uri(config.train.task),
+        model_uri=model_uri or served_model_uri(config),
         review_threshold=s.review_threshold if review_threshold is None else review_threshold,
     ).model_dump()
 
@@ -110,7 +111,7 @@ def check_model(config: AppConfig, model_uri: str | None = None):
     from ase_ray.serve.predictor import resolve_model_ref
     from ase_ray.tracking import tracking_uri
 
-    return resolve_model_ref(model_uri or config.serve.resolved_model_uri(config.train.task), tracking_uri(config))
+    return resolve_model_ref(model_uri or served_model_uri(config), tracking_uri(config))
 
 
 def deploy(config: AppConfig, timeout_s: float = 600, api_key_sha256: str | None = None) -> str:

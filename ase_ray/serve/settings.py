@@ -6,17 +6,6 @@ from pydantic import Field, field_validator
 
 from ase_ray.config_base import StrictModel
 
-REGISTRY_PREFIX = "ase-ray-"
-DEFAULT_ALIAS = "champion"
-
-
-def default_model_uri(task: str) -> str:
-    """``models:/ase-ray-<task>@champion``: the registry's champion for the task.
-
-    The registered-model name follows the registry helper's ``model_name(task)``; switch to it when
-    both live on one branch."""
-    return f"models:/{REGISTRY_PREFIX}{task}@{DEFAULT_ALIAS}"
-
 
 class DeploymentSettings(StrictModel):
     """Replicas and resources of one Serve deployment."""
@@ -108,6 +97,3 @@ class ServeConfig(StrictModel):
         if not v:
             raise ValueError("allowed_formats must name at least one format")
         return [f.upper() for f in v]
-
-    def resolved_model_uri(self, task: str) -> str:
-        return self.model_uri or default_model_uri(task)

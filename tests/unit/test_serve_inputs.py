@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 from ase_ray.config import load_config
 from ase_ray.errors import RequestError
 from ase_ray.serve import inputs
-from ase_ray.serve.settings import default_model_uri
+from ase_ray.registry import served_model_uri
 
 LIMITS = inputs.Limits(max_upload_bytes=50_000, max_pixels=1_000_000, max_batch_images=3,
                        allowed_formats=("PNG", "JPEG"))
@@ -159,10 +159,10 @@ def test_api_key_check():
 def test_serve_config_defaults_and_model_uri():
     cfg = load_config()
     assert cfg.serve.host == "127.0.0.1" and cfg.serve.port == 8000 and cfg.serve.model_uri is None
-    assert cfg.serve.resolved_model_uri(cfg.train.task) == "models:/ase-ray-multiclass@champion"
-    assert default_model_uri("binary") == "models:/ase-ray-binary@champion"
+    assert served_model_uri(cfg) == "models:/ase-ray-multiclass@champion"
+    assert served_model_uri(load_config(overrides=["train.task=binary", "registry.prefix=acme"])) == "models:/acme-binary@champion"
     cfg = load_config(overrides=["serve.model_uri=runs:/abc/model", "serve.batching.max_batch_size=1"])
-    assert cfg.serve.resolved_model_uri("binary") == "runs:/abc/model" and cfg.serve.batching.max_batch_size == 1
+    assert served_model_uri(cfg) == "runs:/abc/model" and cfg.serve.batching.max_batch_size == 1
 
 
 def test_unterminated_multipart_is_malformed():

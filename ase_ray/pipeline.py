@@ -118,6 +118,7 @@ def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict
     from ase_ray.serve.deploy import deploy
 
     ensure_ray(config.ray)
+    release_leftover_placement_groups(echo)
     url = deploy(config)
     try:
         with open(image_path, "rb") as image:
@@ -135,6 +136,32 @@ def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict
     return {"url": url, "image": image_path, "prediction": {
         "label": body["label"], "confidence": body["confidence"], "needs_review": body["needs_review"],
         "model_name": model["name"], "model_version": model["version"], "latency_ms": body["latency_ms"]}}
+
+
+def release_leftover_placement_groups(echo=print, wait_s: float = 60.0) -> list[str]:
+    """Remove the placement groups this job still holds once training and tuning are over.
+
+    A Tune trial that ASHA stopped early can leave its Ray Train worker group's placement group
+    reserved (ray-project/ray#54305); on a small machine that keeps Serve's replicas from being
+    scheduled. Ray Train's own cleaner gets ``wait_s`` to release them first. Returns the ids removed."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+
+    def held() -> list[str]:
+        return [pg for pg, info in placement_group_table().items() if info["state"] == "CREATED" and pg.endswith(job)]
+
+    deadline = time.monotonic() + wait_s
+    while held() and time.monotonic() < deadline:
+        time.sleep(2)
+    left = held()
+    for pg in left:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    if left:
+        echo(f"serve: removed {len(left)} placement group(s) left reserved by finished training runs")
+    return left
 
 
 def _api_key_header(config: AppConfig) -> dict[str, str]:

@@ -41,6 +41,9 @@ def setup_mlflow(config: AppConfig, experiment: str | None = None):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(config))
+    # The registry too: mlflow.register_model uses the global registry URI, which an earlier
+    # set_registry_uri (a served model's store) would otherwise keep pointing elsewhere.
+    mlflow.set_registry_uri(tracking_uri(config))
     name = experiment or config.mlflow.experiment
     if mlflow.get_experiment_by_name(name) is None:
         location = f"{artifact_root(config)}/{name}" if _is_local_store(tracking_uri(config)) else None

@@ -96,7 +96,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     try:
-        result = trainer.fit()
+        result = _fit_and_release(trainer)
     except Exception:
         if run_id:
             _end_run(config, run_id, "FAILED")
@@ -116,6 +116,22 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}): val macro-F1 {metrics['val']['macro_f1']:.4f}, "
          f"test macro-F1 {metrics['test']['macro_f1']:.4f}")
     return FitResult(run_id, model_dir, metrics, classes, results_path)
+
+
+def _fit_and_release(trainer):
+    """``trainer.fit()``, then the SIGINT handler back as it was. Ray Train's handler keeps a reference
+    to the run's controller actor, which then outlives the run until this process exits (a pipeline
+    goes on to Tune and Serve in the same process)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _record_feature_settings(config: AppConfig, model_dir: Path) -> None:

@@ -8,6 +8,7 @@ champion and the Serve prediction in the report, and stops only the cluster it s
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -34,8 +35,14 @@ TINY_PIPELINE = [
 @pytest.fixture(scope="module")
 def ray_head():
     head = LocalRayHead(Path(tempfile.mkdtemp(prefix="ase-ray-head-", dir="/tmp"))).start()
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # the job client in this process talks to a token-auth head
     yield head
     head.stop()
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
 
 
 def _submit(head: LocalRayHead, *job_args: str) -> str:

@@ -115,3 +115,19 @@ def test_bad_search_space_fails_naming_the_key(tmp_path):
     assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "train.pfa.strid" in err and "stride" in err and str(space) in err
     assert not (tmp_path / "work" / "tune").exists()
+
+
+def test_placement_groups_left_by_training_are_released_before_serving(ray_session):
+    # A Tune trial stopped early can leave its Ray Train worker group reserved; the pipeline's serve
+    # stage removes what this job still holds so that Serve's replicas can be scheduled.
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from ase_ray.pipeline import release_leftover_placement_groups
+
+    leftover = placement_group([{"CPU": 0.5}])
+    ray_session.get(leftover.ready(), timeout=60)
+    messages = []
+    removed = release_leftover_placement_groups(messages.append, wait_s=0)
+    assert leftover.id.hex() in removed and "removed" in messages[0]
+    assert placement_group_table(leftover)["state"] == "REMOVED"
+    assert release_leftover_placement_groups(messages.append, wait_s=0) == []

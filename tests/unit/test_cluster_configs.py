@@ -88,3 +88,21 @@ def test_every_job_entry_runs_its_cli_command(job):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
+
+
+def test_setup_mlflow_points_the_registry_at_the_configured_store(tmp_path, monkeypatch):
+    # A served model sets the global registry URI; a later registration must not land in that store.
+    import mlflow
+
+    from ase_ray.tracking import setup_mlflow
+
+    monkeypatch.delenv("ASE_RAY_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'other.db'}")
+        config = load_config(overrides=[f"project.work_dir={tmp_path / 'w'}"])
+        setup_mlflow(config)
+        assert mlflow.get_registry_uri() == mlflow.get_tracking_uri() == tracking_uri(config)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])

@@ -94,7 +94,8 @@ def _actor_args(res: StageResources) -> dict[str, Any]:
     import ray
 
     return {
-        "compute": ray.data.ActorPoolStrategy(min_size=min(res.min_actors, res.actors), max_size=res.actors),
+        "compute": ray.data.ActorPoolStrategy(min_size=min(res.min_actors or res.actors, res.actors),
+                                              max_size=res.actors),
         "batch_size": res.batch_size,
         "num_cpus": res.num_cpus,
         "num_gpus": res.num_gpus,

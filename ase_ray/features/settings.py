@@ -24,7 +24,10 @@ class StageResources(StrictModel):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     actors: int = Field(1, ge=1, description="Actor pool size (max) for model stages.")
-    min_actors: int = Field(1, ge=1)
+    min_actors: int | None = Field(
+        None, ge=1, description="Actors started at once; None: all of ``actors`` (a fixed pool: on a small "
+        "machine a second actor started later spends the run loading its model). Lower on an autoscaling cluster."
+    )
     batch_size: int = Field(8, ge=1)
 
 

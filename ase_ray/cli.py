@@ -355,6 +355,7 @@ def register_cmd(
     registration = register_run(_config(config, set_), run_id, task, store, force, echo=typer.echo)
     typer.echo(f"model: {registration.uri}")
 
+
 # ------------------------------------------------------------------------------- serve / predict
 ModelUriOpt = Annotated[
     Optional[str],

@@ -141,9 +141,9 @@ def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict
 def release_leftover_placement_groups(echo=print, wait_s: float = 60.0) -> list[str]:
     """Remove the placement groups this job still holds once training and tuning are over.
 
-    A Tune trial that ASHA stopped early can leave its Ray Train worker group's placement group
-    reserved (ray-project/ray#54305); on a small machine that keeps Serve's replicas from being
-    scheduled. Ray Train's own cleaner gets ``wait_s`` to release them first. Returns the ids removed."""
+    A Ray Train run whose controller actor is still referenced, or a Tune trial that ASHA stopped
+    early (ray-project/ray#54305), can leave its worker group's placement group reserved; on a small
+    machine that keeps Serve's replicas from being scheduled. Ray Train's own cleaner gets ``wait_s`` to release them first. Returns the ids removed."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group

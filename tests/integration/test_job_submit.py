@@ -89,7 +89,7 @@ def test_pipeline_job_on_a_local_ray_head(ray_head, tmp_path):
     assert prediction["label"] in report["dataset"]["counts"]["train"]
     assert prediction["model_version"] == report["champion"]["version"]
 
-    client = MlflowClient(tracking)
+    client = MlflowClient(tracking, registry_uri=tracking)  # not the registry an earlier test set globally
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     stages = [run.data.tags.get("ase_ray.stage") for run in runs]
     assert {"features", "train", "tune", "tune_trial"} <= set(stages)

@@ -80,7 +80,7 @@ def test_worse_search_leaves_the_champion_where_it_was(first):
     assert worse.best.metric < result.best.metric
     assert worse.registration.alias == "challenger" and not worse.registration.champion
     assert "does not beat" in worse.registration.reason and "same validation data" in worse.registration.reason
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))
     assert champion_version(cfg).version == before.version
     challenger = client.get_model_version_by_alias("ase-ray-multiclass", "challenger")
     assert challenger.run_id == worse.best.run_id

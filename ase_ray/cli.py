@@ -267,16 +267,27 @@ def features_cmd(
 @app.command("train")
 @user_errors
 def train_cmd(
+    run: Annotated[Optional[str], typer.Argument(
+        help="With --resume: the run to continue (its name or MLflow run id; default: the latest).",
+        show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run from its latest checkpoint "
+                                         "instead of starting a new one: `--resume [RUN]`.")] = False,
     store: Annotated[Optional[Path], typer.Option(help="Feature store (default: train.store_dir).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
-    """Train PFA/CMAF (or a baseline) on Ray Train with DDP or DeepSpeed; log it to MLflow."""
+    """Train PFA/CMAF (or a baseline) on Ray Train with DDP or DeepSpeed; log it to MLflow.
+
+    Every invocation is a new run; `--resume [RUN]` continues one with its own settings."""
+    from ase_ray.errors import ConfigError
     from ase_ray.train.fit import fit
 
+    if run is not None and not resume:
+        raise ConfigError(f"unexpected argument {run!r}: to continue a run, use `ase-ray train --resume {run}`")
     extra = [f"train.store_dir={store}"] if store is not None else []
-    result = fit(_config(config, set_, extra), echo=typer.echo)
-    typer.echo(f"model: {result.model_dir}\nrun: {result.run_id}\nresults: {result.results_path}")
+    result = fit(_config(config, set_, extra), echo=typer.echo, resume=(run or True) if resume else False)
+    typer.echo(f"model: {result.model_dir} (epoch {result.best['epoch']})\nrun: {result.run_id}\n"
+               f"train run: {result.train_run}\nresults: {result.results_path}")
 
 
 @app.command("evaluate")

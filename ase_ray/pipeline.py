@@ -65,8 +65,8 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
         started = time.perf_counter()
         trained = fit(config, echo=echo)
         report["stages"]["train"] = _timed(
-            started, run_id=trained.run_id, model_dir=str(trained.model_dir),
-            val_macro_f1=trained.metrics["val"]["macro_f1"], test_macro_f1=trained.metrics["test"]["macro_f1"],
+            started, run_id=trained.run_id, train_run=trained.train_run, model_dir=str(trained.model_dir),
+            best_epoch=trained.best["epoch"], val_macro_f1=trained.metrics["val"]["macro_f1"], test_macro_f1=trained.metrics["test"]["macro_f1"],
         )
         if config.pipeline.register_train and trained.run_id:
             from ase_ray.registry import register_run

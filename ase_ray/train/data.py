@@ -25,6 +25,7 @@ from ase_ray.features.stages import TEXT_SOURCES
 from ase_ray.features.store import Store, load_store, stack
 
 LABEL_KEY = "label_idx"
+ROW_KEY = "row_index"  # the row's place in its split: workers put rows back in order and take their share
 
 
 def model_columns() -> list[str]:
@@ -118,15 +119,22 @@ def to_ray_dataset(arrays: Arrays):
     import ray
     from ray.data.extensions import TensorArray
 
-    columns = {**arrays.features, LABEL_KEY: arrays.labels}
+    columns = {**arrays.features, LABEL_KEY: arrays.labels, ROW_KEY: np.arange(len(arrays), dtype=np.int64)}
     frame = pd.DataFrame({k: (TensorArray(v) if v.ndim > 1 else v) for k, v in columns.items()})
     return ray.data.from_pandas(chunks(frame, max(1, math.ceil(len(frame) / 8))))
 
 
-def collect_shard(shard) -> dict[str, np.ndarray]:
-    """All rows of a Ray Data shard as numpy arrays (the store is small; workers hold it in memory)."""
+def collect_shard(shard, rank: int = 0, world_size: int = 1) -> dict[str, np.ndarray]:
+    """Rows ``rank::world_size`` of a dataset, in the split's order, as numpy arrays (the store is small;
+    workers hold it in memory). Every worker reads the whole dataset and takes its own share, so that
+    which rows a rank trains on never depends on how Ray Data's streaming happened to hand out blocks:
+    a resumed run sees the data an uninterrupted one saw."""
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
         for key, value in batch.items():
             parts.setdefault(key, []).append(np.asarray(value))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    if ROW_KEY not in arrays:
+        return arrays
+    order = np.argsort(arrays.pop(ROW_KEY), kind="stable")[rank::world_size]
+    return {k: v[order] for k, v in arrays.items()}

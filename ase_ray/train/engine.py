@@ -1,12 +1,15 @@
-"""Two training engines behind one interface: plain torch (DDP under Ray Train) and DeepSpeed.
+"""Two training engines behind one interface: plain torch (DDP when a process group is up) and DeepSpeed.
 
-An engine owns the wrapped model and the optimizer, takes a loss through ``backward_step``, and saves
-/ restores its full training state into a checkpoint folder.
+An engine owns the wrapped model and the optimizer, takes a loss through ``backward_step``, saves /
+restores its full training state into a checkpoint folder, and hands out the fp32 weights (what is
+validated, exported and served, whatever precision it trains in). Plain torch only: no Ray here, so
+the loop runs the same under Ray Train, under a hand-made process group and in a bare process.
 """
 
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +22,45 @@ TORCH_STATE = "train_state.pt"
 DEEPSPEED_TAG = "deepspeed"
 
 
+def respect_omp_thread_limit() -> int:
+    """Cap torch's intra-op threads at ``OMP_THREAD_LIMIT``. With more torch threads than OpenMP lets
+    run, bf16 matrix products on the CPU come back partly uncomputed (garbage, NaN) while fp32 ones are
+    right (torch 2.13, seen here with OMP_THREAD_LIMIT=1, which the project sets for tesseract)."""
+    import os
+
+    limit = os.environ.get("OMP_THREAD_LIMIT", "")
+    if limit.isdigit() and 0 < int(limit) < torch.get_num_threads():
+        torch.set_num_threads(int(limit))
+    return torch.get_num_threads()
+
+
+def process_group_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 class TorchEngine:
-    """AdamW on a plain module; under Ray Train with several workers the module is wrapped in DDP."""
+    """AdamW on a plain module on ``device``; wrapped in DDP when a process group is up. bf16 autocast
+    around the forward pass when ``train.autocast`` is bf16 (the weights stay fp32)."""
 
-    float_dtype = torch.float32
-
-    def __init__(self, module: nn.Module, cfg: TrainConfig, distributed: bool):
+    def __init__(self, module: nn.Module, cfg: TrainConfig, device: torch.device):
         self.cfg = cfg
-        self.module = module
-        if distributed:
-            import ray.train.torch
-
-            self.model = ray.train.torch.prepare_model(module)
+        self.module = module.to(device)
+        self.device = device
+        if process_group_up():
+            ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         else:
-            self.model = module
+            self.model = self.module
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.float_dtype = torch.float32  # inputs; autocast picks the compute dtype per op
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+    def autocast(self):
+        if self.cfg.autocast == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def backward_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -56,8 +79,9 @@ class TorchEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float() if v.is_floating_point() else v.detach()
+                for k, v in self.module.state_dict().items()}
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -75,7 +99,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class DeepSpeedEngine:
-    """DeepSpeed over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
+    """DeepSpeed over the process group that is up (gloo on CPU, NCCL on GPU)."""
 
     def __init__(self, module: nn.Module, cfg: TrainConfig):
         # The CPU shared-memory comm op is only used for inference all-reduce; building it JIT-compiles
@@ -95,6 +119,9 @@ class DeepSpeedEngine:
     def device(self) -> torch.device:
         return self.model.device
 
+    def autocast(self):
+        return nullcontext()  # DeepSpeed casts the model itself (deepspeed.precision)
+
     def backward_step(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)
         self.model.step()
@@ -107,15 +134,29 @@ class DeepSpeedEngine:
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.cfg.deepspeed.zero_stage == 3:  # parameters are partitioned: gather (collective)
-            return self.model._zero3_consolidated_16bit_state_dict()
-        return self.module.state_dict()
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """The optimizer's fp32 master weights (not the bf16/fp16 copy the model computes with),
+        gathered with DeepSpeed's own API: a collective, every rank calls it. In fp32 without ZeRO-3
+        the module's weights are those master weights."""
+        if self.cfg.deepspeed.precision == "fp32" and self.cfg.deepspeed.zero_stage < 3:
+            return {k: v.detach().float() if v.is_floating_point() else v.detach()
+                    for k, v in self.module.state_dict().items()}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = {name: safe_get_full_fp32_param(p) for name, p in self.module.named_parameters()}
+        missing = [name for name, value in params.items() if value is None]
+        if missing:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master copy of {missing[:3]}")
+        state = {name: value.detach().float().cpu() for name, value in params.items()}
+        for name, buffer in self.module.named_buffers():
+            state[name] = buffer.detach().float().cpu() if buffer.is_floating_point() else buffer.detach().cpu()
+        return state
 
 
-def make_engine(module: nn.Module, cfg: TrainConfig, distributed: bool):
+def make_engine(module: nn.Module, cfg: TrainConfig, device: torch.device | str = "cpu"):
+    respect_omp_thread_limit()
     if cfg.strategy == "deepspeed":
-        if not distributed:
-            raise ValueError("the deepspeed strategy runs under Ray Train (or with RANK/WORLD_SIZE set)")
+        if not process_group_up():
+            raise ValueError("the deepspeed strategy needs a process group (Ray Train, or RANK/WORLD_SIZE set)")
         return DeepSpeedEngine(module, cfg)
-    return TorchEngine(module, cfg, distributed)
+    return TorchEngine(module, cfg, torch.device(device))

@@ -17,8 +17,6 @@ from ase_ray.train.data import Arrays, load_task_arrays, split_fingerprint, to_r
 from ase_ray.train.loop import MODEL_DIR, predict_proba, train_loop_per_worker
 from ase_ray.train.metrics import classification_metrics, confusion_figure, flat_metrics, report_text
 
-RUN_ID_FILE = "mlflow_run_id.txt"
-
 
 @dataclass
 class FitResult:
@@ -27,6 +25,8 @@ class FitResult:
     metrics: dict[str, Any]  # {"val": {...}, "test": {...}}
     classes: list[str]
     results_path: Path
+    train_run: str = ""  # Ray Train's run name (resume it with `ase-ray train --resume <name>`)
+    best: dict[str, Any] | None = None  # the exported epoch and the rule that chose it
 
 
 def store_dir(config: AppConfig) -> Path:
@@ -44,33 +44,37 @@ def storage_path(config: AppConfig) -> str:
     return storage_location(config, "ray_results")
 
 
-def run_marker_dir(config: AppConfig) -> Path:
-    """Local bookkeeping of one Ray Train run (storage + name): the MLflow run that a resumed
-    attempt continues. Kept in work_dir because the storage may be a URI."""
-    import hashlib
-
-    storage = hashlib.sha256(storage_path(config).encode()).hexdigest()[:12]
-    return Path(config.project.work_dir).resolve() / "runs" / storage / config.train.run_name
-
-
 def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None, callbacks: list | None = None) -> FitResult:
-    """Train ``config.train`` on the feature store; returns the model folder and val/test metrics.
+        parent_run_id: str | None = None, callbacks: list | None = None, resume: bool | str = False,
+        run_name: str | None = None) -> FitResult:
+    """Train ``config.train`` on the feature store; returns the best epoch's model folder and its val/test
+    metrics. Every call is a new run (its own Ray Train run and MLflow run) unless ``resume`` names one
+    (True: the latest) to continue, see :mod:`ase_ray.train.runs`.
 
-    ``callbacks``: Ray Train ``UserCallback``s for the trainer (a Tune trial passes ``TuneReportCallback``
-    so that every epoch's metrics reach the scheduler)."""
+    ``run_name``: a fixed Ray Train run name (a Tune trial), continued when it exists. ``callbacks``: Ray
+    Train ``UserCallback``s for the trainer (a Tune trial passes one so that every epoch reaches the
+    scheduler)."""
     from ase_ray.ray_env import ensure_ray
+    from ase_ray.train.runs import check_same_data, plan_run, write_record
 
+    plan = plan_run(config, storage_path(config), resume, run_name)
+    config = plan.config
     cfg = config.train
     splits, classes = load_task_arrays(store_dir(config), cfg.task, cfg.use_augmented)
     if len(splits["train"]) < cfg.num_workers:
         raise DataError(f"{len(splits['train'])} training rows cannot feed {cfg.num_workers} workers")
+    data = {"store_dir": str(store_dir(config).resolve()), "classes": classes,
+            "train_rows": len(splits["train"]), "val_fingerprint": split_fingerprint(splits["val"], classes)}
+    check_same_data(plan, data)
+    if plan.resuming:
+        echo(f"resuming run {plan.name} (its latest checkpoint)")
     ensure_ray(config.ray)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    run_tags = {**(tags or {}), VAL_FINGERPRINT_TAG: split_fingerprint(splits["val"], classes),
-                "ase_ray.val_rows": str(len(splits["val"]))}
-    run_id = _open_run(config, run_marker_dir(config), run_tags, parent_run_id) if track else None
+    run_tags = {**(tags or {}), VAL_FINGERPRINT_TAG: data["val_fingerprint"],
+                "ase_ray.val_rows": str(len(splits["val"])), "ase_ray.train_run": plan.name}
+    run_id = _open_run(config, plan, run_tags, parent_run_id) if track else None
+    write_record(plan, run_id, data)
     from ase_ray.tracking import tracking_uri
 
     trainer = TorchTrainer(
@@ -86,14 +90,14 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=RunConfig(
-            name=cfg.run_name,
+            name=plan.name,
             storage_path=storage_path(config),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
         datasets={"train": to_ray_dataset(splits["train"]), "val": to_ray_dataset(splits["val"])},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker takes its rows (collect_shard)
     )
     try:
         result = _fit_and_release(trainer)
@@ -103,19 +107,29 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         raise
     if result.checkpoint is None:
         raise DataError("training finished without a checkpoint")
-    model_dir = Path(config.project.work_dir).resolve() / "models" / (run_id or cfg.run_name)
+    model_dir = Path(config.project.work_dir).resolve() / "models" / (run_id or plan.name)
     with result.checkpoint.as_directory() as ckpt:
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.copytree(Path(ckpt) / MODEL_DIR, model_dir)
+        best = _best_record(Path(ckpt), len(splits["val"]))
     _record_feature_settings(config, model_dir)
     metrics = evaluate_model_dir(model_dir, splits, classes)
-    results_path = _write_results(config, run_id, model_dir, metrics, classes)
+    results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best)
     if run_id:
-        _log_final(config, run_id, model_dir, metrics, splits, results_path)
-    echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}): val macro-F1 {metrics['val']['macro_f1']:.4f}, "
-         f"test macro-F1 {metrics['test']['macro_f1']:.4f}")
-    return FitResult(run_id, model_dir, metrics, classes, results_path)
+        _log_final(config, run_id, model_dir, metrics, splits, results_path, best)
+    echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}), best epoch {best['epoch']}: val macro-F1 "
+         f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}")
+    return FitResult(run_id, model_dir, metrics, classes, results_path, plan.name, best)
+
+
+def _best_record(checkpoint_dir: Path, val_rows: int) -> dict[str, Any]:
+    """Which epoch the exported model is, and by which rule (BEST_RULE)."""
+    from ase_ray.train.loop import BEST_RULE, read_loop_state
+
+    next_epoch, best = read_loop_state(checkpoint_dir)
+    return {"epoch": best.epoch, "epochs_trained": next_epoch, "val_macro_f1": best.val_macro_f1,
+            "val_log_loss": best.val_log_loss, "rule": BEST_RULE if val_rows else "last epoch (no validation rows)"}
 
 
 def _fit_and_release(trainer):
@@ -156,24 +170,20 @@ def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list
     return out
 
 
-def _open_run(config: AppConfig, run_dir: Path, tags: dict[str, str] | None, parent_run_id: str | None) -> str:
-    """A new MLflow run, or the one a previous attempt of this Ray Train run opened (resume)."""
+def _open_run(config: AppConfig, plan, tags: dict[str, str] | None, parent_run_id: str | None) -> str:
+    """A new MLflow run, or the one that the resumed run logs into."""
     from ase_ray.tracking import config_params, setup_mlflow
 
     mlflow = setup_mlflow(config)
-    marker = run_dir / RUN_ID_FILE
-    if marker.is_file():
-        run_id = marker.read_text().strip()
-        mlflow.tracking.MlflowClient().update_run(run_id, status="RUNNING")
-        return run_id
+    if plan.mlflow_run_id:
+        mlflow.tracking.MlflowClient().update_run(plan.mlflow_run_id, status="RUNNING")
+        return plan.mlflow_run_id
     run_tags = {"ase_ray.stage": "train", **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=config.train.run_name, tags=run_tags) as run:
+    with mlflow.start_run(run_name=plan.name, tags=run_tags) as run:
         mlflow.log_params(config_params(config, ("train", "data", "features", "project")))
     mlflow.tracking.MlflowClient().update_run(run.info.run_id, status="RUNNING")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run.info.run_id)
     return run.info.run_id
 
 
@@ -183,16 +193,16 @@ def _end_run(config: AppConfig, run_id: str, status: str) -> None:
     setup_mlflow(config).tracking.MlflowClient().set_terminated(run_id, status)
 
 
-def _write_results(config, run_id, model_dir, metrics, classes) -> Path:
-    out = Path(config.project.work_dir).resolve() / "results" / f"train_{run_id or config.train.run_name}.json"
+def _write_results(config, run_id, train_run, model_dir, metrics, classes, best) -> Path:
+    out = Path(config.project.work_dir).resolve() / "results" / f"train_{run_id or train_run}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run_id": run_id, "model_dir": str(model_dir), "classes": classes,
-                               "task": config.train.task, "kind": config.train.model.kind,
-                               "metrics": metrics}, indent=2))
+    out.write_text(json.dumps({"run_id": run_id, "train_run": train_run, "model_dir": str(model_dir),
+                               "classes": classes, "task": config.train.task, "kind": config.train.model.kind,
+                               "best_epoch": best, "metrics": metrics}, indent=2))
     return out
 
 
-def _log_final(config, run_id, model_dir, metrics, splits, results_path) -> None:
+def _log_final(config, run_id, model_dir, metrics, splits, results_path, best) -> None:
     import matplotlib.pyplot as plt
 
     from ase_ray.serving_model import log_pyfunc_model
@@ -200,6 +210,8 @@ def _log_final(config, run_id, model_dir, metrics, splits, results_path) -> None
 
     mlflow = setup_mlflow(config)
     with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"best_epoch": float(best["epoch"]), "epochs_trained": float(best["epochs_trained"])})
+        mlflow.set_tags({"ase_ray.best_epoch": str(best["epoch"]), "ase_ray.best_rule": best["rule"]})
         for split in ("val", "test"):
             mlflow.log_metrics(flat_metrics(metrics[split], f"final_{split}_"))
             mlflow.log_text(report_text(metrics[split]), f"classification_report_{split}.txt")

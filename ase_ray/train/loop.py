@@ -8,6 +8,14 @@ Progressive Feature Alignment (PFA), as run here, epoch by epoch:
    ``select_subset`` keeps the most similar (``easy_first``) or least similar (``hard_first``).
 3. The epoch trains on that subset, shuffled, with cross-entropy + ``align_weight`` x class-aware
    InfoNCE. With PFA disabled every epoch uses the whole set and cross-entropy only.
+
+After every epoch the engine's fp32 weights (DeepSpeed's master copy under bf16) are scored on the
+validation rows in fp32, the precision of the final scoring, and the best epoch is kept (``Best``).
+Every epoch's checkpoint holds what a resume needs to continue exactly as an uninterrupted run: the
+engine's state, each rank's random states, the epoch and the best epoch so far, and ``model/``, the
+best epoch's fp32 export (what is logged, registered and served).
+
+The loop is plain torch (no Ray): it runs on CUDA under a hand-made process group too.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,14 +44,36 @@ from ase_ray.train.metrics import classification_metrics, flat_metrics
 from ase_ray.train.settings import TrainConfig
 
 MODEL_DIR = "model"
-EPOCH_FILE = "epoch.json"
+LOOP_STATE_FILE = "loop_state.json"
 EVAL_BATCH = 64
+BEST_RULE = ("highest val macro-F1; a tie goes to the lower val log-loss, then to the earlier epoch; "
+             "with no validation rows, the last epoch")
+
+
+@dataclass
+class Best:
+    """The epoch whose model is kept. ``val_macro_f1`` is None when there are no validation rows."""
+
+    epoch: int
+    val_macro_f1: float | None = None
+    val_log_loss: float | None = None
+
+    def beaten_by(self, other: "Best") -> bool:
+        if other.val_macro_f1 is None or self.val_macro_f1 is None:
+            return True  # no validation: the later epoch
+        if not math.isclose(other.val_macro_f1, self.val_macro_f1, rel_tol=0, abs_tol=1e-12):
+            return other.val_macro_f1 > self.val_macro_f1
+        if not math.isclose(other.val_log_loss, self.val_log_loss, rel_tol=0, abs_tol=1e-12):
+            return other.val_log_loss < self.val_log_loss
+        return False  # a full tie keeps the earlier epoch
 
 
 @dataclass
 class LoopResult:
-    module: torch.nn.Module
+    module: torch.nn.Module  # the last epoch's (training) module
     history: list[dict[str, float]] = field(default_factory=list)
+    best: Best | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's fp32 weights (rank 0)
 
 
 def to_tensors(arrays: dict[str, np.ndarray], index: np.ndarray, device, float_dtype) -> dict[str, torch.Tensor]:
@@ -74,6 +104,10 @@ def predict_proba(module: torch.nn.Module, features: dict[str, np.ndarray], devi
     return np.concatenate(chunks) if chunks else np.zeros((0, getattr(module, "num_classes", 0)), np.float32)
 
 
+def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + 1e-12)))
+
+
 def run_epochs(
     train: dict[str, np.ndarray],
     val: dict[str, np.ndarray],
@@ -81,47 +115,67 @@ def run_epochs(
     classes: list[str],
     *,
     rank: int = 0,
-    distributed: bool = False,
+    device: torch.device | str = "cpu",
     restored_dir: Path | None = None,
     report: Callable[[dict[str, float], Path | None], None] | None = None,
     common_size: Callable[[int], int] = lambda n: n,
 ) -> LoopResult:
-    """Train for ``cfg.epochs`` epochs (from the restored epoch + 1 when resuming)."""
+    """Train for ``cfg.epochs`` epochs (from the restored epoch + 1 when resuming). Every rank calls
+    it; with a process group up the engine wraps the model for it (DDP or DeepSpeed)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     labels = train[LABEL_KEY]
     n_local = len(labels)
     dims = dims_from_batch(to_tensors(train, np.arange(1), "cpu", torch.float32), cfg.model.text_sources)
     module = build_model(cfg.model, dims, len(classes), cfg.pfa)
-    engine = make_engine(module, cfg, distributed)
+    engine = make_engine(module, cfg, device)
+    with torch.random.fork_rng(devices=[]):  # the scoring copy must not move the training RNG
+        scorer = build_model(cfg.model, dims, len(classes), cfg.pfa).to(engine.device).eval()
     pfa = cfg.pfa if cfg.pfa.enabled else None
+    rng = np.random.default_rng(cfg.seed * 1000 + rank)
+    result = LoopResult(engine.module)
     start_epoch = 0
     if restored_dir is not None:
         engine.load(restored_dir)
-        start_epoch = json.loads((restored_dir / EPOCH_FILE).read_text())["epoch"] + 1
+        start_epoch, result.best = read_loop_state(restored_dir)
+        if rank == 0:
+            result.best_state = load_model(restored_dir / MODEL_DIR)[0].state_dict()
+        restore_random_states(restored_dir, rank, rng, engine.device)  # last: building models draws from it
     n_common = common_size(n_local)  # every rank must take the same number of steps
     sizes = (
         progressive_schedule(n_common, cfg.pfa.first_fraction, cfg.pfa.stride, cfg.pfa.epochs_per_stage, cfg.epochs)
         if pfa else [n_common] * cfg.epochs
     )
-    rng = np.random.default_rng(cfg.seed * 1000 + rank)
-    result = LoopResult(engine.module)
     for epoch in range(start_epoch, cfg.epochs):
         _maybe_inject_fault(cfg, epoch, rank, start_epoch)
         started = time.perf_counter()
         subset = _epoch_subset(engine, train, sizes[epoch], n_local, pfa, cfg, rng)
         parts = _train_epoch(engine, train, subset, cfg, pfa, rng)
-        metrics = {"epoch": float(epoch), "subset_size": float(len(subset)), **parts,
-                   "epoch_seconds": time.perf_counter() - started}
-        if len(val.get(LABEL_KEY, [])):
-            probs = predict_proba(engine.module, val, engine.device, engine.float_dtype)
-            scores = classification_metrics(val[LABEL_KEY], probs.argmax(1), classes)
-            metrics.update(flat_metrics(scores, "val_"))
+        metrics = {"epoch": float(epoch), "subset_size": float(len(subset)), **parts}
+        state = engine.fp32_state_dict()  # a collective under DeepSpeed: every rank
+        if rank == 0:
+            scorer.load_state_dict(state)
+            candidate = _score(scorer, val, classes, engine.device, epoch, metrics)
+            if result.best is None or result.best.beaten_by(candidate):
+                result.best = candidate
+                result.best_state = {k: v.detach().cpu().clone() for k, v in state.items()}
+            metrics["best_epoch"] = float(result.best.epoch)
+        metrics["epoch_seconds"] = time.perf_counter() - started
         result.history.append(metrics)
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(engine, Path(tmp), epoch, rank, cfg, dims, classes)
+                save_checkpoint(engine, Path(tmp), epoch, rank, rng, cfg, dims, classes, result)
                 report(metrics, Path(tmp))
     return result
+
+
+def _score(scorer, val, classes, device, epoch: int, metrics: dict[str, float]) -> Best:
+    """Validation of the fp32 weights in fp32; adds val_* to ``metrics``."""
+    if not len(val.get(LABEL_KEY, [])):
+        return Best(epoch)
+    probs = predict_proba(scorer, val, device, torch.float32)
+    metrics.update(flat_metrics(classification_metrics(val[LABEL_KEY], probs.argmax(1), classes), "val_"))
+    metrics["val_log_loss"] = log_loss(val[LABEL_KEY], probs)
+    return Best(epoch, metrics["val_macro_f1"], metrics["val_log_loss"])
 
 
 def _maybe_inject_fault(cfg: TrainConfig, epoch: int, rank: int, start_epoch: int) -> None:
@@ -134,10 +188,11 @@ def _epoch_subset(engine, train, size, n_local, pfa, cfg, rng) -> np.ndarray:
     if pfa is None or size >= n_local:
         return rng.permutation(n_local)[:size]
     similarity = []
-    for start in range(0, n_local, EVAL_BATCH):
-        index = np.arange(start, min(n_local, start + EVAL_BATCH))
-        batch = to_tensors(train, index, engine.device, engine.float_dtype)
-        similarity.append(self_similarity(engine.module, batch).float().cpu().numpy())
+    with torch.no_grad(), engine.autocast():
+        for start in range(0, n_local, EVAL_BATCH):
+            index = np.arange(start, min(n_local, start + EVAL_BATCH))
+            batch = to_tensors(train, index, engine.device, engine.float_dtype)
+            similarity.append(self_similarity(engine.module, batch).float().cpu().numpy())
     return select_subset(np.concatenate(similarity), size, cfg.pfa.ordering)
 
 
@@ -150,67 +205,115 @@ def _train_epoch(engine, train, subset, cfg, pfa, rng) -> dict[str, float]:
         index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         batch = to_tensors(train, index, engine.device, engine.float_dtype)
         labels = torch.from_numpy(train[LABEL_KEY][index]).to(engine.device)
-        loss, parts = compute_loss(engine.model(batch), labels, pfa)
+        with engine.autocast():
+            outputs = engine.model(batch)
+        loss, parts = compute_loss(outputs, labels, pfa)
         engine.backward_step(loss)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value
     return {f"train_{k}": v / max(1, steps) for k, v in totals.items()}
 
 
-def save_checkpoint(engine, directory: Path, epoch: int, rank: int, cfg: TrainConfig, dims, classes) -> None:
-    """The engine's full state (to resume) plus ``model/`` in the portable save format (to serve)."""
+# ------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(engine, directory: Path, epoch: int, rank: int, rng: np.random.Generator,
+                    cfg: TrainConfig, dims, classes, result: LoopResult) -> None:
+    """Every rank: the engine's state (to resume) and its own random states. Rank 0 also: the loop's
+    state (epoch, best epoch) and ``model/``, the best epoch's fp32 export (to serve)."""
     engine.save(directory, rank)
-    state = engine.full_state_dict()  # a collective under ZeRO-3: every rank calls it
+    save_random_states(directory, rank, rng, engine.device)
     if rank == 0:
-        export = build_model(cfg.model, dims, len(classes), cfg.pfa)
-        export.load_state_dict({k: v.float() for k, v in state.items()})
+        with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+            export = build_model(cfg.model, dims, len(classes), cfg.pfa)
+        export.load_state_dict(result.best_state)
         save_model(export, directory / MODEL_DIR, cfg.model, dims, classes,
-                   extra={"task": cfg.task, "epoch": epoch, "strategy": cfg.strategy})
-        (directory / EPOCH_FILE).write_text(json.dumps({"epoch": epoch}))
+                   extra={"task": cfg.task, "epoch": result.best.epoch, "last_epoch": epoch,
+                          "selection": BEST_RULE, "strategy": cfg.strategy,
+                          "training_precision": _training_precision(cfg)})
+        (directory / LOOP_STATE_FILE).write_text(json.dumps({"epoch": epoch, "best": asdict(result.best)}))
+
+
+def _training_precision(cfg: TrainConfig) -> str:
+    return cfg.deepspeed.precision if cfg.strategy == "deepspeed" else (
+        "bf16 autocast" if cfg.autocast == "bf16" else "fp32")
+
+
+def read_loop_state(directory: Path) -> tuple[int, Best]:
+    """(the epoch to start from, the best epoch so far) of a checkpoint."""
+    state = json.loads((directory / LOOP_STATE_FILE).read_text())
+    return state["epoch"] + 1, Best(**state["best"])
+
+
+def save_random_states(directory: Path, rank: int, rng: np.random.Generator, device: torch.device) -> None:
+    states = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save({"torch": states["torch"], **({"cuda": states["cuda"]} if "cuda" in states else {})},
+               directory / f"rng_rank{rank}.pt")
+    (directory / f"rng_rank{rank}.json").write_text(json.dumps(states["numpy"]))
+
+
+def restore_random_states(directory: Path, rank: int, rng: np.random.Generator, device: torch.device) -> None:
+    path = directory / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        raise RuntimeError(f"the checkpoint has no random state for rank {rank}: was it written with another "
+                           "number of workers?")
+    states = torch.load(path, weights_only=True)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    rng.bit_generator.state = json.loads((directory / f"rng_rank{rank}.json").read_text())
+
+
+def smallest_across_ranks(n: int, device: torch.device | str) -> int:
+    """The smallest ``n`` over all ranks (every rank must take the same number of steps). The tensor
+    lives on the backend's device: NCCL only reduces CUDA tensors."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return n
+    value = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     import ray.train
-    import torch.distributed as dist
+    import ray.train.torch
 
     cfg = TrainConfig.model_validate(loop_config["train"])
     classes = loop_config["classes"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()  # cuda:<local rank> with use_gpu, else cpu
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.set_num_threads(loop_config.get("threads", 1))
-    train = _collect(ray.train.get_dataset_shard("train"))
-    val = _collect(ray.train.get_dataset_shard("val"))
+    world = ray.train.get_context().get_world_size()
+    train = _collect(ray.train.get_dataset_shard("train"), rank, world)
+    val = _collect(ray.train.get_dataset_shard("val"), 0, 1) if rank == 0 else {}
     logger = _EpochLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
-
-    def common_size(n: int) -> int:
-        if not dist.is_available() or not dist.is_initialized():
-            return n
-        value = torch.tensor([n], dtype=torch.long)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return int(value.item())
 
     def report(metrics: dict[str, float], directory: Path | None) -> None:
         if logger is not None:
             logger.log(metrics)
-        with_checkpoint = directory is not None and (rank == 0 or cfg.strategy == "deepspeed")
-        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if with_checkpoint else None
+        # Every rank's files (its random states, its DeepSpeed shard) land in the one checkpoint.
+        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
     restored = ray.train.get_checkpoint()
     with (restored.as_directory() if restored else nullcontext(None)) as restored_dir:
-        run_epochs(train, val, cfg, classes, rank=rank, distributed=True,
+        run_epochs(train, val, cfg, classes, rank=rank, device=device,
                    restored_dir=Path(restored_dir) if restored_dir else None,
-                   report=report, common_size=common_size)
+                   report=report, common_size=lambda n: smallest_across_ranks(n, device))
 
 
-def _collect(shard) -> dict[str, np.ndarray]:
+def _collect(shard, rank: int, world_size: int) -> dict[str, np.ndarray]:
     import ray.data
 
     from ase_ray.train.data import collect_shard
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch per worker is noise
-    return collect_shard(shard) if shard is not None else {}
+    return collect_shard(shard, rank, world_size) if shard is not None else {}
 
 
 class _EpochLogger:

@@ -32,6 +32,10 @@ class TrainConfig(StrictModel):
         0.5, gt=0, description="Leave CPUs free for Ray Data: 2 workers x 0.5 on a 2-core machine."
     )
     use_gpu: bool = False
+    autocast: Literal["none", "bf16"] = Field(
+        "none", description="ddp strategy: bf16 autocast of the forward pass (weights stay fp32). DeepSpeed "
+        "has its own: deepspeed.precision."
+    )
     lr: float = Field(
         1e-3, gt=0, description="The paper used 1e-2; CMAF did not fit at 1e-2 here (train CE stuck at ~1.5)."
     )
@@ -39,7 +43,11 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(10, ge=1, description="Per-worker batch size.")
     epochs: int = Field(60, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")
-    run_name: str = "train"
+    run_name: str = Field(
+        "train", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Prefix of each run's name: every `ase-ray train` is a new run <run_name>-<time>-<id> "
+        "(`--resume` continues one)."
+    )
     seed: int = 0
     storage_path: str | None = Field(
         None, description="Ray Train results, a path or a URI (None: <storage_uri or work_dir>/ray_results)."
@@ -53,6 +61,11 @@ class TrainConfig(StrictModel):
     def _check_precision(self) -> "TrainConfig":
         if self.strategy == "deepspeed" and self.deepspeed.precision == "fp16" and not self.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs use_gpu=true; use fp32 or bf16 on CPU")
+        if self.strategy == "deepspeed" and self.deepspeed.precision != "fp32" and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.precision bf16/fp16 needs deepspeed.zero_stage >= 1 (stage 0 keeps no "
+                             "fp32 master weights to export)")
+        if self.autocast != "none" and self.strategy != "ddp":
+            raise ValueError("train.autocast is for the ddp strategy; DeepSpeed uses deepspeed.precision")
         return self
 
 

@@ -227,7 +227,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], fixed: dict[str, 
     name = ray.tune.get_context().get_trial_name()
     config = trial_config(AppConfig.model_validate(base), fixed, params, {"train.run_name": name})
     tags = {"ase_ray.stage": "tune_trial", "ase_ray.search": search, "ase_ray.trial": name}
-    result = fit(config, tags=tags, parent_run_id=parent_run_id, callbacks=[EpochReportCallback()])
+    # The trial's own Ray Train run: a retried or resumed trial continues it.
+    result = fit(config, tags=tags, parent_run_id=parent_run_id, callbacks=[EpochReportCallback()], run_name=name)
     val = result.metrics["val"]
     ray.tune.report({"val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
                      "test_macro_f1": result.metrics["test"]["macro_f1"], "mlflow_run_id": result.run_id,

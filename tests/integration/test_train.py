@@ -1,11 +1,18 @@
-"""Ray Train with DDP and DeepSpeed on 2 CPU workers, a worker killed mid-run, MLflow logging."""
+"""Ray Train with DDP and DeepSpeed on 2 CPU workers: every invocation a new run, a resume on request
+that reproduces the uninterrupted run, a worker killed mid-run, the best epoch exported in fp32."""
 
 from __future__ import annotations
 
-import mlflow
-import pytest
-from mlflow.tracking import MlflowClient
+import json
 
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from ase_ray.cli import app
 from ase_ray.config import load_config
 from ase_ray.testing import fake_feature_store
 from ase_ray.tracking import tracking_uri
@@ -13,33 +20,91 @@ from ase_ray.train.fit import fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
-def _config(tmp_path, store_dir, *overrides):
-    return load_config(overrides=[
-        f"project.work_dir={tmp_path / 'work'}", f"train.store_dir={store_dir}", "train.epochs=6",
-        "train.lr=3e-3", "train.pfa.epochs_per_stage=1", "train.pfa.first_fraction=0.5",
-        "train.pfa.stride=0.25", "train.num_workers=2", *overrides,
-    ])
+BASE = ["train.epochs=6", "train.lr=3e-3", "train.pfa.epochs_per_stage=1", "train.pfa.first_fraction=0.5",
+        "train.pfa.stride=0.25", "train.num_workers=2"]
 
 
-def _losses(client: MlflowClient, run_id: str) -> list[float]:
-    history = sorted(client.get_metric_history(run_id, "train_ce"), key=lambda m: m.step)
-    return [m.value for m in history]
+def _overrides(tmp_path, store_dir, *extra):
+    return [f"project.work_dir={tmp_path / 'work'}", f"train.store_dir={store_dir}", *BASE, *extra]
+
+
+def _config(tmp_path, store_dir, *extra):
+    return load_config(overrides=_overrides(tmp_path, store_dir, *extra))
+
+
+def _history(client: MlflowClient, run_id: str, key: str = "train_ce") -> list[float]:
+    """One value per epoch: the last logged (an epoch whose checkpoint a kill beat is trained again)."""
+    by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key),
+                                                key=lambda m: (m.step, m.timestamp))}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _steps(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted({m.step for m in client.get_metric_history(run_id, "train_ce")})
+
+
+def _runs(client: MlflowClient) -> list:
+    return client.search_runs([client.get_experiment_by_name("ase-ray").experiment_id], "tags.`ase_ray.stage` = 'train'")
+
+
+def _cli(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_each_train_is_a_new_run_and_a_resume_matches_the_uninterrupted_run(ray_session, tmp_path):
+    fake_feature_store(tmp_path / "store", per_class=15)
+    sets = [a for o in _overrides(tmp_path, tmp_path / "store") for a in ("--set", o)]
+    cfg = load_config(overrides=_overrides(tmp_path, tmp_path / "store"))
+    client = MlflowClient(tracking_uri(cfg))
+
+    code, out = _cli("train", *sets)
+    assert code == 0, out
+    code, out2 = _cli("train", *sets, "--set", "train.lr=0.01")
+    assert code == 0, out2
+    first, second = sorted(_runs(client), key=lambda r: r.info.start_time)
+    assert first.info.run_id != second.info.run_id
+    assert (first.data.params["train.lr"], second.data.params["train.lr"]) == ("0.003", "0.01")
+    for run in (first, second):
+        assert _steps(client, run.info.run_id) == list(range(6))  # each trained all its epochs
+        assert run.info.status == "FINISHED"
+    assert _history(client, first.info.run_id) != _history(client, second.info.run_id)
+
+    # A run killed at epoch 3 (no restarts allowed), then resumed by the user.
+    killed = _config(tmp_path, tmp_path / "store", "train.fault_injection_epoch=3", "train.max_failures=0")
+    with pytest.raises(Exception):
+        fit(killed)
+    interrupted = max(_runs(client), key=lambda r: r.info.start_time)
+    assert interrupted.info.status == "FAILED" and _steps(client, interrupted.info.run_id) == [0, 1, 2]
+
+    code, out = _cli("train", "--resume", "--set", "train.model.d_model=64", *sets)
+    assert code == 2 and "train.model.d_model" in out and "shape" in out
+    code, out = _cli("train", "--resume", interrupted.data.tags["ase_ray.train_run"], *sets)
+    assert code == 0, out
+    assert len(_runs(client)) == 3  # resumed into the interrupted run, no new one
+    resumed = client.get_run(interrupted.info.run_id)
+    assert resumed.info.status == "FINISHED" and _steps(client, resumed.info.run_id) == list(range(6))
+    for key in ("train_ce", "train_align", "subset_size"):
+        np.testing.assert_allclose(_history(client, resumed.info.run_id, key),
+                                   _history(client, first.info.run_id, key), atol=1e-4, rtol=0)
+
+    # The served model is the best epoch's, scored in the same precision per epoch and at the end.
+    best = int(resumed.data.metrics["best_epoch"])
+    val = _history(client, resumed.info.run_id, "val_macro_f1")
+    assert val[best] == max(val) == pytest.approx(resumed.data.metrics["final_val_macro_f1"], abs=1e-9)
+    assert resumed.data.tags["ase_ray.best_epoch"] == str(best)
 
 
 def test_ddp_survives_a_killed_worker_and_keeps_one_mlflow_run(ray_session, tmp_path):
     store = fake_feature_store(tmp_path / "store", per_class=15)
-    cfg = _config(tmp_path, tmp_path / "store", "train.strategy=ddp", "train.fault_injection_epoch=3",
-                  "train.run_name=ddp_fault")
+    cfg = _config(tmp_path, tmp_path / "store", "train.strategy=ddp", "train.fault_injection_epoch=3")
     result = fit(cfg)
     client = MlflowClient(tracking_uri(cfg))
-    runs = client.search_runs([client.get_experiment_by_name("ase-ray").experiment_id])
-    assert [r.info.run_id for r in runs] == [result.run_id]  # the restart logged into the same run
+    assert [r.info.run_id for r in _runs(client)] == [result.run_id]  # the restart logged into the same run
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    steps = sorted({m.step for m in client.get_metric_history(result.run_id, "train_ce")})
-    assert steps == list(range(6))  # every epoch once, resumed after epoch 2's checkpoint
-    losses = _losses(client, result.run_id)
+    assert _steps(client, result.run_id) == list(range(6))  # every epoch once, resumed after epoch 2's checkpoint
+    losses = _history(client, result.run_id)
     assert losses[-1] < losses[0]
     assert result.metrics["test"]["macro_f1"] > 0.6
     assert run.data.params["train.strategy"] == "ddp"
@@ -50,20 +115,30 @@ def test_ddp_survives_a_killed_worker_and_keeps_one_mlflow_run(ray_session, tmp_
     from ase_ray.train.data import load_task_arrays
 
     splits, classes = load_task_arrays(tmp_path / "store", "multiclass")
-    meta = {"dims": __import__("json").loads((result.model_dir / "model.json").read_text())["dims"],
+    meta = {"dims": json.loads((result.model_dir / "model.json").read_text())["dims"],
             "settings": cfg.train.model.model_dump()}
     predictions = model.predict(features_to_frame(splits["test"].features, meta, len(splits["test"])))
     assert list(predictions.columns) == ["label", *[f"prob_{c}" for c in classes]]
     assert len(store.features) == 45
 
 
-def test_deepspeed_zero1_trains_binary(ray_session, tmp_path):
+def test_deepspeed_zero2_bf16_exports_fp32_master_weights(ray_session, tmp_path):
     fake_feature_store(tmp_path / "store", per_class=12)
-    cfg = _config(tmp_path, tmp_path / "store", "train.strategy=deepspeed", "train.deepspeed.zero_stage=1",
-                  "train.task=binary", "train.run_name=ds", "train.model.kind=concat")
+    cfg = _config(tmp_path, tmp_path / "store", "train.strategy=deepspeed", "train.deepspeed.zero_stage=2",
+                  "train.deepspeed.precision=bf16", "train.task=binary", "train.model.kind=concat")
     result = fit(cfg)
     client = MlflowClient(tracking_uri(cfg))
-    losses = _losses(client, result.run_id)
+    losses = _history(client, result.run_id)
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert result.classes == ["normal", "defect"]
-    assert (result.model_dir / "weights.pt").is_file()
+    weights = torch.load(result.model_dir / "weights.pt", weights_only=True)
+    floats = [v for v in weights.values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 for v in floats)
+    # The master weights, not the bf16 copy the model computed with: most values are off the bf16 grid.
+    off_grid = sum(int((v != v.bfloat16().float()).sum()) for v in floats)
+    assert off_grid > 0.5 * sum(v.numel() for v in floats)
+    run = client.get_run(result.run_id)
+    best = int(run.data.metrics["best_epoch"])
+    val = _history(client, result.run_id, "val_macro_f1")
+    assert val[best] == pytest.approx(run.data.metrics["final_val_macro_f1"], abs=1e-9)
+    assert json.loads((result.model_dir / "model.json").read_text())["extra"]["training_precision"] == "bf16"

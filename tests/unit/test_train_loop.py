@@ -1,0 +1,125 @@
+"""The epoch loop in a bare process: an interrupted run resumed from its checkpoint matches an
+uninterrupted one, the exported model is the best epoch's, and the selection rule's edges."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ase_ray.config import load_config
+from ase_ray.models.io import load_model
+from ase_ray.testing import fake_feature_store
+from ase_ray.train.data import LABEL_KEY, load_task_arrays
+from ase_ray.train.loop import MODEL_DIR, Best, predict_proba, read_loop_state, run_epochs
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    fake_feature_store(store, per_class=14, signal=0.6)
+    splits, classes = load_task_arrays(store, "multiclass")
+    as_dict = {name: {**a.features, LABEL_KEY: a.labels} for name, a in splits.items()}
+    return as_dict, classes
+
+
+def _cfg(*overrides):
+    return load_config(overrides=["train.epochs=6", "train.lr=3e-3", "train.pfa.epochs_per_stage=1",
+                                  "train.pfa.first_fraction=0.4", "train.pfa.stride=0.2", "train.seed=3",
+                                  *overrides]).train
+
+
+def _keep_checkpoints(into: Path):
+    kept: list[Path] = []
+
+    def report(metrics, directory):
+        target = into / f"epoch_{int(metrics['epoch'])}"
+        shutil.copytree(directory, target)
+        kept.append(target)
+    return report, kept
+
+
+def _curve(history):
+    return [(h["epoch"], h["subset_size"], h["train_ce"], h["train_align"], h.get("val_macro_f1")) for h in history]
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(arrays, tmp_path):
+    splits, classes = arrays
+    cfg = _cfg()
+    report, kept = _keep_checkpoints(tmp_path / "a")
+    whole = run_epochs(splits["train"], splits["val"], cfg, classes, report=report)
+    assert len(kept) == 6
+    # "Killed" after epoch 2: a new process starts from that epoch's checkpoint.
+    torch.manual_seed(12345)
+    np.random.seed(999)
+    resumed = run_epochs(splits["train"], splits["val"], cfg, classes, restored_dir=kept[2])
+    assert [h["epoch"] for h in resumed.history] == [3.0, 4.0, 5.0]
+    sizes = [h["subset_size"] for h in whole.history]
+    assert sizes[0] < sizes[-1]  # PFA grew the subset: the subset order mattered
+    for a, b in zip(_curve(whole.history[3:]), _curve(resumed.history)):
+        assert a[:2] == b[:2]
+        np.testing.assert_allclose(a[2:4], b[2:4], atol=1e-4, rtol=0)
+        assert a[4] == pytest.approx(b[4], abs=1e-9)
+    assert resumed.best == whole.best
+
+
+def test_the_export_is_the_best_epoch_and_scores_like_the_history(arrays, tmp_path):
+    splits, classes = arrays
+    report, kept = _keep_checkpoints(tmp_path / "b")
+    result = run_epochs(splits["train"], splits["val"], _cfg("train.lr=0.05"), classes, report=report)
+    f1 = [h["val_macro_f1"] for h in result.history]
+    best = result.best.epoch
+    assert f1[best] == max(f1)
+    assert all(f1[e] < f1[best] or result.history[e]["val_log_loss"] >= result.history[best]["val_log_loss"]
+               for e in range(best))  # earlier epochs with the same F1 lost on log-loss or tied
+    model, meta = load_model(kept[-1] / MODEL_DIR)
+    assert meta["extra"]["epoch"] == best and meta["extra"]["last_epoch"] == 5
+    assert read_loop_state(kept[-1]) == (6, result.best)
+    # The exported model, scored the way `fit` scores it, gives the history's val F1 of that epoch.
+    from ase_ray.train.metrics import classification_metrics
+
+    probs = predict_proba(model, splits["val"])
+    scores = classification_metrics(splits["val"][LABEL_KEY], probs.argmax(1), classes)
+    assert scores["macro_f1"] == pytest.approx(f1[best], abs=1e-9)
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_without_validation_rows_the_last_epoch_wins(arrays):
+    splits, classes = arrays
+    result = run_epochs(splits["train"], {}, _cfg("train.epochs=3"), classes)
+    assert result.best == Best(2)
+    assert "val_macro_f1" not in result.history[-1]
+
+
+def test_best_rule_ties():
+    assert Best(1, 0.8, 0.5).beaten_by(Best(2, 0.9, 0.9))
+    assert not Best(1, 0.8, 0.5).beaten_by(Best(2, 0.7, 0.1))
+    assert Best(1, 0.8, 0.5).beaten_by(Best(2, 0.8, 0.4))  # same F1, lower log-loss
+    assert not Best(1, 0.8, 0.5).beaten_by(Best(2, 0.8, 0.5))  # a full tie keeps the earlier epoch
+    assert Best(1).beaten_by(Best(2))  # no validation: the later epoch
+
+
+def test_bf16_autocast_trains_with_fp32_weights(arrays):
+    splits, classes = arrays
+    result = run_epochs(splits["train"], splits["val"], _cfg("train.epochs=2", "train.autocast=bf16"), classes)
+    assert all(p.dtype == torch.float32 for p in result.module.parameters())
+    assert np.isfinite(result.history[-1]["train_ce"])
+    assert all(v.dtype == torch.float32 for v in result.best_state.values() if v.is_floating_point())
+
+
+def test_torch_threads_stay_within_the_omp_limit(monkeypatch):
+    from ase_ray.train.engine import respect_omp_thread_limit
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_THREAD_LIMIT", "1")
+        assert respect_omp_thread_limit() == 1
+        x, w = torch.randn(100, 1000), torch.randn(1000, 128)
+        exact = (x.double() @ w.double()).float()
+        assert float(((x.bfloat16() @ w.bfloat16()).float() - exact).abs().max()) < 2.0  # no garbage
+    finally:
+        torch.set_num_threads(before)

@@ -21,8 +21,10 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show and check configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: import, validate, generate, split, augment.", no_args_is_help=True)
 import_app = typer.Typer(help="Import a dataset into the manifest format.", no_args_is_help=True)
+models_app = typer.Typer(help="Hub models: download the configured ones once, for a cluster.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
 data_app.add_typer(import_app, name="import")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
@@ -243,6 +245,28 @@ def data_augment(
         typer.echo(f"  {cls}: +{n}")
     for cls, why in result.skipped.items():
         typer.echo(f"  {cls}: skipped ({why})")
+
+
+# ------------------------------------------------------------------------------------------ models
+@models_app.command("pull")
+@user_errors
+def models_pull(
+    models_dir: Annotated[Optional[Path], typer.Option(
+        help="Folder to download into, shared by every node (default: features.models_dir).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Download every configured hub model (stages with backend instructblip, hf, resnet or bert) at its
+    revision into the models folder, in the Hugging Face cache layout; workers then load from it with
+    local_files_only (features.models_dir). Needs the hub; the token comes from HF_TOKEN or a stored
+    `hf auth login` and is never printed or logged."""
+    from ase_ray.features.hub import pull_models
+
+    extra = [f"features.models_dir={models_dir}"] if models_dir is not None else []
+    cfg = _config(config, set_, extra)
+    pulled = pull_models(cfg.features, echo=typer.echo)
+    typer.echo(f"{len(pulled)} model(s) in {cfg.features.models_dir}; workers load them when features.models_dir "
+               "names it (configs/cluster.yaml does)")
 
 
 # ---------------------------------------------------------------------------------------- features

@@ -188,6 +188,11 @@ class FeaturesConfig(StrictModel):
     )
     cache_dir: Path | None = Field(None, description="Stage cache (None: <work_dir>/cache). Shared on a cluster.")
     out_dir: Path | None = Field(None, description="Feature store folder (None: <work_dir>/features).")
+    models_dir: Path | None = Field(
+        None, description="Hub models pulled by `ase-ray models pull` (the Hugging Face cache layout). Set: the hub "
+        "backends load from it only (local_files_only, at their revision). None: the hub (or a local model_id "
+        "folder). Shared on a cluster.",
+    )
     sample_texts: int = Field(20, ge=0, description="Generated texts logged to MLflow as a sample.")
 
 

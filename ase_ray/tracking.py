@@ -67,7 +67,17 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
 
 
 def config_params(config: AppConfig, sections: tuple[str, ...] | None = None) -> dict[str, str]:
-    flat = flatten_config(config)
+    """The settings as flat params, less the ``model_id``/``revision`` of stages whose backend does
+    not read them (a param ``features.reason.model_id=meta-llama/...`` would say Llama ran)."""
+    from ase_ray.features.model_info import unused_hub_keys
+
+    unused = unused_hub_keys(config.features)
+    flat = {k: v for k, v in flatten_config(config).items() if k not in unused}
     if sections:
         flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
     return safe_params(flat)
+
+
+def ran_model_params(models: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``ran.<stage>.<field>`` params of the models that ran (``ase_ray.features.model_info.ran_models``)."""
+    return safe_params({f"ran.{stage}.{key}": value for stage, info in models.items() for key, value in info.items()})

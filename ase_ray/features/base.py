@@ -59,20 +59,21 @@ def build_char_tokenizer(special_tokens: list[str], unk_token: str) -> "tokenize
     return tokenizer
 
 
-def build_reasoner(settings: "ReasonSettings") -> "LlmReasoner | NoReasoner":
-    """The LLM reasoning stage for ``settings.backend`` (model loaded here, once)."""
+def build_reasoner(settings: "ReasonSettings", models_dir: str | None = None) -> "LlmReasoner | NoReasoner":
+    """The LLM reasoning stage for ``settings.backend`` (model loaded here, once; a hub model from
+    ``models_dir`` only, when given)."""
     from ase_ray.features.reason import LlmReasoner, NoReasoner
 
     if settings.backend == "none":
         return NoReasoner(settings)
-    return LlmReasoner(settings)
+    return LlmReasoner(settings, models_dir=models_dir)
 
 
-def build_text_encoder(settings: "TextEncoderSettings") -> "TextEncoder":
+def build_text_encoder(settings: "TextEncoderSettings", models_dir: str | None = None) -> "TextEncoder":
     """The text encoder stage for ``settings.backend`` (model loaded here, once)."""
     from ase_ray.features.text_encoder import TextEncoder
 
-    return TextEncoder(settings)
+    return TextEncoder(settings, models_dir=models_dir)
 
 
 # ------------------------------------------------------------------ per-image stages (OCR, VLM, image)
@@ -113,24 +114,28 @@ def build_ocr(settings: "OcrSettings") -> "TesseractOcr | RapidOcr":
     return TesseractOcr(settings)
 
 
-def build_describer(settings: "DescribeSettings") -> "InstructBlipDescriber | MeasureDescriber":
+def build_describer(
+    settings: "DescribeSettings", models_dir: str | None = None
+) -> "InstructBlipDescriber | MeasureDescriber":
     """The image describer for ``settings.backend``: ``instructblip`` and ``tiny`` run the VLM,
     ``measure`` is the offline stand-in that writes what it measures."""
     from ase_ray.features.describe import InstructBlipDescriber, MeasureDescriber
 
     if settings.backend == "measure":
         return MeasureDescriber(settings)
-    return InstructBlipDescriber(settings)
+    return InstructBlipDescriber(settings, models_dir=models_dir)
 
 
-def build_image_encoder(settings: "ImageEncoderSettings") -> "ResNetEncoder | EfficientNetLite0Encoder":
+def build_image_encoder(
+    settings: "ImageEncoderSettings", models_dir: str | None = None
+) -> "ResNetEncoder | EfficientNetLite0Encoder":
     """The image encoder for ``settings.backend``: ``resnet`` and ``tiny`` (a random tiny ResNet)
     use transformers' ResNetModel, ``efficientnet-lite0`` the offline ImageNet weights."""
     from ase_ray.features.image_encoder import EfficientNetLite0Encoder, ResNetEncoder
 
     if settings.backend == "efficientnet-lite0":
         return EfficientNetLite0Encoder(settings)
-    return ResNetEncoder(settings)
+    return ResNetEncoder(settings, models_dir=models_dir)
 
 
 # ------------------------------------------------------------------ per-text stages (LLM, text encoder)

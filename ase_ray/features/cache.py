@@ -1,6 +1,6 @@
 """Content-addressed cache of stage outputs: one ``.npz`` per (stage, input) that never changes.
 
-A key hashes the stage's fingerprint (its settings, which include the model id and prompts) with
+A key hashes the stage's fingerprint (its settings: backend, model id, revision, prompts) with
 the content of its inputs (the image bytes' hash, upstream texts). A re-run finds every unchanged
 entry; an interrupted run keeps what it wrote, because each entry is written atomically.
 Entries hold numpy arrays and strings only and are read with ``allow_pickle=False``.

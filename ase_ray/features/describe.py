@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ase_ray.features.base import BackendUnavailable, build_char_tokenizer, resolve_device
+from ase_ray.features.hub import load_kwargs, where
 
 if TYPE_CHECKING:
     from ase_ray.features.settings import DescribeSettings
@@ -35,11 +36,12 @@ TINY_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3: bos, pad, e
 class InstructBlipDescriber:
     """InstructBLIP answering ``settings.prompt`` for each image (greedy, ``max_new_tokens``).
 
-    ``backend == "instructblip"`` loads ``settings.model_id``; ``backend == "tiny"`` builds a tiny
-    random model of the same class (tests). The model is loaded once, here.
+    ``backend == "instructblip"`` loads ``settings.model_id`` at ``settings.revision`` (from
+    ``models_dir`` only, when given); ``backend == "tiny"`` builds a tiny random model of the same
+    class (tests). The model is loaded once, here.
     """
 
-    def __init__(self, settings: DescribeSettings) -> None:
+    def __init__(self, settings: DescribeSettings, models_dir: str | None = None) -> None:
         import torch
 
         self.settings = settings
@@ -48,7 +50,7 @@ class InstructBlipDescriber:
         if settings.backend == "tiny":
             self.processor, self.model = build_tiny_instructblip()
         else:
-            self.processor, self.model = load_pretrained_instructblip(settings.model_id, self.dtype)
+            self.processor, self.model = load_pretrained_instructblip(settings, self.dtype, models_dir)
         self.model.to(self.device, dtype=self.dtype).eval()
 
     def describe_batch(self, images: list[Image.Image]) -> list[str]:
@@ -79,16 +81,19 @@ class InstructBlipDescriber:
         return [text.strip() for text in texts]
 
 
-def load_pretrained_instructblip(model_id: str, dtype: object) -> tuple[object, object]:
+def load_pretrained_instructblip(
+    settings: DescribeSettings, dtype: object, models_dir: str | None = None
+) -> tuple[object, object]:
     from huggingface_hub.errors import HFValidationError
     from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
+    model_id, hub = settings.model_id, load_kwargs(settings.revision, models_dir)
     try:
-        processor = InstructBlipProcessor.from_pretrained(model_id)
-        model = InstructBlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+        processor = InstructBlipProcessor.from_pretrained(model_id, **hub)
+        model = InstructBlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype, **hub)
     except (OSError, HFValidationError) as error:  # not on the hub / no hub / not a valid id
         raise BackendUnavailable(
-            f"cannot load InstructBLIP {model_id!r} (no model hub or local copy here?): {error}. "
+            f"cannot load InstructBLIP {where(model_id, settings.revision, models_dir)}: {error}. "
             "Offline, use describe.backend: measure"
         ) from error
     return processor, model

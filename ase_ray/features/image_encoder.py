@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ase_ray.features.base import BackendUnavailable, ImageFeatures, resolve_device
+from ase_ray.features.hub import load_kwargs, where
 
 if TYPE_CHECKING:
     import torch
@@ -74,10 +75,11 @@ def tiny_resnet_config() -> object:
 
 class ResNetEncoder:
     """transformers ``ResNetModel``: tokens are the last stage's map (H*W = (size/32)^2), pooled is
-    its mean (what the model's own pooler computes). ``backend == "tiny"`` builds a random tiny
-    model instead."""
+    its mean (what the model's own pooler computes). ``backend == "resnet"`` loads
+    ``settings.model_id`` at ``settings.revision`` (from ``models_dir`` only, when given);
+    ``backend == "tiny"`` builds a random tiny model instead."""
 
-    def __init__(self, settings: ImageEncoderSettings, seed: int = 0) -> None:
+    def __init__(self, settings: ImageEncoderSettings, seed: int = 0, models_dir: str | None = None) -> None:
         import torch
         from huggingface_hub.errors import HFValidationError
         from transformers import ResNetModel
@@ -89,10 +91,11 @@ class ResNetEncoder:
             self.model = ResNetModel(tiny_resnet_config())
         else:
             try:
-                self.model = ResNetModel.from_pretrained(settings.model_id)
+                hub = load_kwargs(settings.revision, models_dir)
+                self.model = ResNetModel.from_pretrained(settings.model_id, **hub)
             except (OSError, HFValidationError) as error:  # not on the hub / no hub / not a valid id
                 raise BackendUnavailable(
-                    f"cannot load ResNet {settings.model_id!r} (no model hub or local copy here?): {error}. "
+                    f"cannot load ResNet {where(settings.model_id, settings.revision, models_dir)}: {error}. "
                     "Offline, use image_encoder.backend: efficientnet-lite0"
                 ) from error
         self.model.to(self.device).eval()

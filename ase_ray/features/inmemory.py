@@ -109,9 +109,16 @@ class FeatureExtractor:
     """The extraction stages over in-memory images; backends load once (``load()`` or first use)."""
 
     def __init__(self, features: "FeaturesConfig", cache_root: str | None = None) -> None:
+        from ase_ray.features.hub import resolved_models_dir
+
         self.features = features
         self.key = features_key(features)
-        self.stages = [cls(settings, cache_root) for cls, settings in stage_plan_of(features)]
+        models_dir = resolved_models_dir(features)
+        self.stages = [cls(settings, cache_root, models_dir) for cls, settings in stage_plan_of(features)]
+
+    def ran_models(self) -> dict[str, dict[str, Any]]:
+        """Per stage, the model it runs (and its device once loaded): see ``Stage.ran_model``."""
+        return {stage.name: stage.ran_model for stage in self.stages}
 
     def load(self) -> "FeatureExtractor":
         """Load every backend now (a server should pay this at start, not on its first request)."""

@@ -19,7 +19,9 @@ import pandas as pd
 from ase_ray.config import AppConfig
 from ase_ray.data.manifest import DatasetInfo, chunks, read_dataset_info, read_manifest
 from ase_ray.errors import DataError
+from ase_ray.features.hub import resolved_models_dir
 from ase_ray.features.inmemory import feature_settings
+from ase_ray.features.model_info import ran_models
 from ase_ray.features.settings import StageResources
 from ase_ray.features.stages import DecodeStage, stage_plan_of
 from ase_ray.features.store import Store, write_store
@@ -47,10 +49,18 @@ def store_dir(config: AppConfig, out_dir: str | Path | None = None) -> Path:
 
 
 def check_backends_available(config: AppConfig) -> None:
-    """Fail at start-up (not per row) when a stage's backend cannot run here, e.g. no tesseract."""
-    from ase_ray.features.base import build_ocr
+    """Fail at start-up (not per row) when a stage's backend cannot run here, e.g. no tesseract, or a
+    hub model that is not in ``features.models_dir``."""
+    from ase_ray.features.base import BackendUnavailable, build_ocr
+    from ase_ray.features.hub import missing_models
 
     build_ocr(config.features.ocr)  # cheap for tesseract: finds the binary or raises BackendUnavailable
+    missing = missing_models(config.features)
+    if missing:
+        names = ", ".join(f"{m.repo_id} at {m.revision} ({m.stage})" for m in missing)
+        models_dir = resolved_models_dir(config.features)
+        raise BackendUnavailable(f"not in models_dir {models_dir}: {names}; pull them first: "
+                                 f"ase-ray models pull --models-dir {models_dir} (with the same config)")
 
 
 def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
@@ -64,8 +74,9 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
     ds = ds.map_batches(
         _decode_batch, batch_format="pandas", batch_size=decode.batch_size, num_cpus=decode.num_cpus
     )
+    models_dir = resolved_models_dir(config.features)
     for stage_cls, settings in stage_plan(config):
-        ds = ds.map_batches(stage_cls, batch_format="pandas", fn_constructor_args=(settings, str(cache)),
+        ds = ds.map_batches(stage_cls, batch_format="pandas", fn_constructor_args=(settings, str(cache), models_dir),
                             **_actor_args(settings.resources))
     return ds
 
@@ -154,14 +165,9 @@ def apply_layout_hints(config: AppConfig, info: DatasetInfo | None) -> AppConfig
 
 
 def backend_description(config: AppConfig) -> dict[str, Any]:
-    f = config.features
-    return {
-        "ocr": {"backend": f.ocr.backend, "psm": f.ocr.psm},
-        "describe": {"backend": f.describe.backend, "model_id": f.describe.model_id},
-        "reason": {"backend": f.reason.backend, "model_id": f.reason.model_id, "mode": f.reason.mode},
-        "image_encoder": {"backend": f.image_encoder.backend, "model_id": f.image_encoder.model_id},
-        "text_encoder": {"backend": f.text_encoder.backend, "model_id": f.text_encoder.model_id},
-    }
+    """Per stage: the backend and the model that runs (``ase_ray.features.model_info``), never the
+    ``model_id`` of a backend that does not read it."""
+    return ran_models(config.features)
 
 
 def summarise(rows: pd.DataFrame, wall_s: float, store: Store) -> dict[str, Any]:
@@ -203,12 +209,15 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def log_extraction_run(config: AppConfig, store: Store, summary: dict[str, Any], target: Path) -> str:
-    from ase_ray.tracking import config_params, setup_mlflow
+    from ase_ray.tracking import config_params, ran_model_params, setup_mlflow
 
     mlflow = setup_mlflow(config)
     with mlflow.start_run(run_name="features") as run:
         mlflow.set_tag("ase_ray.stage", "features")
         mlflow.log_params(config_params(config, ("features",)))
+        models = store.meta["backends"]
+        mlflow.log_params(ran_model_params(models))
+        mlflow.set_tags({f"ase_ray.model.{stage}": info["model"] for stage, info in models.items()})
         mlflow.log_param("store_dir", str(target))
         metrics = {k: summary[k] for k in ("rows", "stored", "errors", "wall_s", "images_per_s") if summary[k] is not None}
         for name, s in summary["stages"].items():

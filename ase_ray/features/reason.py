@@ -33,6 +33,7 @@ from ase_ray.features.base import (
     masked_mean,
     resolve_device,
 )
+from ase_ray.features.hub import load_kwargs, where
 from ase_ray.features.settings import ReasonSettings
 
 if TYPE_CHECKING:
@@ -93,22 +94,27 @@ def torch_dtype(name: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
-def load_hf_causal_lm(settings: ReasonSettings) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
-    """The real path: tokenizer and causal LM for ``settings.model_id`` (hub, mirror or local dir)."""
+def load_hf_causal_lm(
+    settings: ReasonSettings, models_dir: str | None = None
+) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
+    """The real path: tokenizer and causal LM for ``settings.model_id`` at ``settings.revision``
+    (hub, mirror or local dir; ``models_dir`` only, when given)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hub = load_kwargs(settings.revision, models_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model_id)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_id, **hub)
         # Straight onto the device: a 7B model should not pass through host memory first.
         model = AutoModelForCausalLM.from_pretrained(
             settings.model_id,
             dtype=torch_dtype(settings.dtype),
             device_map=str(resolve_device(settings.device)),
+            **hub,
         )
     except OSError as error:
         raise BackendUnavailable(
-            f"cannot load LLM {settings.model_id!r} ({error}); it needs a model hub or a local mirror. "
-            "Offline, use reason.backend=smollm2."
+            f"cannot load LLM {where(settings.model_id, settings.revision, models_dir)} ({error}); it needs a "
+            "model hub, a local mirror or a pulled models_dir. Offline, use reason.backend=smollm2."
         ) from error
     return tokenizer, model
 
@@ -226,9 +232,11 @@ def build_tiny_causal_lm(settings: ReasonSettings) -> tuple["PreTrainedTokenizer
     return tokenizer, model.to(torch_dtype(settings.dtype))
 
 
-def load_causal_lm(settings: ReasonSettings) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
+def load_causal_lm(
+    settings: ReasonSettings, models_dir: str | None = None
+) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
     if settings.backend == "hf":
-        return load_hf_causal_lm(settings)
+        return load_hf_causal_lm(settings, models_dir)
     if settings.backend == "smollm2":
         return load_smollm2(settings)
     if settings.backend == "tiny":
@@ -269,9 +277,10 @@ class LlmReasoner:
         settings: ReasonSettings,
         tokenizer: "PreTrainedTokenizerBase | None" = None,
         model: "PreTrainedModel | None" = None,
+        models_dir: str | None = None,
     ) -> None:
         if tokenizer is None or model is None:
-            tokenizer, model = load_causal_lm(settings)
+            tokenizer, model = load_causal_lm(settings, models_dir)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.settings = settings

@@ -14,6 +14,12 @@ from pydantic import Field
 from ase_ray.config_base import StrictModel
 
 
+REVISION_HELP = (
+    "Hub revision of model_id: a branch, tag or commit hash (pin a commit hash on a cluster; 'main' moves). "
+    "Part of the stage's cache key; used by the hub backend only."
+)
+
+
 class StageResources(StrictModel):
     """Where and how wide a stage runs on Ray Data.
 
@@ -90,6 +96,7 @@ class OcrSettings(StrictModel):
 class DescribeSettings(StrictModel):
     backend: Literal["instructblip", "measure", "tiny"] = "measure"
     model_id: str = "Salesforce/instructblip-vicuna-7b"
+    revision: str = Field("main", description=REVISION_HELP)
     prompt: str = (
         "Describe this automated optical inspection image: the surface, any marks or defects, and "
         "where the pink dot markers are."
@@ -107,6 +114,7 @@ class DescribeSettings(StrictModel):
 class ReasonSettings(StrictModel):
     backend: Literal["hf", "smollm2", "tiny", "none"] = "smollm2"
     model_id: str = "meta-llama/Llama-2-7b-chat-hf"
+    revision: str = Field("main", description=REVISION_HELP)
     mode: Literal["generate", "forward"] = Field(
         "forward",
         description="generate: the LLM writes its reasoning (cluster); forward: the last hidden state "
@@ -129,6 +137,7 @@ class ReasonSettings(StrictModel):
 class ImageEncoderSettings(StrictModel):
     backend: Literal["resnet", "efficientnet-lite0", "tiny"] = "efficientnet-lite0"
     model_id: str = "microsoft/resnet-50"
+    revision: str = Field("main", description=REVISION_HELP)
     image_size: int = Field(224, ge=32)
     device: str = "auto"
     resources: ImageEncoderResources = Field(default_factory=ImageEncoderResources)
@@ -137,6 +146,7 @@ class ImageEncoderSettings(StrictModel):
 class TextEncoderSettings(StrictModel):
     backend: Literal["bert", "minilm", "tiny"] = "minilm"
     model_id: str = "bert-base-uncased"
+    revision: str = Field("main", description=REVISION_HELP)
     max_length: int = Field(64, ge=8)
     device: str = "auto"
     resources: TextEncoderResources = Field(default_factory=TextEncoderResources)

@@ -50,8 +50,9 @@ class Stage:
 
     name = "stage"
 
-    def __init__(self, settings: Any, cache_root: str | None):
+    def __init__(self, settings: Any, cache_root: str | None, models_dir: str | None = None):
         self.settings = settings
+        self.models_dir = models_dir  # hub models load from here only (features.models_dir), when set
         key = fingerprint(self.name, settings)
         self.cache = NoCache(self.name, key) if cache_root is None else StageCache(cache_root, self.name, key)
         self._backend: Any = None
@@ -64,6 +65,17 @@ class Stage:
             _limit_torch_threads(self.settings)
             self._backend = self.load_backend()
         return self._backend
+
+    @property
+    def ran_model(self) -> dict[str, Any]:
+        """The model this stage runs (backend, model id or package, source; ``device`` once loaded):
+        decided by the settings, which are part of every cache key, so it is also what produced the
+        outputs served from the cache."""
+        from ase_ray.features.model_info import stage_details, stage_model
+
+        info = {**stage_model(self.name, self.settings, self.models_dir), **stage_details(self.name, self.settings)}
+        device = getattr(self._backend, "device", None)
+        return {**info, "device": str(device)} if device is not None else info
 
     # -- to implement -------------------------------------------------------------------------
     def load_backend(self) -> Any:
@@ -235,7 +247,7 @@ class DescribeStage(Stage):
     def load_backend(self):
         from ase_ray.features.base import build_describer
 
-        return build_describer(self.settings)
+        return build_describer(self.settings, self.models_dir)
 
     def compute(self, rows):
         texts = self.backend.describe_batch([row_image(r) for r in rows])
@@ -254,7 +266,7 @@ class ReasonStage(Stage):
     def load_backend(self):
         from ase_ray.features.base import build_reasoner
 
-        return build_reasoner(self.settings)
+        return build_reasoner(self.settings, self.models_dir)
 
     def inputs(self, row):
         return (row["ocr_text"], row["description"])
@@ -276,7 +288,7 @@ class ImageEncodeStage(Stage):
     def load_backend(self):
         from ase_ray.features.base import build_image_encoder
 
-        return build_image_encoder(self.settings)
+        return build_image_encoder(self.settings, self.models_dir)
 
     def compute(self, rows):
         feats = self.backend.encode_batch([row_image(r) for r in rows])
@@ -291,7 +303,7 @@ class TextEncodeStage(Stage):
     def load_backend(self):
         from ase_ray.features.base import build_text_encoder
 
-        return build_text_encoder(self.settings)
+        return build_text_encoder(self.settings, self.models_dir)
 
     def inputs(self, row):
         return tuple(row[TEXT_COLUMNS[s]] for s in TEXT_SOURCES)

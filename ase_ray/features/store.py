@@ -18,8 +18,9 @@
 | ``text_<src>_tokens`` | list<float16>[L*T] | token states, row-major (L, T), zero-padded |
 | ``text_<src>_mask`` | list<int8>[L] | 1 where a token is real |
 
-``store.json`` records the shapes of the array columns (``shapes``), the backends and model ids, and
-the counts. ``errors.parquet``: ``row_id``, ``image_path``, ``label``, ``stage``, ``message``; every
+``store.json`` records the shapes of the array columns (``shapes``), per stage the backend and the
+model that ran (``backends``: ``ase_ray.features.model_info.ran_models``), the stage settings
+(``features``) and the counts. ``errors.parquet``: ``row_id``, ``image_path``, ``label``, ``stage``, ``message``; every
 input row is in exactly one of the two tables. :func:`load_store` and :func:`stack` read it back.
 """
 

@@ -20,6 +20,7 @@ from ase_ray.features.base import (
     masked_mean,
     resolve_device,
 )
+from ase_ray.features.hub import load_kwargs, where
 from ase_ray.features.settings import TextEncoderSettings
 
 if TYPE_CHECKING:
@@ -38,17 +39,21 @@ class TextFeatures:
 
 
 # ----------------------------------------------------------------------------------- loading
-def load_hf_bert(settings: TextEncoderSettings) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
-    """The real path: tokenizer and ``BertModel`` for ``settings.model_id`` (hub, mirror or local dir)."""
+def load_hf_bert(
+    settings: TextEncoderSettings, models_dir: str | None = None
+) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
+    """The real path: tokenizer and ``BertModel`` for ``settings.model_id`` at ``settings.revision``
+    (hub, mirror or local dir; ``models_dir`` only, when given)."""
     from transformers import AutoTokenizer, BertModel
 
+    hub = load_kwargs(settings.revision, models_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model_id)
-        model = BertModel.from_pretrained(settings.model_id)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_id, **hub)
+        model = BertModel.from_pretrained(settings.model_id, **hub)
     except OSError as error:
         raise BackendUnavailable(
-            f"cannot load text encoder {settings.model_id!r} ({error}); it needs a model hub or a "
-            "local mirror. Offline, use text_encoder.backend=minilm."
+            f"cannot load text encoder {where(settings.model_id, settings.revision, models_dir)} ({error}); "
+            "it needs a model hub, a local mirror or a pulled models_dir. Offline, use text_encoder.backend=minilm."
         ) from error
     return tokenizer, model
 
@@ -112,9 +117,11 @@ def build_tiny_bert() -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
     return tokenizer, model
 
 
-def load_text_model(settings: TextEncoderSettings) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
+def load_text_model(
+    settings: TextEncoderSettings, models_dir: str | None = None
+) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
     if settings.backend == "bert":
-        return load_hf_bert(settings)
+        return load_hf_bert(settings, models_dir)
     if settings.backend == "minilm":
         return load_minilm()
     if settings.backend == "tiny":
@@ -141,9 +148,10 @@ class TextEncoder:
         settings: TextEncoderSettings,
         tokenizer: "PreTrainedTokenizerBase | None" = None,
         model: "PreTrainedModel | None" = None,
+        models_dir: str | None = None,
     ) -> None:
         if tokenizer is None or model is None:
-            tokenizer, model = load_text_model(settings)
+            tokenizer, model = load_text_model(settings, models_dir)
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.tokenizer = tokenizer

@@ -2,7 +2,8 @@
 
 - ``Ingress`` (CPU): the HTTP API; validates uploads (``inputs.py``), fans images out to Features,
   sends their arrays to Classifier, answers with the schemas of ``schemas.py``.
-- ``Features`` (a GPU on a cluster): the extraction stages of the batch pipeline, in-process
+- ``Features`` (GPUs on a cluster; ``serve.features.devices`` places each model stage on one of
+  them): the extraction stages of the batch pipeline, in-process
   (``ase_ray.features.inmemory``), with ``@serve.batch`` dynamic batching across requests.
 - ``Classifier``: the MLflow pyfunc of the model.
 
@@ -130,11 +131,9 @@ class Features:
         return rows
 
     def describe(self) -> dict[str, Any]:
-        from ase_ray.features.pipeline import backend_description
-
         batching = self.config.serve.batching
         return {
-            "backends": backend_description(self.config.model_copy(update={"features": self.features})),
+            "backends": self.extractor.ran_models(),
             "features_source": self.source,
             "features_key": self.extractor.key,
             "batching": {"max_batch_size": batching.max_batch_size,

@@ -61,13 +61,16 @@ def _find_config_file(name: str | None) -> Path | None:
 
 def serving_config(config: AppConfig) -> AppConfig:
     """Absolute paths and an explicit tracking URI: replicas may run in another directory."""
+    from ase_ray.features.hub import resolved_models_dir
     from ase_ray.features.pipeline import cache_root
     from ase_ray.tracking import tracking_uri
 
     work = Path(config.project.work_dir).resolve()
     config = config.model_copy(update={"project": config.project.model_copy(update={"work_dir": work})})
     mlflow = config.mlflow.model_copy(update={"tracking_uri": tracking_uri(config)})
-    features = config.features.model_copy(update={"cache_dir": cache_root(config)})
+    models_dir = resolved_models_dir(config.features)
+    features = config.features.model_copy(update={"cache_dir": cache_root(config),
+                                                  "models_dir": Path(models_dir) if models_dir else None})
     return config.model_copy(update={"mlflow": mlflow, "features": features})
 
 

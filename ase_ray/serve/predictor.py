@@ -149,18 +149,22 @@ def model_feature_settings(ref: ModelRef, tracking_uri: str) -> dict[str, Any] |
 def serving_features(base: "FeaturesConfig", recorded: dict[str, Any] | None,
                      resources: "DeploymentSettings | None" = None) -> "FeaturesConfig":
     """The model's recorded feature settings (``base`` where it has none), each stage's resources set
-    to the replica's, so torch uses the replica's CPUs and the GPU when it has one."""
+    to the replica's, so torch uses the replica's CPUs and the GPU when it has one, and each stage
+    named in the replica's ``devices`` placed on that device (resources and devices are not part of
+    what a stage computes: the features key stays the same)."""
     from ase_ray.features.inmemory import STAGE_SECTIONS, features_from_settings
 
     features = features_from_settings(base, recorded)
     if resources is None:
         return features
+    devices = getattr(resources, "devices", {})
     update = {}
     for name in STAGE_SECTIONS:
         section = getattr(features, name)
         res = section.resources.model_copy(update={"num_cpus": max(1.0, resources.num_cpus),
                                                     "num_gpus": resources.num_gpus})
-        update[name] = section.model_copy(update={"resources": res})
+        placed = {"device": devices[name]} if name in devices else {}
+        update[name] = section.model_copy(update={"resources": res, **placed})
     update["ocr"] = update["ocr"].model_copy(update={"parallel": getattr(resources, "ocr_parallel", 1)})
     return features.model_copy(update=update)
 

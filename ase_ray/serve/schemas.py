@@ -91,7 +91,10 @@ class Metadata(BaseModel):
     classes: list[str]
     review_threshold: float
     loaded_at: float = Field(description="Unix time the classifier replica loaded this model.")
-    backends: dict[str, dict[str, Any]] = Field(description="Feature backends and model ids per stage.")
+    backends: dict[str, dict[str, Any]] = Field(
+        description="Per feature stage, what the replica runs: backend, model (hub id, or the packaged model "
+        "of an offline backend), source, revision (hub models) and device."
+    )
     features_source: str = Field(description="'model': settings recorded with the model; 'config': served config.")
     features_key: str = Field(description="Identifies the feature settings; equal for features and classifier.")
     batching: Batching

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from ase_ray.config_base import StrictModel
+
+# Stages with a torch model (and so a ``device`` setting) that a Features replica can place.
+DeviceStage = Literal["describe", "reason", "image_encoder", "text_encoder"]
 
 
 class DeploymentSettings(StrictModel):
@@ -26,11 +31,24 @@ class IngressSettings(DeploymentSettings):
 
 
 class FeaturesSettings(DeploymentSettings):
-    """The OCR/VLM/LLM/encoder replica (num_gpus: 1 on a GPU cluster)."""
+    """The OCR/VLM/LLM/encoder replica (num_gpus: 2 on the GPU cluster: the VLM and the LLM on one GPU each)."""
 
     num_cpus: float = Field(1.0, ge=0)
     max_ongoing_requests: int = Field(32, ge=1, description="Keep >= max_batch_size so batches can fill.")
     ocr_parallel: int = Field(2, ge=1, description="tesseract processes at once on a batch in this replica.")
+    devices: dict[DeviceStage, str] = Field(
+        default_factory=dict,
+        description="Device per model stage inside the replica (cuda:0, cuda:1, cpu), e.g. the VLM on one of "
+        "its GPUs and the LLM on the other when num_gpus is 2; a stage not named keeps its own device (auto: cuda:0).",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _torch_devices(cls, v: dict[str, str]) -> dict[str, str]:
+        for stage, device in v.items():
+            if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+                raise ValueError(f"devices.{stage}: {device!r} is not auto, cpu, cuda or cuda:<index>")
+        return v
 
 
 class ClassifierSettings(DeploymentSettings):

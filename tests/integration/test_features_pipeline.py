@@ -22,6 +22,8 @@ TINY = [
     "features.describe.backend=tiny", "features.reason.backend=tiny", "features.image_encoder.backend=tiny",
     "features.text_encoder.backend=tiny", "features.describe.max_new_tokens=4",
 ]
+RAN = {"ocr": "tesseract", "describe": "tiny-random-instructblip", "reason": "tiny-random-llama",
+       "image_encoder": "tiny-random-resnet", "text_encoder": "tiny-random-bert"}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,9 @@ def test_store_errors_cache_and_mlflow(ray_session, dataset):
     assert tokens.shape[0] == n - 1 and tokens.ndim == 3
     assert stack(store, "text_ocr_mask").shape[:1] == (n - 1,)
     assert store.meta["backends"]["reason"]["backend"] == "tiny"
+    # What ran, not the cluster's model ids that the tiny backends never read.
+    assert {s: m["model"] for s, m in store.meta["backends"].items()} == RAN
+    assert json.loads((dataset / "store" / "store.json").read_text())["backends"] == store.meta["backends"]
 
     second = extract_features(cfg, manifest, dataset / "store2")
     for stage in ("ocr", "describe", "reason", "image_encoder", "text_encoder"):
@@ -73,6 +78,9 @@ def test_store_errors_cache_and_mlflow(ray_session, dataset):
     assert len(runs) == 2
     run = runs[0]
     assert run.data.params["features.reason.backend"] == "tiny"
+    assert {s: run.data.params[f"ran.{s}.model"] for s in RAN} == RAN
+    assert {s: run.data.tags[f"ase_ray.model.{s}"] for s in RAN} == RAN
+    assert not [k for k in run.data.params if k.endswith((".model_id", ".revision"))]  # no Llama-2 "ran"
     assert run.data.metrics["errors"] == 1 and run.data.metrics["rows"] == n
     assert "sample_texts.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 

@@ -158,6 +158,10 @@ def test_batch_health_metadata_and_docs(served):
         assert meta["classes"] == [c.name for c in served.config.data.synth.classes]
         assert meta["review_threshold"] == 0.6 and meta["task"] == "multiclass"
         assert meta["backends"]["ocr"]["backend"] == "tesseract" and meta["backends"]["reason"]["backend"] == "tiny"
+        # The models the replica loaded (and where), not the unused hub ids of the config.
+        assert meta["backends"]["reason"]["model"] == "tiny-random-llama"
+        assert meta["backends"]["describe"]["model"] == "tiny-random-instructblip"
+        assert meta["backends"]["describe"]["device"] == "cpu" and "revision" not in meta["backends"]["describe"]
         assert meta["features_source"] == "model"
         assert meta["batching"]["max_batch_size"] == 4
         assert meta["limits"]["max_batch_images"] == MAX_IMAGES and meta["api_key_required"] is True

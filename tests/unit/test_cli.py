@@ -1,6 +1,8 @@
 """The CLI as users and outside checks run it: real subprocesses of the installed `ase-ray`."""
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import MAGNETIC_TILE, write_png
+from tests.conftest import MAGNETIC_TILE, REPO, write_png
 
 ASE_RAY = shutil.which("ase-ray", path=str(Path(sys.executable).parent)) or "ase-ray"
 
@@ -28,7 +30,8 @@ def synth_dir(tmp_path_factory) -> Path:
 def test_help_on_every_command():
     for args in ([], ["data"], ["data", "import"], ["data", "synth"], ["data", "validate"], ["data", "split"],
                  ["data", "augment"], ["data", "import", "magnetic-tile"], ["pipeline"], ["config", "show"],
-                 ["features"], ["train"], ["evaluate"], ["ablate"], ["tune"], ["register"], ["serve"], ["predict"]):
+                 ["features"], ["train"], ["evaluate"], ["ablate"], ["tune"], ["register"], ["serve"], ["predict"],
+                 ["models"], ["models", "pull"]):
         result = run(*args, "--help")
         assert result.returncode == 0, (args, result.stderr)
         assert "Usage" in result.stdout
@@ -135,3 +138,23 @@ def test_serve_and_predict_with_an_unknown_model_are_one_line_errors(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resolve model"), result.stderr
     result = run("serve", "--detach", "--set", work)
     assert result.returncode == 2 and "--detach needs a running cluster" in result.stderr
+
+
+def test_models_pull_says_when_nothing_is_configured_or_the_hub_is_unreachable(tmp_path):
+    nothing = run("models", "pull", "--models-dir", str(tmp_path / "models"))
+    assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
+    assert nothing.stderr.strip().startswith("error: no hub model is configured"), nothing.stderr
+
+    with socket.socket() as s:  # a local port nobody listens on: the hub "unreachable", no network used
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "hf_test_token_must_not_show"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": token}
+    unreachable = subprocess.run([ASE_RAY, "models", "pull", "-c", str(REPO / "configs" / "cluster.yaml"),
+                                  "--models-dir", str(tmp_path / "models")],
+                                 capture_output=True, text=True, timeout=120, env=env)
+    assert unreachable.returncode == 2 and "Traceback" not in unreachable.stderr
+    last = unreachable.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the model hub http://127.0.0.1:{port} is unreachable"), unreachable.stderr
+    assert "Salesforce/instructblip-vicuna-7b" in last
+    assert token not in unreachable.stdout + unreachable.stderr

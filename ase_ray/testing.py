@@ -63,7 +63,7 @@ def fake_feature_store(
     write_dataset_info(out_dir, DatasetInfo(list(classes), classes[0], "fake"))
     errors = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                            (("row_id", "int64"), ("image_path", str), ("label", str), ("stage", str), ("message", str))})
-    return write_store_arrays(rows, arrays, errors, out_dir, {"manifest": str(manifest), "backends": {"fake": True}})
+    return write_store_arrays(rows, arrays, errors, out_dir, {"manifest": str(manifest), "backends": {"fake": {"model": "random arrays (ase_ray.testing)"}}})
 
 
 def register_untrained_model(

@@ -172,7 +172,7 @@ def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list
 
 def _open_run(config: AppConfig, plan, tags: dict[str, str] | None, parent_run_id: str | None) -> str:
     """A new MLflow run, or the one that the resumed run logs into."""
-    from ase_ray.tracking import config_params, setup_mlflow
+    from ase_ray.tracking import config_params, ran_model_params, setup_mlflow
 
     mlflow = setup_mlflow(config)
     if plan.mlflow_run_id:
@@ -183,8 +183,17 @@ def _open_run(config: AppConfig, plan, tags: dict[str, str] | None, parent_run_i
         run_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=plan.name, tags=run_tags) as run:
         mlflow.log_params(config_params(config, ("train", "data", "features", "project")))
+        mlflow.log_params(ran_model_params(_store_models(config)))  # what made the features it trains on
     mlflow.tracking.MlflowClient().update_run(run.info.run_id, status="RUNNING")
     return run.info.run_id
+
+
+def _store_models(config: AppConfig) -> dict[str, dict[str, Any]]:
+    from ase_ray.features.store import META_FILE
+
+    meta_path = store_dir(config) / META_FILE
+    backends = json.loads(meta_path.read_text()).get("backends", {}) if meta_path.is_file() else {}
+    return {stage: info for stage, info in backends.items() if isinstance(info, dict)}
 
 
 def _end_run(config: AppConfig, run_id: str, status: str) -> None:

@@ -65,6 +65,7 @@ def test_each_train_is_a_new_run_and_a_resume_matches_the_uninterrupted_run(ray_
     first, second = sorted(_runs(client), key=lambda r: r.info.start_time)
     assert first.info.run_id != second.info.run_id
     assert (first.data.params["train.lr"], second.data.params["train.lr"]) == ("0.003", "0.01")
+    assert first.data.params["ran.fake.model"] == "random arrays (ase_ray.testing)"  # the store's own record
     for run in (first, second):
         assert _steps(client, run.info.run_id) == list(range(6))  # each trained all its epochs
         assert run.info.status == "FINISHED"

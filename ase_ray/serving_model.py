@@ -16,23 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ase_ray.models.inference import (  # noqa: F401 - re-exported: callers import them from here
+    FEATURES_FILE,
+    ClassifierPredictor,
+    check_features,
+    feature_shapes,
+    read_feature_settings,
+)
+
 ARTIFACT_KEY = "model_dir"
-FEATURES_FILE = "features.json"
-
-
-def feature_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    d = meta["dims"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "image_pooled": (d["image_dim"],),
-        "image_tokens": (d["image_tokens"], d["image_dim"]),
-    }
-    if d.get("llm_dim"):
-        shapes["llm_hidden"] = (d["llm_dim"],)
-    for src in meta["settings"]["text_sources"]:
-        shapes[f"text_{src}_pooled"] = (d["text_dim"],)
-        shapes[f"text_{src}_tokens"] = (d["text_len"], d["text_dim"])
-        shapes[f"text_{src}_mask"] = (d["text_len"],)
-    return shapes
 
 
 def frame_to_features(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -50,22 +42,6 @@ def frame_to_features(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, np
     return out
 
 
-def check_features(features: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The model's input arrays from in-memory features (float32, masks int64), shapes checked."""
-    from ase_ray.errors import DataError
-
-    out = {}
-    for column, shape in feature_shapes(meta).items():
-        values = features.get(column)
-        if values is None:
-            raise DataError(f"features have no {column!r} (needs {sorted(feature_shapes(meta))})")
-        values = np.asarray(values)
-        if tuple(values.shape[1:]) != tuple(shape):
-            raise DataError(f"feature {column!r} has shape {tuple(values.shape[1:])}, the model needs {tuple(shape)}")
-        out[column] = values.astype(np.int64) if column.endswith("_mask") else values.astype(np.float32)
-    return out
-
-
 def write_feature_settings(model_dir: str | Path, store_meta: dict[str, Any]) -> Path | None:
     """Record the store's feature settings and backends beside the model (None: the store has none)."""
     import json
@@ -79,13 +55,6 @@ def write_feature_settings(model_dir: str | Path, store_meta: dict[str, Any]) ->
     return path
 
 
-def read_feature_settings(model_dir: str | Path) -> dict[str, Any] | None:
-    import json
-
-    path = Path(model_dir) / FEATURES_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def features_to_frame(features: dict[str, np.ndarray], meta: dict[str, Any], rows: int) -> pd.DataFrame:
     return pd.DataFrame({c: [features[c][i].reshape(-1).tolist() for i in range(rows)] for c in feature_shapes(meta)})
 
@@ -96,21 +65,17 @@ def _pyfunc_base():
     return mlflow.pyfunc.PythonModel
 
 
-class DefectClassifierModel(_pyfunc_base()):
-    def load_context(self, context) -> None:
-        from ase_ray.models.io import load_model
+class DefectClassifierModel(ClassifierPredictor, _pyfunc_base()):
+    """The MLflow pyfunc: :class:`~ase_ray.models.inference.ClassifierPredictor` (the prediction code,
+    ``predict_proba``) behind MLflow's ``load_context`` / ``predict``."""
 
-        self.module, self.meta = load_model(context.artifacts[ARTIFACT_KEY])
-        self.feature_settings = read_feature_settings(context.artifacts[ARTIFACT_KEY])
+    def load_context(self, context) -> None:
+        # On the CPU; Serve and batch prediction move it to the replica's GPU when it has one
+        # (ase_ray.serve.predictor.load_model).
+        self.load_dir(context.artifacts[ARTIFACT_KEY])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return self.predict_arrays(frame_to_features(model_input, self.meta))
-
-    def predict_proba(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """Class probabilities (N, C) for in-memory arrays (no DataFrame round trip; Serve uses this)."""
-        from ase_ray.train.loop import predict_proba
-
-        return predict_proba(self.module, check_features(features, self.meta))
 
     def predict_arrays(self, features: dict[str, np.ndarray]) -> pd.DataFrame:
         probs = self.predict_proba(features)

@@ -159,13 +159,15 @@ class Classifier:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         from ase_ray.features.inmemory import features_key
+        from ase_ray.models.inference import replica_device
         from ase_ray.serve.predictor import load_model, resolve_model_ref, serving_features
 
         selection = ModelSelection.model_validate(user_config)
         try:
             ref = resolve_model_ref(selection.model_uri, self.tracking_uri)
             if self.model is None or ref != self.model.ref:
-                model = load_model(ref, self.tracking_uri)
+                # On the replica's GPU when serve.classifier.num_gpus gives it one, else the CPU.
+                model = load_model(ref, self.tracking_uri, replica_device(self.config.serve.classifier.num_gpus))
                 key = features_key(serving_features(self.config.features, model.feature_settings))
                 self.model, self.expected_key = model, key
             self.swap_error = None

@@ -26,6 +26,8 @@ import numpy as np
 from ase_ray.errors import DataError
 
 if TYPE_CHECKING:
+    import torch
+
     from ase_ray.config import AppConfig, FeaturesConfig
     from ase_ray.features.inmemory import DecodedImage, ExtractedFeatures, FeatureExtractor
     from ase_ray.serve.settings import DeploymentSettings
@@ -113,8 +115,9 @@ class LoadedModel:
         return {**self.ref.describe(), "task": self.task, "classes": self.classes, "loaded_at": self.loaded_at}
 
 
-def load_model(ref: ModelRef, tracking_uri: str) -> LoadedModel:
-    """The pyfunc of ``ref`` (an ase-ray DefectClassifierModel), loaded once."""
+def load_model(ref: ModelRef, tracking_uri: str, device: "str | torch.device" = "cpu") -> LoadedModel:
+    """The pyfunc of ``ref`` (an ase-ray DefectClassifierModel), loaded once, its weights on ``device``
+    (``replica_device(num_gpus)``: cuda in a replica that was given a GPU)."""
     import mlflow.pyfunc
 
     from ase_ray.serving_model import DefectClassifierModel
@@ -127,7 +130,7 @@ def load_model(ref: ModelRef, tracking_uri: str) -> LoadedModel:
     python_model = pyfunc.unwrap_python_model()
     if not isinstance(python_model, DefectClassifierModel):
         raise DataError(f"{ref.uri} is not an ase-ray defect classifier ({type(python_model).__name__})")
-    return LoadedModel(ref, python_model)
+    return LoadedModel(ref, python_model.to(device))
 
 
 def model_feature_settings(ref: ModelRef, tracking_uri: str) -> dict[str, Any] | None:
@@ -215,9 +218,10 @@ class Predictor:
     def load(cls, config: "AppConfig", ref: ModelRef, cache_root: str | None = None,
              resources: "DeploymentSettings | None" = None) -> "Predictor":
         from ase_ray.features.inmemory import FeatureExtractor
+        from ase_ray.models.inference import replica_device
         from ase_ray.tracking import tracking_uri
 
-        model = load_model(ref, tracking_uri(config))
+        model = load_model(ref, tracking_uri(config), replica_device(resources.num_gpus if resources else 0))
         features = serving_features(config.features, model.feature_settings, resources)
         return cls(model, FeatureExtractor(features, cache_root).load(), config.serve.review_threshold)
 

@@ -30,12 +30,16 @@ class BackendUnavailable(AseRayError):
 
 
 def resolve_device(device: str) -> "torch.device":
-    """``auto`` means cuda when a GPU is visible, else cpu; anything else is passed to torch."""
+    """``auto`` means cuda when a GPU is visible, else cpu; anything else is passed to torch. On the CPU
+    torch's threads are capped at OMP_THREAD_LIMIT first (bf16 comes back wrong otherwise)."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from ase_ray.torch_threads import respect_omp_thread_limit
+
+    resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if resolved.type == "cpu":
+        respect_omp_thread_limit()
+    return resolved
 
 
 # Characters the tiny test tokenizers know; anything else maps to the unknown token.

@@ -16,22 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ase_ray.torch_threads import respect_omp_thread_limit
 from ase_ray.train.settings import TrainConfig
 
 TORCH_STATE = "train_state.pt"
 DEEPSPEED_TAG = "deepspeed"
-
-
-def respect_omp_thread_limit() -> int:
-    """Cap torch's intra-op threads at ``OMP_THREAD_LIMIT``. With more torch threads than OpenMP lets
-    run, bf16 matrix products on the CPU come back partly uncomputed (garbage, NaN) while fp32 ones are
-    right (torch 2.13, seen here with OMP_THREAD_LIMIT=1, which the project sets for tesseract)."""
-    import os
-
-    limit = os.environ.get("OMP_THREAD_LIMIT", "")
-    if limit.isdigit() and 0 < int(limit) < torch.get_num_threads():
-        torch.set_num_threads(int(limit))
-    return torch.get_num_threads()
 
 
 def process_group_up() -> bool:

@@ -58,9 +58,10 @@ def gpu_device():
     if device is None:  # not reached: the items are skipped
         pytest.skip(SKIP_REASON)
     if device == "cpu":
-        # Dry run: torch 2.13's oneDNN bf16 matmul on the CPU now and then returns NaN in the tiny
-        # InstructBLIP (not reproducible on the same input; gone with oneDNN off), which would make
-        # the bf16 cases flaky here. A CUDA run never runs bf16 on the CPU.
+        # Dry run: torch 2.13's oneDNN bf16 matmul on the CPU returns garbage (NaN) when torch has more
+        # threads than OMP_THREAD_LIMIT allows (ase_ray.torch_threads caps them where the project
+        # loads models); oneDNN off keeps the bf16 cases safe here whatever the test set up. A CUDA
+        # run never runs bf16 on the CPU.
         torch.backends.mkldnn.enabled = False
     return torch.device(device)
 

@@ -1,5 +1,6 @@
 """The training loop on CUDA: a real NCCL process group of one rank, DDP, bf16 autocast, batches and
-collectives on the GPU. Plain torch: runs where Ray, DeepSpeed and MLflow are not installed."""
+collectives on the GPU. Plain torch: runs where Ray, DeepSpeed and MLflow are not installed (in the
+CPU dry run, ASE_RAY_GPU_TESTS_DEVICE=cpu, the group is gloo)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu
 
 
 def _free_port() -> int:
@@ -20,18 +21,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def nccl_group():
+def process_group(gpu_device):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    yield dist
+    if gpu_device.type == "cuda":
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    else:
+        device = gpu_device
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield device
     dist.destroy_process_group()
 
 
-def test_loop_on_cuda_in_bf16_under_nccl(nccl_group, tmp_path):
+def test_loop_on_cuda_in_bf16_under_nccl(process_group, tmp_path):
     from ase_ray.config import load_config
     from ase_ray.testing import fake_feature_store
     from ase_ray.train.data import LABEL_KEY, load_task_arrays
@@ -42,11 +48,11 @@ def test_loop_on_cuda_in_bf16_under_nccl(nccl_group, tmp_path):
     arrays = {k: {**a.features, LABEL_KEY: a.labels} for k, a in splits.items()}
     cfg = load_config(overrides=["train.epochs=4", "train.lr=3e-3", "train.autocast=bf16",
                                  "train.pfa.epochs_per_stage=1", "train.pfa.first_fraction=0.5"]).train
-    device = torch.device("cuda", 0)
+    device = process_group
     assert smallest_across_ranks(17, device) == 17  # the NCCL all-reduce of a CUDA tensor
     result = run_epochs(arrays["train"], arrays["val"], cfg, classes, device=device,
                         common_size=lambda n: smallest_across_ranks(n, device))
-    assert isinstance(result.module, torch.nn.Module) and next(result.module.parameters()).is_cuda
+    assert next(result.module.parameters()).device.type == device.type
     assert all(p.dtype == torch.float32 for p in result.module.parameters())  # autocast, fp32 weights
     losses = [h["train_ce"] for h in result.history]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]

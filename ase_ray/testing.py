@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ase_ray.data.manifest import DatasetInfo, write_dataset_info
-from ase_ray.features.stages import TEXT_SOURCES
+from ase_ray.features.stages import TEXT_COLUMNS, TEXT_SOURCES
 from ase_ray.features.store import Store, write_store_arrays
 
 
@@ -23,8 +23,10 @@ def fake_feature_store(
     llm_dim: int = 20,
     signal: float = 1.5,
     seed: int = 0,
+    constant_sources: tuple[str, ...] = (),
 ) -> Store:
-    """A store in the real format; each class shifts the features along its own random direction."""
+    """A store in the real format; each class shifts the features along its own random direction.
+    A source in ``constant_sources`` has one text and the same features on every row (no information)."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(len(classes)), per_class)
     n = len(labels)
@@ -44,6 +46,9 @@ def fake_feature_store(
         arrays[f"text_{src}_tokens"] = with_signal((text_len, text_dim)).astype(np.float16)
         lengths = rng.integers(2, text_len + 1, size=n)
         arrays[f"text_{src}_mask"] = (np.arange(text_len)[None, :] < lengths[:, None]).astype(np.int8)
+        if src in constant_sources:
+            for part in ("pooled", "tokens", "mask"):
+                arrays[f"text_{src}_{part}"] = np.repeat(arrays[f"text_{src}_{part}"][:1], n, axis=0)
     out_dir = Path(out_dir)
     rows = pd.DataFrame(
         {
@@ -55,10 +60,12 @@ def fake_feature_store(
             "group": [f"g{i}" for i in range(n)],
             "split": splits,
             "ocr_text": [f"LEN {i % 7}.0" for i in range(n)],
-            "description": ["a board"] * n,
-            "reasoning": ["maybe"] * n,
+            "description": [f"a board with {i % 5} marks" for i in range(n)],
+            "reasoning": [f"maybe a defect ({i % 3})" for i in range(n)],
         }
     )
+    for src in constant_sources:
+        rows[TEXT_COLUMNS[src]] = "the same text"
     manifest = out_dir / "manifest.csv"
     write_dataset_info(out_dir, DatasetInfo(list(classes), classes[0], "fake"))
     errors = pd.DataFrame({c: pd.Series(dtype=t) for c, t in

@@ -96,6 +96,7 @@ def import_magnetic_tile(root: str | Path, out_dir: str | Path, max_gap: int) ->
         extra={
             "root": str(Path(root).expanduser().resolve()),
             "group_max_gap": max_gap,
+            "domain": "magnetic tile surface image",  # the LLM prompt's {domain}
             "citation": "Huang, Qiu and Yuan, Surface defect saliency of magnetic tile, "
             "The Visual Computer 36 (2020)",
         },

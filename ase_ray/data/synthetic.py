@@ -443,10 +443,14 @@ def generate_synthetic(config: SynthConfig, out_dir: Path, progress: bool = Fals
             classes=list(classes),
             normal_class=config.normal_class,
             source="synthetic",
-            extra={"seed": config.seed, "scale": config.scale, "text_region": text_region(config)},
+            extra={"seed": config.seed, "scale": config.scale, "text_region": text_region(config),
+                   "domain": SYNTHETIC_DOMAIN},
         ),
     )
     return manifest
+
+
+SYNTHETIC_DOMAIN = "automated optical inspection image"  # dataset.yaml `domain`: the LLM prompt's {domain}
 
 
 def manifest_row(path: Path, board: BoardPlan, config: SynthConfig) -> dict:

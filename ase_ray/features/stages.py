@@ -312,10 +312,11 @@ class TextEncodeStage(Stage):
         outputs: list[dict[str, Any]] = [{} for _ in rows]
         for source in TEXT_SOURCES:
             feats = self.backend.encode_batch([r[TEXT_COLUMNS[source]] for r in rows])
-            for out, pooled, tokens, mask in zip(outputs, feats.pooled, feats.tokens, feats.mask):
+            for out, pooled, tokens, mask, cut in zip(outputs, feats.pooled, feats.tokens, feats.mask, feats.cut):
                 out[f"{source}_pooled"] = pooled
                 out[f"{source}_tokens"] = tokens.astype(np.float16)
                 out[f"{source}_mask"] = mask.astype(np.int8)
+                out[f"{source}_cut"] = np.array(cut, dtype=np.int64)  # 0-d, like every other output
         return outputs
 
 

@@ -10,18 +10,22 @@
 | ``width``, ``height`` | int64 | image size in px |
 | ``ocr_text`` / ``ocr_fields`` | string | raw OCR text / its ``KEY value`` fields as JSON (numbers as numbers) |
 | ``description`` | string | the VLM's (or the offline describer's) zero-shot description |
-| ``reasoning`` | string | the LLM's answer (generate mode) or its prompt (forward mode) |
+| ``reasoning`` | string | the LLM's answer (generate mode); empty in forward mode (the source is absent) |
 | ``llm_hidden`` | list<float32>[H] | the LLM's mean last hidden state |
 | ``image_pooled`` | list<float32>[D] | pooled image embedding |
 | ``image_tokens`` | list<float16>[N*D] | spatial token map, row-major (N, D) |
 | ``text_<src>_pooled`` | list<float32>[T] | for src in ocr, description, reasoning |
 | ``text_<src>_tokens`` | list<float16>[L*T] | token states, row-major (L, T), zero-padded |
 | ``text_<src>_mask`` | list<int8>[L] | 1 where a token is real |
+| ``text_<src>_tokens_cut`` | int64 | tokens of the text beyond L that the encoder cut off (0: whole text) |
 
 ``store.json`` records the shapes of the array columns (``shapes``), per stage the backend and the
 model that ran (``backends``: ``ase_ray.features.model_info.ran_models``), the stage settings
-(``features``) and the counts. ``errors.parquet``: ``row_id``, ``image_path``, ``label``, ``stage``, ``message``; every
-input row is in exactly one of the two tables. :func:`load_store` and :func:`stack` read it back.
+(``features``), the counts, and what each text source carries (``ase_ray.features.text_stats``):
+``text_stats.<src>`` (``pooled_std``: mean per-dimension std of ``text_<src>_pooled`` across rows,
+``distinct_texts``, ``absent``, ``constant``, ``tokens_cut``, ``texts_cut``), ``constant_sources`` (no
+spread, or absent: training drops them) and ``absent_sources``. ``errors.parquet``: ``row_id``,
+``image_path``, ``label``, ``stage``, ``message``; every input row is in exactly one of the two tables. :func:`load_store` and :func:`stack` read it back.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import pyarrow.parquet as pq
 from ase_ray.errors import DataError
 from ase_ray.features.cache import StageCache
 from ase_ray.features.stages import TEXT_SOURCES
+from ase_ray.features.text_stats import cut_column, store_text_meta
 
 FEATURES_FILE = "features.parquet"
 ERRORS_FILE = "errors.parquet"
@@ -81,7 +86,16 @@ def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path,
         }
     ).reset_index(drop=True)
     good = rows.loc[~failed].reset_index(drop=True)
+    good = good.assign(**tokens_cut_from_cache(good, Path(cache_root)))
     return write_store_arrays(good, arrays_from_cache(good, Path(cache_root)), errors, out_dir, meta)
+
+
+def tokens_cut_from_cache(good: pd.DataFrame, cache_root: Path) -> dict[str, np.ndarray]:
+    """Per text source, the tokens the encoder cut from each row's text (``text_<src>_tokens_cut``)."""
+    cache = StageCache(cache_root, "text_encoder", "")
+    entries = [cache.get(key) or {} for key in good["key_text_encoder"]] if len(good) else []
+    return {cut_column(src): np.asarray([int(e.get(f"{src}_cut", 0)) for e in entries], dtype=np.int64)
+            for src in TEXT_SOURCES}
 
 
 def arrays_from_cache(good: pd.DataFrame, cache_root: Path) -> dict[str, np.ndarray]:
@@ -115,7 +129,9 @@ def write_store_arrays(
         table = table.append_column(column, _fixed_list(flat))
     pq.write_table(table, out_dir / FEATURES_FILE)
     errors.to_parquet(out_dir / ERRORS_FILE, index=False)
-    meta = {**meta, "rows": int(len(good)), "errors": int(len(errors)), "shapes": shapes}
+    pooled = {src: arrays[f"text_{src}_pooled"] for src in TEXT_SOURCES if f"text_{src}_pooled" in arrays}
+    meta = {**meta, "rows": int(len(good)), "errors": int(len(errors)), "shapes": shapes,
+            **store_text_meta(good, pooled)}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return Store(features=table.to_pandas(), errors=errors, meta=meta)
 

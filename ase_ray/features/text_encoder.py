@@ -35,6 +35,7 @@ class TextFeatures:
     pooled: np.ndarray  # (B, D) float32, mean over the attention mask
     tokens: np.ndarray  # (B, L, D) float32, L = settings.max_length, zeros where mask is 0
     mask: np.ndarray  # (B, L) int8
+    cut: np.ndarray  # (B,) int64, tokens of each text beyond L that were cut off (0: the whole text)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -171,7 +172,13 @@ class TextEncoder:
             pooled=np.zeros((0, width), dtype=np.float32),
             tokens=np.zeros((0, length, width), dtype=np.float32),
             mask=np.zeros((0, length), dtype=np.int8),
+            cut=np.zeros((0,), dtype=np.int64),
         )
+
+    def tokens_cut(self, texts: list[str]) -> np.ndarray:
+        """Per text, how many of its tokens (special tokens included) do not fit in ``max_length``."""
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
+        return np.maximum(np.asarray(lengths, dtype=np.int64) - self.max_length, 0)
 
     def encode_batch(self, texts: list[str]) -> TextFeatures:
         import torch
@@ -195,4 +202,5 @@ class TextEncoder:
             pooled=pooled.float().cpu().numpy(),
             tokens=pad_to_length(tokens.float().cpu().numpy(), self.max_length),
             mask=pad_to_length(mask.cpu().numpy().astype(np.int8), self.max_length),
+            cut=self.tokens_cut(texts),
         )

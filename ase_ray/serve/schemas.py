@@ -37,7 +37,7 @@ class OcrResult(BaseModel):
 
 class GeneratedTexts(BaseModel):
     description: str = Field(description="The VLM's (or the offline describer's) description.")
-    reasoning: str = Field(description="The LLM's reasoning (generate mode) or its prompt (forward mode).")
+    reasoning: str = Field(description="The LLM's reasoning (generate mode); empty in forward mode, which writes no text.")
 
 
 class ImageInfo(BaseModel):

@@ -121,10 +121,13 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     import ray
 
     from ase_ray.features.store import load_store
-    from ase_ray.train.data import store_arrays, task_classes
+    from ase_ray.train.data import store_arrays, task_classes, usable_text_sources
 
     a = config.ablate
     store = load_store(store_dir)
+    kept, _ = usable_text_sources(config.train.model.text_sources, store.meta.get("constant_sources", []))
+    model = config.train.model.model_copy(update={"text_sources": kept})  # as `ase-ray train` does
+    config = config.model_copy(update={"train": config.train.model_copy(update={"model": model})})
     rows = store.features
     augmented = rows[AUGMENTED].astype(str).str.lower().eq("true").to_numpy() if AUGMENTED in rows else np.zeros(len(rows), bool)
     fold_of = rows[FOLD].astype(int).to_numpy()

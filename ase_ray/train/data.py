@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,10 @@ from ase_ray.data.manifest import (
 )
 from ase_ray.errors import DataError
 from ase_ray.features.stages import TEXT_SOURCES
-from ase_ray.features.store import Store, load_store, stack
+from ase_ray.features.store import META_FILE, Store, load_store, stack
+from ase_ray.features.text_stats import flagged, text_source_stats
+
+logger = logging.getLogger(__name__)
 
 LABEL_KEY = "label_idx"
 ROW_KEY = "row_index"  # the row's place in its split: workers put rows back in order and take their share
@@ -103,6 +108,34 @@ def load_task_arrays(store_dir: str | Path, task: str, use_augmented: bool = Tru
     store = load_store(store_dir)
     classes = task_classes(store, task)
     return split_arrays(store_arrays(store, task, classes), use_augmented), classes
+
+
+def constant_text_sources(store_dir: str | Path, train: Arrays) -> list[str]:
+    """The text sources that do not vary (or are absent): the store's ``constant_sources`` when its
+    ``store.json`` has it, else judged on the training rows (a store written before it was recorded)."""
+    meta_path = Path(store_dir) / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "constant_sources" in meta:
+        return list(meta["constant_sources"])
+    pooled = {src: train.features[f"text_{src}_pooled"] for src in TEXT_SOURCES
+              if f"text_{src}_pooled" in train.features}
+    return flagged(text_source_stats(train.rows, pooled))
+
+
+def usable_text_sources(requested: list[str], constant: list[str]) -> tuple[list[str], list[str]]:
+    """(kept, dropped): ``requested`` without the constant sources, with a warning; when that would
+    leave none, all of ``requested`` are kept (with a warning) and nothing is dropped."""
+    dropped = [src for src in requested if src in constant]
+    kept = [src for src in requested if src not in constant]
+    if not dropped:
+        return list(requested), []
+    if not kept:
+        logger.warning("every text source of train.model.text_sources %s is constant across the store; "
+                       "keeping them all (the text branch carries no information)", requested)
+        return list(requested), []
+    logger.warning("dropping text sources %s from train.model.text_sources: they do not vary across the "
+                   "feature store (constant or absent); training on %s", dropped, kept)
+    return kept, dropped
 
 
 def split_fingerprint(arrays: Arrays, classes: list[str]) -> str:

@@ -13,7 +13,14 @@ import numpy as np
 from ase_ray.config import AppConfig
 from ase_ray.errors import DataError
 from ase_ray.tracking import VAL_FINGERPRINT_TAG
-from ase_ray.train.data import Arrays, load_task_arrays, split_fingerprint, to_ray_dataset
+from ase_ray.train.data import (
+    Arrays,
+    constant_text_sources,
+    load_task_arrays,
+    split_fingerprint,
+    to_ray_dataset,
+    usable_text_sources,
+)
 from ase_ray.train.loop import MODEL_DIR, predict_proba, train_loop_per_worker
 from ase_ray.train.metrics import classification_metrics, confusion_figure, flat_metrics, report_text
 
@@ -61,6 +68,8 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     config = plan.config
     cfg = config.train
     splits, classes = load_task_arrays(store_dir(config), cfg.task, cfg.use_augmented)
+    config, dropped = without_constant_sources(config, splits["train"])
+    cfg = config.train
     if len(splits["train"]) < cfg.num_workers:
         raise DataError(f"{len(splits['train'])} training rows cannot feed {cfg.num_workers} workers")
     data = {"store_dir": str(store_dir(config).resolve()), "classes": classes,
@@ -72,7 +81,8 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     run_tags = {**(tags or {}), VAL_FINGERPRINT_TAG: data["val_fingerprint"],
-                "ase_ray.val_rows": str(len(splits["val"])), "ase_ray.train_run": plan.name}
+                "ase_ray.val_rows": str(len(splits["val"])), "ase_ray.train_run": plan.name,
+                "ase_ray.dropped_text_sources": ",".join(dropped) or "none"}
     run_id = _open_run(config, plan, run_tags, parent_run_id) if track else None
     write_record(plan, run_id, data)
     from ase_ray.tracking import tracking_uri
@@ -115,12 +125,23 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         best = _best_record(Path(ckpt), len(splits["val"]))
     _record_feature_settings(config, model_dir)
     metrics = evaluate_model_dir(model_dir, splits, classes)
-    results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best)
+    results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best, dropped)
     if run_id:
         _log_final(config, run_id, model_dir, metrics, splits, results_path, best)
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}), best epoch {best['epoch']}: val macro-F1 "
          f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}")
     return FitResult(run_id, model_dir, metrics, classes, results_path, plan.name, best)
+
+
+def without_constant_sources(config: AppConfig, train: Arrays) -> tuple[AppConfig, list[str]]:
+    """``config`` with the store's constant (or absent) text sources left out of
+    ``train.model.text_sources`` (see :func:`ase_ray.train.data.usable_text_sources`), and those left out."""
+    model = config.train.model
+    kept, dropped = usable_text_sources(model.text_sources, constant_text_sources(store_dir(config), train))
+    if not dropped:
+        return config, []
+    train_cfg = config.train.model_copy(update={"model": model.model_copy(update={"text_sources": kept})})
+    return config.model_copy(update={"train": train_cfg}), dropped
 
 
 def _best_record(checkpoint_dir: Path, val_rows: int) -> dict[str, Any]:
@@ -202,12 +223,14 @@ def _end_run(config: AppConfig, run_id: str, status: str) -> None:
     setup_mlflow(config).tracking.MlflowClient().set_terminated(run_id, status)
 
 
-def _write_results(config, run_id, train_run, model_dir, metrics, classes, best) -> Path:
+def _write_results(config, run_id, train_run, model_dir, metrics, classes, best, dropped=()) -> Path:
     out = Path(config.project.work_dir).resolve() / "results" / f"train_{run_id or train_run}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"run_id": run_id, "train_run": train_run, "model_dir": str(model_dir),
                                "classes": classes, "task": config.train.task, "kind": config.train.model.kind,
-                               "best_epoch": best, "metrics": metrics}, indent=2))
+                               "text_sources": config.train.model.text_sources,
+                               "dropped_text_sources": list(dropped), "best_epoch": best, "metrics": metrics},
+                              indent=2))
     return out
 
 

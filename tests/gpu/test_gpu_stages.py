@@ -233,13 +233,14 @@ def test_reason_forward_on_gpu(gpu_device, cpu_reason_forward, dtype) -> None:
     out = gpu.reason_batch(OCR, DESCRIPTIONS)
     ref = cpu_reason_forward.reason_batch(OCR, DESCRIPTIONS)
 
-    assert out.texts == ref.texts  # forward mode: the prompts
+    assert out.texts == ref.texts == [""] * len(OCR)  # forward mode: no reasoning text
     assert out.hidden.dtype == np.float32 and out.hidden.shape == (len(OCR), gpu.hidden_size)
     assert_close(out.hidden, ref.hidden, rel, "reason hidden (shared prefix path)")
-    # The shared-prefix path above and the plain full-prompt path give the same feature.
-    assert gpu.shared_prefix() is not None
+    # The shared-prefix path above and one full pass pooled after the prefix give the same feature.
+    prefix = gpu.shared_prefix()
+    assert prefix is not None
     with torch.inference_mode():
-        full = gpu.mean_last_hidden(**gpu.tokenize_prompts(gpu.build_prompts(OCR, DESCRIPTIONS)))
+        full = gpu._mean_hidden_skipping(gpu.build_prompts(OCR, DESCRIPTIONS), [len(prefix.ids)] * len(OCR))
     assert_close(full.astype(np.float32), ref.hidden, rel, "reason hidden (full prompt path)")
     assert gpu.reason_batch([], []).hidden.shape == (0, gpu.hidden_size)
 

@@ -64,6 +64,13 @@ def test_store_errors_cache_and_mlflow(ray_session, dataset):
     # What ran, not the cluster's model ids that the tiny backends never read.
     assert {s: m["model"] for s, m in store.meta["backends"].items()} == RAN
     assert json.loads((dataset / "store" / "store.json").read_text())["backends"] == store.meta["backends"]
+    # forward mode: no reasoning text (absent, flagged); every other source varies; nothing is cut
+    assert features["reasoning"].eq("").all()
+    assert first.summary["absent_sources"] == ["reasoning"] and "reasoning" in first.summary["constant_sources"]
+    assert store.meta["constant_sources"] == first.summary["constant_sources"]
+    assert store.meta["text_stats"]["ocr"]["pooled_std"] > 0 and not store.meta["text_stats"]["ocr"]["constant"]
+    assert store.meta["text_stats"]["ocr"]["tokens_cut"] == 0 and (features["text_ocr_tokens_cut"] == 0).all()
+    assert store.meta["features"]["reason"]["domain"] == "automated optical inspection image"  # dataset.yaml
 
     second = extract_features(cfg, manifest, dataset / "store2")
     for stage in ("ocr", "describe", "reason", "image_encoder", "text_encoder"):
@@ -81,6 +88,9 @@ def test_store_errors_cache_and_mlflow(ray_session, dataset):
     assert {s: run.data.tags[f"ase_ray.model.{s}"] for s in RAN} == RAN
     assert not [k for k in run.data.params if k.endswith((".model_id", ".revision"))]  # no Llama-2 "ran"
     assert run.data.metrics["errors"] == 1 and run.data.metrics["rows"] == n
+    assert run.data.metrics["text_ocr_tokens_cut"] == 0 and run.data.metrics["text_ocr_pooled_std"] > 0
+    assert "reasoning" in run.data.tags["ase_ray.constant_sources"].split(",")
+    assert run.data.tags["ase_ray.absent_sources"] == "reasoning"
     assert "sample_texts.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

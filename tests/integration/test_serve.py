@@ -132,7 +132,7 @@ def test_predict_returns_every_documented_field(served):
     assert body["needs_review"] == (body["confidence"] < body["review_threshold"])
     assert body["review_threshold"] == 0.6
     assert "LEN" in body["ocr"]["text"] and isinstance(body["ocr"]["fields"]["LEN"], float)
-    assert isinstance(body["texts"]["description"], str) and body["texts"]["reasoning"]
+    assert isinstance(body["texts"]["description"], str) and isinstance(body["texts"]["reasoning"], str)
     assert body["model"] == {**body["model"], "name": MODEL, "version": "1", "alias": "champion",
                              "uri": f"models:/{MODEL}@champion"}
     assert body["model"]["run_id"]

@@ -57,7 +57,19 @@ def test_forward_gives_finite_features_that_differ_between_inputs(tiny_forward):
     assert out.hidden.shape == (2, 32) and out.hidden.dtype == np.float32
     assert np.isfinite(out.hidden).all()
     assert not np.allclose(out.hidden[0], out.hidden[1])
-    assert out.texts == tiny_forward.build_prompts(OCR, DESCRIPTIONS)
+    assert out.texts == ["", ""]  # no reasoning text in forward mode (the source is absent), never the prompt
+
+
+def test_forward_features_of_two_images_differ_more_than_whole_prompt_means(tiny_forward):
+    # Two images whose texts differ only in a number: the feature pools their own tokens only, so the
+    # shared system prompt does not drown the difference.
+    import torch
+
+    ocr, descriptions = ["LEN 3.25", "LEN 9.75"], ["Two pink dots.", "Two pink dots."]
+    own = tiny_forward.reason_batch(ocr, descriptions).hidden
+    with torch.inference_mode():
+        whole = tiny_forward.mean_last_hidden(**tiny_forward.tokenize_prompts(tiny_forward.build_prompts(ocr, descriptions)))
+    assert np.linalg.norm(own[0] - own[1]) > 1.5 * np.linalg.norm(whole[0] - whole[1]) > 0
 
 
 def test_forward_features_do_not_depend_on_padding(tiny_forward):
@@ -73,17 +85,34 @@ def test_forward_with_the_shared_prefix_equals_the_full_forward_pass(tiny_forwar
     prefix = tiny_forward.shared_prefix()
     assert prefix is not None and 4 <= len(prefix.ids) < min(len(tiny_forward._token_ids(p)) for p in prompts)
     with torch.inference_mode():
-        full = tiny_forward.mean_last_hidden(**tiny_forward.tokenize_prompts(prompts))
-    np.testing.assert_allclose(tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden, full, atol=1e-5)
+        full = tiny_forward._mean_hidden_skipping(prompts, [len(prefix.ids)] * len(prompts))
+        whole_prompt = tiny_forward.mean_last_hidden(**tiny_forward.tokenize_prompts(prompts))
+    hidden = tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden
+    np.testing.assert_allclose(hidden, full, atol=1e-5)
+    assert not np.allclose(hidden, whole_prompt, atol=1e-3)  # the shared prefix is not pooled
+
+
+def test_pooling_skips_exactly_the_given_leading_tokens(tiny_forward):
+    import torch
+
+    prompts = tiny_forward.build_prompts(OCR, DESCRIPTIONS)
+    with torch.inference_mode():
+        np.testing.assert_allclose(tiny_forward._mean_hidden_skipping(prompts, [0, 0]),
+                                   tiny_forward.mean_last_hidden(**tiny_forward.tokenize_prompts(prompts)), atol=1e-5)
 
 
 def test_a_prompt_that_does_not_start_with_the_prefix_takes_the_full_pass(tiny_forward):
     import torch
 
     prompts = ["entirely different text", *tiny_forward.build_prompts(OCR[:1], DESCRIPTIONS[:1])]
+    prefix = tiny_forward.shared_prefix()
+    skip = [reason.shared_length(tiny_forward._token_ids(p), prefix.ids) for p in prompts]
+    assert skip[0] < len(prefix.ids) == skip[1]
     with torch.inference_mode():
-        full = tiny_forward.mean_last_hidden(**tiny_forward.tokenize_prompts(prompts))
+        full = tiny_forward._mean_hidden_skipping(prompts, skip)
         np.testing.assert_allclose(tiny_forward.forward_features(prompts), full, atol=1e-5)
+        # the prompt that starts with the prefix gets the same feature as on the cached path
+        np.testing.assert_allclose(full[1], tiny_forward.forward_features(prompts[1:])[0], atol=1e-5)
 
 
 def test_tiny_models_are_identical_across_builds(tiny_forward):
@@ -96,7 +125,8 @@ def test_tiny_models_are_identical_across_builds(tiny_forward):
 def test_prompt_holds_system_prompt_ocr_and_description_through_the_chat_template(tiny_forward):
     settings = tiny_forward.settings
     prompt = reason.build_prompt(tiny_forward.tokenizer, settings, OCR[0], DESCRIPTIONS[0])
-    assert settings.system_prompt in prompt
+    assert settings.rendered_system_prompt() in prompt and "{domain}" not in prompt
+    assert "inspection image" in prompt and "printed circuit" not in prompt
     assert OCR[0] in prompt and DESCRIPTIONS[0] in prompt
     assert prompt.startswith("<|system|>") and prompt.endswith("<|assistant|>")
 
@@ -106,8 +136,14 @@ def test_prompt_falls_back_to_plain_text_without_a_chat_template():
     tokenizer = reason.build_tiny_llama_tokenizer()
     tokenizer.chat_template = None
     prompt = reason.build_prompt(tokenizer, settings, OCR[0], "")
-    assert prompt.startswith(settings.system_prompt)
+    assert prompt.startswith(settings.rendered_system_prompt())
     assert OCR[0] in prompt and "Image description: (none)" in prompt
+
+
+def test_the_domain_names_the_images_in_the_system_prompt():
+    settings = ReasonSettings(backend="tiny", domain="magnetic tile surface image")
+    prompt = reason.build_prompt(reason.build_tiny_llama_tokenizer(), settings, OCR[0], DESCRIPTIONS[0])
+    assert "in this magnetic tile surface image is a real defect" in prompt
 
 
 def test_the_label_cannot_reach_the_prompt():
@@ -202,7 +238,10 @@ def test_smollm2_offline_forward_gives_576_wide_features():
     assert out.hidden.shape == (2, 576) and out.hidden.dtype == np.float32
     assert np.isfinite(out.hidden).all()
     assert not np.allclose(out.hidden[0], out.hidden[1])
-    assert "<|im_start|>system" in out.texts[0] and OCR[0] in out.texts[0]
+    assert out.texts == ["", ""]  # forward mode writes no reasoning text
+    prompt = reasoner.build_prompts(OCR, DESCRIPTIONS)[0]
+    assert "<|im_start|>system" in prompt and OCR[0] in prompt and "inspection image" in prompt
+    assert reasoner.shared_prefix() is not None  # the pooled tokens are the prompt's own
 
 
 def test_hf_backend_loads_a_model_directory(tmp_path, tiny_forward):

@@ -89,7 +89,8 @@ def test_minilm_offline_puts_similar_sentences_closer():
     unit = feats.pooled / np.linalg.norm(feats.pooled, axis=1, keepdims=True)
 
     assert feats.pooled.shape == (4, encoder.hidden_size) == (4, 384)
-    assert feats.tokens.shape == (4, 64, 384)
+    assert feats.tokens.shape == (4, TextEncoderSettings().max_length, 384) == (4, 128, 384)
+    assert feats.cut.tolist() == [0, 0, 0, 0]
     assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.2
     assert np.isfinite(feats.pooled).all()
 

@@ -92,7 +92,8 @@ def test_manifest_and_dataset_info_round_trip(small_set):
     assert info.classes == [c.name for c in config.classes]
     assert info.normal_class == config.normal_class
     assert info.source == "synthetic"
-    assert info.extra == {"seed": config.seed, "scale": config.scale, "text_region": text_region(config)}
+    assert info.extra == {"seed": config.seed, "scale": config.scale, "text_region": text_region(config),
+                          "domain": "automated optical inspection image"}
     x0, y0, x1, y1 = info.extra["text_region"]
     assert (x0, y0, x1) == (0.0, 0.0, 1.0) and 0.1 < y1 < 0.4  # the printed band, a layout hint for OCR
 

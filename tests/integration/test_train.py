@@ -143,3 +143,15 @@ def test_deepspeed_zero2_bf16_exports_fp32_master_weights(ray_session, tmp_path)
     val = _history(client, result.run_id, "val_macro_f1")
     assert val[best] == pytest.approx(run.data.metrics["final_val_macro_f1"], abs=1e-9)
     assert json.loads((result.model_dir / "model.json").read_text())["extra"]["training_precision"] == "bf16"
+
+
+def test_a_constant_text_source_is_left_out_and_recorded(ray_session, tmp_path):
+    fake_feature_store(tmp_path / "store", per_class=10, constant_sources=("reasoning",))
+    cfg = _config(tmp_path, tmp_path / "store", "train.epochs=2", "train.num_workers=1")
+    result = fit(cfg)
+    results = json.loads(result.results_path.read_text())
+    assert results["dropped_text_sources"] == ["reasoning"] and results["text_sources"] == ["ocr", "description"]
+    assert json.loads((result.model_dir / "model.json").read_text())["settings"]["text_sources"] == ["ocr", "description"]
+    run = MlflowClient(tracking_uri(cfg)).get_run(result.run_id)
+    assert run.data.tags["ase_ray.dropped_text_sources"] == "reasoning"
+    assert "reasoning" not in run.data.params["train.model.text_sources"]

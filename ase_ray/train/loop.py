@@ -244,12 +244,12 @@ def read_loop_state(directory: Path) -> tuple[int, Best]:
 
 
 def save_random_states(directory: Path, rank: int, rng: np.random.Generator, device: torch.device) -> None:
-    states = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    """This rank's torch (and CUDA) generator states as tensors, numpy's as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    torch.save({"torch": states["torch"], **({"cuda": states["cuda"]} if "cuda" in states else {})},
-               directory / f"rng_rank{rank}.pt")
-    (directory / f"rng_rank{rank}.json").write_text(json.dumps(states["numpy"]))
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save(tensors, directory / f"rng_rank{rank}.pt")
+    (directory / f"rng_rank{rank}.json").write_text(json.dumps(rng.bit_generator.state))
 
 
 def restore_random_states(directory: Path, rank: int, rng: np.random.Generator, device: torch.device) -> None:

@@ -72,7 +72,7 @@ def predict_proba(module: torch.nn.Module, features: dict[str, np.ndarray], devi
                   batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Class probabilities (N, C), float32 numpy on the host, in eval mode, ``batch_size`` rows at a
     time. Inputs go to ``device`` (default: where the module's weights are): floats as float32,
-    integers (masks) as int64. The same computation as training's scoring (``ase_ray.train.loop``)."""
+    integers (masks) as int64. Training scores its epochs with it too (``ase_ray.train.loop``)."""
     if device is None:
         device = next(module.parameters()).device
     n = len(next(iter(features.values()))) if features else 0

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ase_ray.models import inference
 from ase_ray.models.classifier import build_model, compute_loss
 from ase_ray.models.io import load_model, save_model
 from ase_ray.models.pfa import self_similarity
@@ -86,22 +87,9 @@ def to_tensors(arrays: dict[str, np.ndarray], index: np.ndarray, device, float_d
     return out
 
 
-@torch.no_grad()
-def predict_proba(module: torch.nn.Module, features: dict[str, np.ndarray], device="cpu",
-                  float_dtype=torch.float32) -> np.ndarray:
-    """Class probabilities (N, C) in eval mode, batched."""
-    n = len(next(iter(v for k, v in features.items() if k != LABEL_KEY)))
-    was_training = module.training
-    module.eval()
-    chunks = []
-    try:
-        for start in range(0, n, EVAL_BATCH):
-            index = np.arange(start, min(n, start + EVAL_BATCH))
-            logits = module(to_tensors(features, index, device, float_dtype))["logits"]
-            chunks.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-    finally:
-        module.train(was_training)
-    return np.concatenate(chunks) if chunks else np.zeros((0, getattr(module, "num_classes", 0)), np.float32)
+def predict_proba(module: torch.nn.Module, features: dict[str, np.ndarray], device=None) -> np.ndarray:
+    """Class probabilities (N, C) in eval mode and fp32: Serve's computation, the label column left out."""
+    return inference.predict_proba(module, {k: v for k, v in features.items() if k != LABEL_KEY}, device)
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -172,7 +160,7 @@ def _score(scorer, val, classes, device, epoch: int, metrics: dict[str, float]) 
     """Validation of the fp32 weights in fp32; adds val_* to ``metrics``."""
     if not len(val.get(LABEL_KEY, [])):
         return Best(epoch)
-    probs = predict_proba(scorer, val, device, torch.float32)
+    probs = predict_proba(scorer, val, device)
     metrics.update(flat_metrics(classification_metrics(val[LABEL_KEY], probs.argmax(1), classes), "val_"))
     metrics["val_log_loss"] = log_loss(val[LABEL_KEY], probs)
     return Best(epoch, metrics["val_macro_f1"], metrics["val_log_loss"])

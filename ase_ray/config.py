@@ -16,11 +16,11 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from ase_ray.config_base import StrictModel
 from ase_ray.errors import ConfigError
 from ase_ray.features.settings import (
+    DecodeResources,
     DescribeSettings,
     ImageEncoderSettings,
     OcrSettings,
     ReasonSettings,
-    DecodeResources,
     TextEncoderSettings,
 )
 from ase_ray.serve.settings import ServeConfig
@@ -121,6 +121,9 @@ class SynthConfig(StrictModel):
     dot_color: tuple[int, int, int] = (255, 60, 200)
     normal_class: str = "normal"
     classes: list[SynthClass] = Field(default_factory=_default_synth_classes)
+    metadata_signal: float = Field(
+        0.35, ge=0.0, le=1.0, description="How often the operator note names the image's own class, and how far "
+        "the probe reading moves with the class (0: the records carry no label information).")
 
     @model_validator(mode="after")
     def _check_classes(self) -> "SynthConfig":
@@ -171,6 +174,11 @@ class DataConfig(StrictModel):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     tda: TdaConfig = Field(default_factory=TdaConfig)
+    metadata_columns: list[str] | None = Field(
+        None, description="Manifest columns that travel beside each image (inspection records, operator notes, "
+        "machine readings) and reach the model: text columns as the `metadata` text source, numeric ones in the "
+        "numeric block (ase_ray.data.metadata). None: the columns the data set's dataset.yaml names under "
+        "metadata_columns (the synthetic set names its own); []: none.")
 
 
 # ------------------------------------------------------------------------------------- features

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,12 @@ def fake_feature_store(
     signal: float = 1.5,
     seed: int = 0,
     constant_sources: tuple[str, ...] = (),
+    records: dict[str, list] | None = None,
 ) -> Store:
     """A store in the real format; each class shifts the features along its own random direction.
-    A source in ``constant_sources`` has one text and the same features on every row (no information)."""
+    A source in ``constant_sources`` has one text and the same features on every row (no information).
+    ``records``: metadata columns (name -> one value per row, rows ordered class by class, ``per_class``
+    each) recorded as the store's metadata columns (numbers: numeric, else text)."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(len(classes)), per_class)
     n = len(labels)
@@ -62,15 +66,24 @@ def fake_feature_store(
             "ocr_text": [f"LEN {i % 7}.0" for i in range(n)],
             "description": [f"a board with {i % 5} marks" for i in range(n)],
             "reasoning": [f"maybe a defect ({i % 3})" for i in range(n)],
+            "ocr_fields": [json.dumps({"LEN": float(i % 7)}) for i in range(n)],
+            "metadata_text": [f"note: mark {i % 4}" for i in range(n)],
         }
     )
     for src in constant_sources:
         rows[TEXT_COLUMNS[src]] = "the same text"
+    metadata = {"text": [], "numeric": []}
+    for name, values in (records or {}).items():
+        rows[name] = list(values)
+        numeric = all(isinstance(v, (int, float, np.number)) for v in values)
+        metadata["numeric" if numeric else "text"].append(name)
     manifest = out_dir / "manifest.csv"
     write_dataset_info(out_dir, DatasetInfo(list(classes), classes[0], "fake"))
     errors = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                            (("row_id", "int64"), ("image_path", str), ("label", str), ("stage", str), ("message", str))})
-    return write_store_arrays(rows, arrays, errors, out_dir, {"manifest": str(manifest), "backends": {"fake": {"model": "random arrays (ase_ray.testing)"}}})
+    return write_store_arrays(rows, arrays, errors, out_dir, {
+        "manifest": str(manifest), "backends": {"fake": {"model": "random arrays (ase_ray.testing)"}},
+        "metadata_columns": metadata})
 
 
 def register_untrained_model(
@@ -80,11 +93,14 @@ def register_untrained_model(
     alias: str | None = "champion",
     seed: int = 0,
     out_dir: str | Path | None = None,
+    metadata=None,
+    records: list[dict] | None = None,
 ) -> str:
     """Log and register a randomly initialised classifier whose input widths match what
     ``config.features`` extracts from ``images`` (decoded images), with the feature settings recorded
     beside it, as training does. For tests and the Serve load benchmark (no training run needed).
-    Returns the registered version."""
+    ``metadata`` (``MetadataColumns``) and ``records`` (one per image): the model reads those records,
+    its numeric block fitted on them and the images' OCR fields. Returns the registered version."""
     import tempfile
     from types import SimpleNamespace
 
@@ -100,20 +116,32 @@ def register_untrained_model(
     from ase_ray.serving_model import log_pyfunc_model, write_feature_settings
     from ase_ray.tracking import setup_mlflow
 
-    extracted = FeatureExtractor(config.features)(images)
+    from ase_ray.data.metadata import MetadataColumns, metadata_text
+    from ase_ray.models.numeric import NUMERIC_KEY, fit_numeric_block
+    from ase_ray.train.data import model_input_record
+
+    metadata = metadata or MetadataColumns()
+    records = records if records is not None else [{} for _ in images]
+    extracted = FeatureExtractor(config.features)(images, [metadata_text(r, metadata.text) for r in records])
     if extracted.ok != list(range(len(images))):
         raise ValueError(f"feature extraction failed: {[e for e in extracted.errors if e]}")
-    dims = dims_from_batch(extracted.arrays)
+    ocr_fields = [t["ocr_fields"] for t in extracted.texts]
+    block = fit_numeric_block(ocr_fields, records, metadata.numeric, config.train.model.numeric_sources)
+    arrays = dict(extracted.arrays)
+    if block.fields:
+        arrays[NUMERIC_KEY] = block.transform(ocr_fields, records)
+    dims = dims_from_batch(arrays)
     task = config.train.task
     classes = ["normal", "defect"] if task == "binary" else [c.name for c in config.data.synth.classes]
     torch.manual_seed(seed)
     model = build_model(config.train.model, dims, len(classes))
     target = Path(out_dir or tempfile.mkdtemp(prefix="ase_ray_model_"))
-    save_model(model, target, config.train.model, dims, classes, extra={"task": task, "untrained": True})
+    inputs = model_input_record(block, metadata, config.train.model.text_sources)
+    save_model(model, target, config.train.model, dims, classes, extra={"task": task, "untrained": True, "inputs": inputs})
     write_feature_settings(target, {"features": feature_settings(config.features), "backends": backend_description(config)})
     setup_mlflow(config)
     with mlflow.start_run(run_name=f"untrained-{model_name}-{seed}", tags={"ase_ray.stage": "test-model"}) as run:
-        log_pyfunc_model(target, SimpleNamespace(features=extracted.arrays))
+        log_pyfunc_model(target, SimpleNamespace(features=arrays))
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", model_name).version
     if alias:
         MlflowClient().set_registered_model_alias(model_name, alias, version)

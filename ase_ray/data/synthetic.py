@@ -11,12 +11,18 @@ Every image is drawn by the same process, whatever its class:
 - pink dot markers (exactly ``dot_color``, no anti-aliasing, never touching) in the inspection area
   below the band, their centres drawn from the class's bivariate Gaussian;
 - under each dot a faint defect mark of the class's ``defect_shape`` with contrast ``pixel_signal``,
-  so the pixels alone separate the classes only weakly.
+  so the pixels alone separate the classes only weakly;
+- beside the image, two records (``dataset.yaml`` names them as ``metadata_columns``): an
+  ``operator_note`` (free text: with probability ``metadata_signal`` a remark typical of the class,
+  else one of a few remarks shared by all classes) and a ``probe_reading`` (a number whose mean moves
+  by half of ``metadata_signal`` per class index, std 0.5). They are drawn from their own random stream
+  (seed, ``METADATA_STREAM``), so the images are the same with or without them.
 
 Output layout of :func:`generate_synthetic`::
 
     out_dir/images/<class>/<class>_<i:04d>.png
-    out_dir/manifest.csv     image_path, label, binary_label, group (the board), lot
+    out_dir/manifest.csv     image_path, label, binary_label, group (the board), lot,
+                             operator_note, probe_reading (the records beside the image)
     out_dir/dataset.yaml     classes, normal class, source "synthetic", seed, scale
     out_dir/truth.csv        generation ground truth (see below)
 
@@ -412,6 +418,8 @@ def generate_synthetic(config: SynthConfig, out_dir: Path, progress: bool = Fals
     for name in classes:
         (out_dir / IMAGES_DIR / name).mkdir(parents=True, exist_ok=True)
 
+    metadata_rng = np.random.default_rng([config.seed, METADATA_STREAM])
+    class_index = {name: i for i, name in enumerate(classes)}
     next_index = {name: 0 for name in classes}
     rows: list[dict] = []
     truth: list[dict] = []
@@ -427,7 +435,8 @@ def generate_synthetic(config: SynthConfig, out_dir: Path, progress: bool = Fals
                 )
                 relative = f"{IMAGES_DIR}/{board.label}/{board.label}_{next_index[board.label]:04d}.png"
                 image.save(out_dir / relative, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-                rows.append(manifest_row(out_dir / relative, board, config))
+                rows.append({**manifest_row(out_dir / relative, board, config),
+                             **draw_records(metadata_rng, board.label, class_index[board.label], config)})
                 truth.append(truth_row(relative, board, info))
                 next_index[board.label] += 1
                 serial += 1
@@ -444,13 +453,35 @@ def generate_synthetic(config: SynthConfig, out_dir: Path, progress: bool = Fals
             normal_class=config.normal_class,
             source="synthetic",
             extra={"seed": config.seed, "scale": config.scale, "text_region": text_region(config),
-                   "domain": SYNTHETIC_DOMAIN},
+                   "domain": SYNTHETIC_DOMAIN, "metadata_columns": list(METADATA_COLUMNS)},
         ),
     )
     return manifest
 
 
 SYNTHETIC_DOMAIN = "automated optical inspection image"  # dataset.yaml `domain`: the LLM prompt's {domain}
+
+
+METADATA_STREAM = 7919  # the records' random stream: seed-determined, apart from the images'
+METADATA_COLUMNS = ("operator_note", "probe_reading")
+SHARED_NOTES = ("routine check", "rechecked after cleaning", "flagged by AOI, operator unsure",
+                "second shift review", "no remark")
+CLASS_NOTES = {
+    "normal": "looks clean to the operator",
+    "scratch": "thin line visible under the loupe",
+    "particle": "small speck, maybe dust",
+    "void": "hollow spot near the pad",
+    "bridge": "solder looks joined between pads",
+}
+
+
+def draw_records(rng: np.random.Generator, label: str, index: int, config: SynthConfig) -> dict:
+    """The records beside one image: an operator note and a probe reading, weakly tied to the class."""
+    typical = rng.random() < config.metadata_signal
+    shared = SHARED_NOTES[int(rng.integers(len(SHARED_NOTES)))]
+    note = CLASS_NOTES.get(label, f"operator suspects {label}") if typical else shared
+    reading = rng.normal(1.0 + 0.5 * config.metadata_signal * index, 0.5)
+    return {METADATA_COLUMNS[0]: note, METADATA_COLUMNS[1]: round(float(reading), 2)}
 
 
 def manifest_row(path: Path, board: BoardPlan, config: SynthConfig) -> dict:

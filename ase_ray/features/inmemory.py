@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ase_ray.config import FeaturesConfig
 
 STAGE_SECTIONS = ("ocr", "describe", "reason", "image_encoder", "text_encoder")
-TEXT_OUTPUTS = ("ocr_text", "ocr_fields", "description", "reasoning")
+TEXT_OUTPUTS = ("ocr_text", "ocr_fields", "description", "reasoning", "metadata_text")
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -126,9 +126,14 @@ class FeatureExtractor:
             stage.backend  # noqa: B018 - the property loads the model
         return self
 
-    def __call__(self, images: list[DecodedImage]) -> ExtractedFeatures:
+    def __call__(self, images: list[DecodedImage], metadata_texts: list[str] | None = None) -> ExtractedFeatures:
+        """``metadata_texts[i]``: image i's metadata text source (``ase_ray.data.metadata.metadata_text``
+        of its record); None: every image has an empty one."""
+        from ase_ray.data.metadata import TEXT_COLUMN
         from ase_ray.features.store import array_columns
 
+        if metadata_texts is not None and len(metadata_texts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(metadata_texts)} metadata texts")
         batch = pd.DataFrame({
             "row_id": np.arange(len(images), dtype=np.int64),
             "image_id": [d.image_id for d in images],
@@ -136,6 +141,7 @@ class FeatureExtractor:
             IMAGE_COLUMN: [d.image for d in images],
             "error_stage": [""] * len(images),
             "error_message": [""] * len(images),
+            TEXT_COLUMN: list(metadata_texts) if metadata_texts is not None else [""] * len(images),
         })
         outputs: dict[str, dict[int, dict[str, Any]]] = {}
         for stage in self.stages:

@@ -19,6 +19,8 @@ import pandas as pd
 
 from ase_ray.config import AppConfig
 from ase_ray.data.manifest import DatasetInfo, chunks, read_dataset_info, read_manifest
+from ase_ray.data.metadata import STORE_KEY as METADATA_KEY
+from ase_ray.data.metadata import column_kinds, configured_columns, with_metadata_text
 from ase_ray.errors import DataError
 from ase_ray.features.hub import resolved_models_dir
 from ase_ray.features.inmemory import feature_settings
@@ -126,7 +128,9 @@ def extract_features(
     manifest = read_manifest(manifest_path)
     if len(manifest) == 0:
         raise DataError(f"manifest {manifest_path} has no rows")
-    config = apply_layout_hints(config, read_dataset_info(manifest_path))
+    info = read_dataset_info(manifest_path)
+    manifest, metadata = with_metadata(config, manifest, info)
+    config = apply_layout_hints(config, info)
     check_backends_available(config)
     cache, target = cache_root(config), store_dir(config, out_dir)
     started = time.perf_counter()
@@ -144,6 +148,7 @@ def extract_features(
         "backends": backend_description(config),
         "features": feature_settings(config.features),  # what serving must extract for a model
         "cache_dir": str(cache),
+        METADATA_KEY: metadata.to_json(),
     }
     store = write_store(rows, cache, target, meta)
     summary = summarise(rows, wall, store)
@@ -155,6 +160,13 @@ def extract_features(
     if track:
         log_extraction_run(config, store, summary, target)
     return ExtractionResult(store=store, out_dir=target, summary=summary)
+
+
+def with_metadata(config: AppConfig, manifest: pd.DataFrame, info: DatasetInfo | None):
+    """(the manifest with its ``metadata_text`` column, its metadata columns by kind): the columns of
+    ``data.metadata_columns`` (or dataset.yaml's), see ``ase_ray.data.metadata``."""
+    metadata = column_kinds(manifest, configured_columns(config.data.metadata_columns, info))
+    return with_metadata_text(manifest, metadata), metadata
 
 
 def apply_layout_hints(config: AppConfig, info: DatasetInfo | None) -> AppConfig:
@@ -214,6 +226,7 @@ def summarise(rows: pd.DataFrame, wall_s: float, store: Store) -> dict[str, Any]
         "text_sources": store.meta.get("text_stats", {}),
         "constant_sources": store.meta.get("constant_sources", []),
         "absent_sources": store.meta.get("absent_sources", []),
+        METADATA_KEY: store.meta.get(METADATA_KEY, {"text": [], "numeric": []}),
     }
 
 
@@ -231,6 +244,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         flag = "absent" if t["absent"] else "CONSTANT" if t["constant"] else ""
         spread = "-" if t["pooled_std"] is None else f"{t['pooled_std']:.4f}"
         lines.append(f"{src:<14}{spread:>10}{_dash(t['distinct_texts']):>10}{_dash(t['tokens_cut']):>12}  {flag}")
+    metadata = summary.get(METADATA_KEY) or {}
+    lines.append(f"metadata columns: text {metadata.get('text') or 'none'}, numeric {metadata.get('numeric') or 'none'}")
     return "\n".join(lines)
 
 
@@ -268,7 +283,8 @@ def log_extraction_run(config: AppConfig, store: Store, summary: dict[str, Any],
         mlflow.set_tags({"ase_ray.constant_sources": ",".join(summary["constant_sources"]) or "none",
                          "ase_ray.absent_sources": ",".join(summary["absent_sources"]) or "none"})
         sample = store.features.head(config.features.sample_texts)
-        texts = sample[["image_path", "ocr_text", "ocr_fields", "description", "reasoning"]].to_dict("records")
+        texts = sample[[c for c in ("image_path", "ocr_text", "ocr_fields", "description", "reasoning",
+                                    "metadata_text") if c in sample.columns]].to_dict("records")
         mlflow.log_dict({"samples": texts}, "sample_texts.json")
         mlflow.log_dict(store.meta, "store.json")
         mlflow.log_dict(summary, "summary.json")

@@ -29,8 +29,9 @@ from PIL import Image
 
 from ase_ray.features.cache import NoCache, StageCache, fingerprint
 
-TEXT_SOURCES = ("ocr", "description", "reasoning")
-TEXT_COLUMNS = {"ocr": "ocr_text", "description": "description", "reasoning": "reasoning"}
+TEXT_SOURCES = ("ocr", "description", "reasoning", "metadata")
+# The metadata source is the row's record columns as text (ase_ray.data.metadata.TEXT_COLUMN).
+TEXT_COLUMNS = {"ocr": "ocr_text", "description": "description", "reasoning": "reasoning", "metadata": "metadata_text"}
 IMAGE_COLUMN = "image"  # optional: the decoded RGB image, used instead of reading image_path
 
 
@@ -296,7 +297,8 @@ class ImageEncodeStage(Stage):
 
 
 class TextEncodeStage(Stage):
-    """Encodes each text source (OCR, description, reasoning) separately."""
+    """Encodes each text source (OCR, description, reasoning, metadata) separately; a row without a
+    ``metadata_text`` column has an empty metadata text."""
 
     name = "text_encoder"
 
@@ -306,18 +308,23 @@ class TextEncodeStage(Stage):
         return build_text_encoder(self.settings, self.models_dir)
 
     def inputs(self, row):
-        return tuple(row[TEXT_COLUMNS[s]] for s in TEXT_SOURCES)
+        return tuple(_text(row, TEXT_COLUMNS[s]) for s in TEXT_SOURCES)
 
     def compute(self, rows):
         outputs: list[dict[str, Any]] = [{} for _ in rows]
         for source in TEXT_SOURCES:
-            feats = self.backend.encode_batch([r[TEXT_COLUMNS[source]] for r in rows])
+            feats = self.backend.encode_batch([_text(r, TEXT_COLUMNS[source]) for r in rows])
             for out, pooled, tokens, mask, cut in zip(outputs, feats.pooled, feats.tokens, feats.mask, feats.cut):
                 out[f"{source}_pooled"] = pooled
                 out[f"{source}_tokens"] = tokens.astype(np.float16)
                 out[f"{source}_mask"] = mask.astype(np.int8)
                 out[f"{source}_cut"] = np.array(cut, dtype=np.int64)  # 0-d, like every other output
         return outputs
+
+
+def _text(row, column: str) -> str:
+    value = row.get(column, "")
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 STAGES = (OcrStage, DescribeStage, ReasonStage, ImageEncodeStage, TextEncodeStage)

@@ -38,7 +38,8 @@ def source_stats(source: str, pooled: np.ndarray | None, rows: pd.DataFrame) -> 
     texts = rows[column].fillna("").astype(str) if column in rows.columns else None
     cut = rows[cut_column(source)] if cut_column(source) in rows.columns else None
     spread = pooled_spread(pooled) if pooled is not None else None
-    absent = bool(texts is not None and len(texts) > 0 and texts.str.strip().eq("").all())
+    # no text column at all (e.g. no metadata_text: the manifest has no metadata columns) is absent too
+    absent = bool(len(rows) > 0 and (texts is None or texts.str.strip().eq("").all()))
     distinct = int(texts.nunique()) if texts is not None else None
     judged = len(rows) >= MIN_ROWS
     constant = judged and (absent or distinct == 1 or (spread is not None and spread < MIN_SPREAD))

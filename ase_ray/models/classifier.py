@@ -14,7 +14,12 @@ from torch import nn
 
 from ase_ray.models.fusion import ClassificationHead, CmafFusion, GatedFusion
 from ase_ray.models.pfa import AlignmentHeads, class_aware_info_nce
-from ase_ray.models.projections import Batch, FeatureDims, ImageProjection, TextProjection
+from ase_ray.models.projections import (
+    Batch,
+    FeatureDims,
+    ImageProjection,
+    TextProjection,
+)
 from ase_ray.models.settings import ModelSettings, PfaSettings
 
 POOLED_IMAGE_KINDS = ("image_only", "concat", "gated")
@@ -48,12 +53,13 @@ class DefectClassifier(nn.Module):
             else None
         )
         use_llm = settings.use_llm_hidden and kind != "image_only"
+        numeric_dim = dims.numeric_dim if settings.numeric_sources and kind != "image_only" else 0
         self.text = (
-            TextProjection(dims.text_dim, dims.llm_dim, d, dropout, settings.text_sources, use_llm)
+            TextProjection(dims.text_dim, dims.llm_dim, d, dropout, settings.text_sources, use_llm, numeric_dim)
             if kind != "image_only" or align_dim is not None
             else None
         )
-        text_set = len(settings.text_sources) + int(use_llm)
+        text_set = len(settings.text_sources) + (self.text.extra_entries if self.text is not None else 0)
         self.fusion: CmafFusion | GatedFusion | None = None
         if kind == "cmaf":
             self.fusion = CmafFusion(d, settings.heads, dropout)
@@ -84,7 +90,8 @@ class DefectClassifier(nn.Module):
             fused, gates = self.fusion(image_vec, self.text.pooled_set(batch, text_sources))
         else:
             text_tokens, text_mask = self.text.tokens(batch)
-            fused, gates = self.fusion(self.image.tokens(batch), text_tokens, text_mask)
+            segments = self.text.token_segments(self.dims.text_len, text_tokens.device)
+            fused, gates = self.fusion(self.image.tokens(batch), text_tokens, text_mask, segments)
         out = {"logits": self.head(fused)}
         if gates is not None:
             out["gates"] = gates

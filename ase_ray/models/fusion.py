@@ -15,6 +15,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
+def segment_mean(x: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Mean over segments of each segment's masked mean: (B, T, d) with segment ids (T,) in
+    [0, n_segments) -> (B, d). Every segment with a real token weighs the same, however many tokens it
+    has, so a one-token input (the numeric block) is not drowned by a text's hundred."""
+    one_hot = torch.nn.functional.one_hot(segments, n_segments).to(x.dtype)  # (T, S)
+    weights = mask.to(x.dtype).unsqueeze(-1) * one_hot.unsqueeze(0)  # (B, T, S)
+    counts = weights.sum(dim=1)  # (B, S)
+    per_segment = torch.einsum("bts,btd->bsd", weights, x) / counts.clamp_min(1.0).unsqueeze(-1)
+    present = (counts > 0).to(x.dtype)
+    return (per_segment * present.unsqueeze(-1)).sum(dim=1) / present.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
 class ModalityGates(nn.Module):
     """Sigmoid gates (g_img, g_txt) in (0, 1) from a linear layer over [image; text]."""
 
@@ -46,8 +58,9 @@ class CmafFusion(nn.Module):
     """Cross-modality attention fusion over token sequences.
 
     Image tokens attend over text tokens (padding masked out) and text tokens attend over image
-    tokens; each side is then mean-pooled (text: over real tokens only), weighed by its sigmoid gate,
-    and the two gated vectors are concatenated: out_dim = 2 * d.
+    tokens; each side is then mean-pooled (text: over real tokens only; given ``text_segments``, as the
+    mean of each input's own mean), weighed by its sigmoid gate, and the two gated vectors are
+    concatenated: out_dim = 2 * d.
     """
 
     def __init__(self, d_model: int, heads: int, dropout: float):
@@ -58,12 +71,16 @@ class CmafFusion(nn.Module):
         self.out_dim = 2 * d_model
 
     def forward(
-        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+        text_segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image_to_text(image_tokens, text_tokens, text_mask)
         text = self.text_to_image(text_tokens, image_tokens, None)
         image_vec = image.mean(dim=1)
-        text_vec = masked_mean(text, text_mask)  # padded text queries are dropped here
+        if text_segments is None:  # padded text queries are dropped here
+            text_vec = masked_mean(text, text_mask)
+        else:
+            text_vec = segment_mean(text, text_mask, text_segments, int(text_segments.max()) + 1)
         gates = self.gates(image_vec, text_vec)
         fused = torch.cat([gates[:, :1] * image_vec, gates[:, 1:] * text_vec], dim=-1)
         return fused, gates

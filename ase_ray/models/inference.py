@@ -43,7 +43,37 @@ def feature_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         shapes[f"text_{src}_pooled"] = (d["text_dim"],)
         shapes[f"text_{src}_tokens"] = (d["text_len"], d["text_dim"])
         shapes[f"text_{src}_mask"] = (d["text_len"],)
+    if uses_numeric(meta):
+        shapes["numeric"] = (d["numeric_dim"],)
     return shapes
+
+
+def uses_numeric(meta: dict[str, Any]) -> bool:
+    """Whether the model reads a numeric block (built so in ``DefectClassifier``)."""
+    settings = meta["settings"]
+    return bool(meta["dims"].get("numeric_dim")) and bool(settings.get("numeric_sources")) \
+        and settings.get("kind") != "image_only"
+
+
+def model_inputs(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a model needs beside the extracted arrays (``model.json`` ``extra.inputs``): the numeric
+    block (``numeric``) and the metadata keys a request must carry (``metadata_columns``)."""
+    return dict(meta.get("extra", {}).get("inputs") or {})
+
+
+def numeric_features(meta: dict[str, Any], ocr_fields: list[Any], metadata: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """``{"numeric": (N, 2F)}`` from each image's OCR fields and metadata record, scaled as in training
+    ({} for a model without a numeric block)."""
+    from ase_ray.models.numeric import NUMERIC_KEY, NumericBlock
+
+    if not uses_numeric(meta):
+        return {}
+    block = NumericBlock.from_json(model_inputs(meta).get("numeric"))
+    values = block.transform(ocr_fields, metadata)
+    if values.shape[1] != meta["dims"]["numeric_dim"]:
+        raise DataError(f"the model's numeric block gives {values.shape[1]} values, its weights take "
+                        f"{meta['dims']['numeric_dim']}")
+    return {NUMERIC_KEY: values}
 
 
 def check_features(features: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, np.ndarray]:

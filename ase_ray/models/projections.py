@@ -23,6 +23,7 @@ class FeatureDims:
     text_dim: int  # Dt: text_<src>_pooled (B, Dt), text_<src>_tokens (B, L, Dt)
     text_len: int  # L
     llm_dim: int  # H: llm_hidden (B, H); 0 when the batch has no llm_hidden
+    numeric_dim: int = 0  # 2F: numeric (B, 2F), the numeric block (ase_ray.models.numeric); 0 without one
 
 
 def _require(batch: Batch, key: str, ndim: int) -> torch.Tensor:
@@ -42,12 +43,14 @@ def dims_from_batch(batch: Batch, sources: Sequence[str] = TEXT_SOURCES) -> Feat
         raise DataError(f"batch has no text_<src>_tokens column for any of {list(sources)}")
     text_tokens = _require(batch, f"text_{present[0]}_tokens", 3)
     llm = batch.get("llm_hidden")
+    numeric = batch.get("numeric")
     return FeatureDims(
         image_dim=int(_require(batch, "image_pooled", 2).shape[-1]),
         image_tokens=int(image_tokens.shape[1]),
         text_dim=int(text_tokens.shape[-1]),
         text_len=int(text_tokens.shape[1]),
         llm_dim=int(llm.shape[-1]) if llm is not None else 0,
+        numeric_dim=int(_require(batch, "numeric", 2).shape[-1]) if numeric is not None else 0,
     )
 
 
@@ -87,12 +90,13 @@ class ImageProjection(nn.Module):
 class TextProjection(nn.Module):
     """Per-source text features -> width d, tagged with a learned source embedding.
 
-    The LLM hidden state, when used, is projected separately and becomes one extra (always real)
-    token of the text sequence and one extra entry of the pooled set.
+    The LLM hidden state and the numeric block, when used, are each projected on their own and become
+    one extra (always real) token of the text sequence and one extra entry of the pooled set.
     """
 
     def __init__(
-        self, text_dim: int, llm_dim: int, d_model: int, dropout: float, sources: Sequence[str], use_llm: bool
+        self, text_dim: int, llm_dim: int, d_model: int, dropout: float, sources: Sequence[str], use_llm: bool,
+        numeric_dim: int = 0,
     ):
         super().__init__()
         if use_llm and llm_dim < 1:
@@ -105,10 +109,20 @@ class TextProjection(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
         self.llm = nn.Sequential(nn.Linear(llm_dim, d_model), nn.LayerNorm(d_model)) if use_llm else None
+        self.numeric_dim = numeric_dim
+        # Two layers: a field matters through thresholds and combinations, not one direction.
+        self.numeric = nn.Sequential(
+            nn.Linear(numeric_dim, d_model), nn.GELU(), nn.Linear(d_model, d_model), nn.LayerNorm(d_model)
+        ) if numeric_dim > 0 else None
 
     @property
     def uses_llm(self) -> bool:
         return self.llm is not None
+
+    @property
+    def extra_entries(self) -> int:
+        """Entries beyond the text sources: the LLM vector and the numeric block, when used."""
+        return int(self.llm is not None) + int(self.numeric is not None)
 
     def _dtype(self) -> torch.dtype:
         return self.proj.weight.dtype
@@ -116,6 +130,16 @@ class TextProjection(nn.Module):
     def _llm_vector(self, batch: Batch) -> torch.Tensor:
         assert self.llm is not None
         return self.drop(self.llm(_checked(batch, "llm_hidden", self.llm_dim, 2, self._dtype())))
+
+    def _extra_vectors(self, batch: Batch) -> list[torch.Tensor]:
+        """(B, 1, d) each: the LLM vector, then the numeric block's, for those the model uses."""
+        out = []
+        if self.llm is not None:
+            out.append(self._llm_vector(batch).unsqueeze(1))
+        if self.numeric is not None:
+            values = _checked(batch, "numeric", self.numeric_dim, 2, self._dtype())
+            out.append(self.drop(self.numeric(values)).unsqueeze(1))
+        return out
 
     def source_pooled(self, batch: Batch) -> torch.Tensor:
         """(B, S, d): one projected pooled vector per text source (no LLM entry)."""
@@ -126,15 +150,13 @@ class TextProjection(nn.Module):
         return self.drop(self.norm(x))
 
     def pooled_set(self, batch: Batch, source_pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S (+1 with the LLM vector), d); pass ``source_pooled`` when already computed."""
+        """(B, S + extra_entries, d); pass ``source_pooled`` when already computed."""
         x = self.source_pooled(batch) if source_pooled is None else source_pooled
-        if self.llm is not None:
-            x = torch.cat([x, self._llm_vector(batch).unsqueeze(1)], dim=1)
-        return x
+        return torch.cat([x, *self._extra_vectors(batch)], dim=1)
 
     def tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated token sequence (B, M, d) and its mask (B, M) (True = real token),
-        M = S * L (+1 with the LLM token)."""
+        M = S * L + extra_entries (the LLM and numeric tokens)."""
         seqs, masks = [], []
         for i, s in enumerate(self.sources):
             tokens = _checked(batch, f"text_{s}_tokens", self.text_dim, 3, self._dtype())
@@ -142,10 +164,18 @@ class TextProjection(nn.Module):
             masks.append(_require(batch, f"text_{s}_mask", 2) != 0)
         x = self.drop(self.norm(torch.cat(seqs, dim=1)))
         mask = torch.cat(masks, dim=1)
-        if self.llm is not None:
-            x = torch.cat([x, self._llm_vector(batch).unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        extra = self._extra_vectors(batch)
+        if extra:
+            x = torch.cat([x, *extra], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], len(extra))], dim=1)
         return x, ensure_one_real(mask)
+
+    def token_segments(self, text_len: int, device: torch.device | str) -> torch.Tensor:
+        """(M,) which input each position of :meth:`tokens` belongs to: source i for its ``text_len``
+        tokens, then one id per extra entry (LLM, numeric)."""
+        ids = torch.arange(len(self.sources), device=device).repeat_interleave(text_len)
+        extra = torch.arange(len(self.sources), len(self.sources) + self.extra_entries, device=device)
+        return torch.cat([ids, extra])
 
 
 def ensure_one_real(mask: torch.Tensor) -> torch.Tensor:

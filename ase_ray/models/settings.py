@@ -9,10 +9,12 @@ from pydantic import Field, field_validator, model_validator
 from ase_ray.config_base import StrictModel
 
 # Kept here (not imported from ase_ray.features) so that reading the config never imports numpy/torch.
-TEXT_SOURCES: tuple[str, ...] = ("ocr", "description", "reasoning")
+TEXT_SOURCES: tuple[str, ...] = ("ocr", "description", "reasoning", "metadata")
+NUMERIC_SOURCES: tuple[str, ...] = ("ocr", "metadata")
 
 ModelKind = Literal["image_only", "text_only", "concat", "gated", "cmaf"]
-TextSource = Literal["ocr", "description", "reasoning"]
+TextSource = Literal["ocr", "description", "reasoning", "metadata"]
+NumericSource = Literal["ocr", "metadata"]
 
 
 class ModelSettings(StrictModel):
@@ -31,6 +33,11 @@ class ModelSettings(StrictModel):
         default_factory=lambda: list(TEXT_SOURCES), description="Text sources the model reads."
     )
     use_llm_hidden: bool = Field(True, description="Add the LLM hidden state as one extra text token.")
+    numeric_sources: list[NumericSource] = Field(
+        default_factory=lambda: list(NUMERIC_SOURCES),
+        description="What the numeric block holds (ase_ray.models.numeric): parsed OCR fields and/or numeric "
+        "metadata columns; [] builds no numeric block. The block is one extra text token (cmaf) or one extra "
+        "entry of the pooled text set.")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
 
     @field_validator("text_sources")
@@ -40,6 +47,13 @@ class ModelSettings(StrictModel):
             raise ValueError(f"text_sources must name at least one of {list(TEXT_SOURCES)}")
         if len(set(v)) != len(v):
             raise ValueError(f"text_sources has duplicates: {v}")
+        return v
+
+    @field_validator("numeric_sources")
+    @classmethod
+    def _unique_numeric(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"numeric_sources has duplicates: {v}")
         return v
 
     @model_validator(mode="after")

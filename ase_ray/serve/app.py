@@ -85,6 +85,7 @@ class Features:
         self.features = None
         self.source = "config"
         self.selection: ModelSelection | None = None
+        self.metadata_columns = None
         batching = self.config.serve.batching
         self.extract.set_max_batch_size(batching.max_batch_size)
         self.extract.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -92,12 +93,16 @@ class Features:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         from ase_ray.features.inmemory import FeatureExtractor, features_key
         from ase_ray.features.pipeline import cache_root
-        from ase_ray.serve.predictor import model_feature_settings, resolve_model_ref, serving_features
+        from ase_ray.serve.predictor import (
+            model_serving_record,
+            resolve_model_ref,
+            serving_features,
+        )
 
         selection = ModelSelection.model_validate(user_config)
         try:
             ref = resolve_model_ref(selection.model_uri, self.tracking_uri)
-            recorded = model_feature_settings(ref, self.tracking_uri)
+            recorded, metadata_columns = model_serving_record(ref, self.tracking_uri)
         except AseRayError:
             if self.extractor is None:
                 raise
@@ -109,25 +114,35 @@ class Features:
             self.features = features
         self.source = "model" if recorded else "config"
         self.selection = selection
+        self.metadata_columns = metadata_columns
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # set from serve.batching in __init__
-    async def extract(self, images: list) -> list[dict[str, Any]]:
-        """One call per image; Serve hands this method the images of concurrent requests together."""
-        extractor = self.extractor  # a swap during the batch does not mix two extractors
-        return await asyncio.to_thread(self._extract, extractor, images)
+    async def extract(self, items: list) -> list[dict[str, Any]]:
+        """One call per (image, metadata record); Serve hands this method those of concurrent requests
+        together."""
+        extractor, columns = self.extractor, self.metadata_columns  # a swap during the batch mixes nothing
+        return await asyncio.to_thread(self._extract, extractor, columns, items)
 
     @staticmethod
-    def _extract(extractor, images: list) -> list[dict[str, Any]]:
+    def _extract(extractor, columns, items: list) -> list[dict[str, Any]]:
+        from ase_ray.data.metadata import metadata_text, missing_keys
         from ase_ray.serve.predictor import feature_rows
 
         started = time.perf_counter()
-        extracted = extractor(images)
-        stages = " ".join(f"{k} {v * 1000:.0f}" for k, v in extracted.seconds.items())
-        logger.info(f"batch of {len(images)} image(s) in {(time.perf_counter() - started) * 1000:.0f} ms ({stages} ms)")
-        rows = feature_rows(extracted)
+        missing = [missing_keys(record, columns) for _, record in items]
+        ok = [i for i, m in enumerate(missing) if not m]  # a record without a needed key is not extracted
+        rows: list[dict[str, Any]] = [
+            {"error": "", "missing_metadata": m, "metadata_columns": columns.all, "texts": {}, "arrays": {}, "image_id": items[i][0].image_id}
+            for i, m in enumerate(missing)]
+        if ok:
+            extracted = extractor([items[i][0] for i in ok], [metadata_text(items[i][1], columns.text) for i in ok])
+            stages = " ".join(f"{k} {v * 1000:.0f}" for k, v in extracted.seconds.items())
+            logger.info(f"batch of {len(ok)} image(s) in {(time.perf_counter() - started) * 1000:.0f} ms ({stages} ms)")
+            for i, row in zip(ok, feature_rows(extracted)):
+                rows[i] = row
         for row in rows:
             row["features_key"] = extractor.key
-            row["batch_size"] = len(images)
+            row["batch_size"] = len(ok)
         return rows
 
     def describe(self) -> dict[str, Any]:
@@ -136,6 +151,7 @@ class Features:
             "backends": self.extractor.ran_models(),
             "features_source": self.source,
             "features_key": self.extractor.key,
+            "metadata_columns": self.metadata_columns.to_json(),
             "batching": {"max_batch_size": batching.max_batch_size,
                          "batch_wait_timeout_s": batching.batch_wait_timeout_s},
             "replica": _replica_id(),
@@ -160,7 +176,11 @@ class Classifier:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         from ase_ray.features.inmemory import features_key
         from ase_ray.models.inference import replica_device
-        from ase_ray.serve.predictor import load_model, resolve_model_ref, serving_features
+        from ase_ray.serve.predictor import (
+            load_model,
+            resolve_model_ref,
+            serving_features,
+        )
 
         selection = ModelSelection.model_validate(user_config)
         try:
@@ -177,13 +197,14 @@ class Classifier:
             self.swap_error = str(exc)  # the previous model keeps serving
         self.threshold = selection.review_threshold
 
-    def classify(self, rows: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    def classify(self, rows: list[dict[str, Any]], keys: list[str], ocr_fields: list[Any] | None = None,
+                 metadata: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         from ase_ray.serve.predictor import classify
 
         model, threshold = self.model, self.threshold
         if any(key != self.expected_key for key in keys):
             return {"swap_in_progress": True}  # features from another model's settings: the caller retries
-        return {"predictions": classify(model, rows, threshold), "model": model.ref.describe(),
+        return {"predictions": classify(model, rows, threshold, ocr_fields, metadata), "model": model.ref.describe(),
                 "review_threshold": threshold}
 
     def describe(self) -> dict[str, Any]:
@@ -248,41 +269,49 @@ class Ingress:
             features_key=features["features_key"], batching=features["batching"],
             limits=_limits(self.limits), api_key_required=bool(self.api_key_sha256),
             replicas={"classifier": model["replica"], "features": features["replica"], "ingress": _replica_id()},
-            swap_error=model["swap_error"],
+            swap_error=model["swap_error"], metadata_columns=model.get("metadata_columns") or {"text": [], "numeric": []},
         )
 
     @api.post("/predict", response_model=Prediction, responses=ERROR_RESPONSES, openapi_extra=upload_body(False))
     async def predict(self, request: Request) -> Prediction:
         started = time.perf_counter()
         images, metadata = await self._read(request, batch=False)
-        result, rows = await self._run(images)
-        return _prediction(result, 0, rows[0], images[0], metadata, started)
+        result, rows = await self._run(images, metadata)
+        return _prediction(result, 0, rows[0], images[0], metadata[0], started)
 
     @api.post("/predict/batch", response_model=BatchPrediction, responses=ERROR_RESPONSES,
               openapi_extra=upload_body(True))
     async def predict_batch(self, request: Request) -> BatchPrediction:
         started = time.perf_counter()
         images, metadata = await self._read(request, batch=True)
-        result, rows = await self._run(images)
-        predictions = [_prediction(result, i, rows[i], images[i], metadata, started) for i in range(len(images))]
+        result, rows = await self._run(images, metadata)
+        predictions = [_prediction(result, i, rows[i], images[i], metadata[i], started) for i in range(len(images))]
         return BatchPrediction(predictions=predictions, count=len(predictions), model=_model_info(result["model"]),
                                latency_ms=_ms(started))
 
-    async def _read(self, request: Request, batch: bool) -> tuple[list[inputs.ValidImage], dict[str, Any]]:
+    async def _read(self, request: Request, batch: bool) -> tuple[list[inputs.ValidImage], list[dict[str, Any]]]:
         inputs.check_api_key(self.api_key_sha256, request.headers)
         limit = self.limits.body_limit(self.limits.max_batch_images if batch else 1)
         body = await inputs.read_body(request.headers, request.stream(), limit)
         upload = await inputs.parse_upload(request.headers, body, self.limits.max_batch_images)
         files = inputs.require_files(upload, self.limits, batch)
-        metadata = inputs.parse_metadata(upload)
+        metadata = inputs.parse_metadata(upload, len(files))
         return [inputs.validate_image(f, self.limits, i) for i, f in enumerate(files)], metadata
 
-    async def _run(self, images: list[inputs.ValidImage]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        rows = await asyncio.gather(*(self.features.extract.remote(image.decoded) for image in images))
+    async def _run(self, images: list[inputs.ValidImage],
+                   metadata: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        rows = await asyncio.gather(*(self.features.extract.remote((image.decoded, record))
+                                      for image, record in zip(images, metadata)))
+        for i, row in enumerate(rows):
+            if row.get("missing_metadata"):
+                where = f" (image {i})" if len(rows) > 1 else ""
+                raise RequestError(400, "missing_metadata", f"metadata{where} lacks {row['missing_metadata']}: the "
+                                   f"model reads the records {row['metadata_columns']} (send null for an unknown value)")
         for i, row in enumerate(rows):
             if row["error"]:
                 raise RequestError(422, "unprocessable_image", f"image {i}: feature extraction failed at {row['error'][:300]}")
-        result = await self.classifier.classify.remote([row["arrays"] for row in rows], [row["features_key"] for row in rows])
+        result = await self.classifier.classify.remote([row["arrays"] for row in rows], [row["features_key"] for row in rows],
+                                                       [row["texts"].get("ocr_fields", {}) for row in rows], metadata)
         if result.get("swap_in_progress"):
             raise RequestError(503, "model_swap_in_progress",
                                "the feature and classifier replicas serve different models for a moment; retry")

@@ -20,7 +20,12 @@ import numpy as np
 import pandas as pd
 
 from ase_ray.config import AppConfig
-from ase_ray.data.manifest import IMAGE_PATH, chunks, read_dataset_info, resolve_image_path
+from ase_ray.data.manifest import (
+    IMAGE_PATH,
+    chunks,
+    read_dataset_info,
+    resolve_image_path,
+)
 from ase_ray.errors import DataError, ManifestError
 
 PREDICTIONS_PARQUET = "predictions.parquet"
@@ -66,6 +71,7 @@ class BatchPredictor:
                                                           "num_gpus": app.serve.predict.num_gpus})
         self.predictor = Predictor.load(app, ModelRef(**ref), str(cache_root(app)), resources)
         self.classes = self.predictor.model.classes
+        self.metadata_columns = self.predictor.model.metadata_columns.all
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from ase_ray.features.inmemory import decode_image_bytes
@@ -78,7 +84,8 @@ class BatchPredictor:
             except Exception as exc:  # missing file, not an image, truncated...
                 errors[i] = f"decode: {type(exc).__name__}: {exc}"[:500]
         order = sorted(decoded)
-        results = dict(zip(order, self.predictor.predict([decoded[i] for i in order])))
+        records = [{c: batch.at[i, c] for c in self.metadata_columns} for i in order]
+        results = dict(zip(order, self.predictor.predict([decoded[i] for i in order], records)))
         return pd.concat([batch, pd.DataFrame([self._row(results.get(i), errors.get(i, "")) for i in range(len(batch))])],
                          axis=1)
 
@@ -96,6 +103,7 @@ class BatchPredictor:
             "ocr_fields": json.dumps(result.get("ocr_fields", {}), sort_keys=True),
             "description": result.get("description", ""),
             "reasoning": result.get("reasoning", ""),
+            "metadata_text": result.get("metadata_text", ""),
             "error": error,
             "model_uri": model.uri,
             "model_version": model.version or "",
@@ -116,6 +124,7 @@ def predict_manifest(config: AppConfig, manifest_path: str | Path, out_dir: str 
     # The model's recorded feature settings win; the layout hint only matters for older models.
     config = serving_config(apply_layout_hints(config, read_dataset_info(manifest_path)))
     ref = check_model(config, model_uri)
+    check_metadata_columns(config, ref, rows, manifest_path)
     ensure_ray(config.ray)
     s = config.serve.predict
     started = time.perf_counter()
@@ -144,6 +153,18 @@ def predict_manifest(config: AppConfig, manifest_path: str | Path, out_dir: str 
     echo(f"predicted {summary['predicted']} of {summary['rows']} images ({summary['errors']} errors) in "
          f"{summary['wall_s']} s with {ref.uri}" + (f" version {ref.version}" if ref.version else ""))
     return PredictResult(out, predictions, summary)
+
+
+def check_metadata_columns(config: AppConfig, ref, rows: pd.DataFrame, manifest_path: str | Path) -> None:
+    """The manifest must carry every metadata column the model reads (empty cells are unknown values)."""
+    from ase_ray.serve.predictor import model_serving_record
+    from ase_ray.tracking import tracking_uri
+
+    columns = model_serving_record(ref, tracking_uri(config))[1]
+    missing = [c for c in columns.all if c not in rows.columns]
+    if missing:
+        raise ManifestError(f"manifest {manifest_path} lacks the metadata column(s) {missing} that model "
+                            f"{ref.uri} reads (it reads {columns.all}); add them (empty cells are unknown values)")
 
 
 def summarise(predictions: pd.DataFrame, model: dict[str, Any], wall_s: float) -> dict[str, Any]:

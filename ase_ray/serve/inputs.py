@@ -119,8 +119,8 @@ async def read_body(headers, stream: AsyncIterator[bytes], limit: int) -> bytes:
 
 async def parse_upload(headers, body: bytes, max_files: int) -> Upload:
     """Parse ``multipart/form-data``: files (under ``file``/``files``/``image``/``images``) and text fields."""
-    from starlette.formparsers import MultiPartException, MultiPartParser
     from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
 
     content_type = headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
@@ -166,18 +166,26 @@ def _boundary(content_type: str) -> str | None:
     return None
 
 
-def parse_metadata(upload: Upload) -> dict[str, Any]:
-    """The optional ``metadata`` field: a JSON object echoed back with the prediction."""
+def parse_metadata(upload: Upload, images: int = 1) -> list[dict[str, Any]]:
+    """The optional ``metadata`` field, one record per image: a JSON object (the same record for every
+    image), or for a batch a JSON list of one object per image. The records the model reads
+    (``data.metadata_columns``) are taken from it; every record is echoed back with its prediction."""
     text = upload.fields.get(METADATA_FIELD)
     if text is None or not text.strip():
-        return {}
+        return [{} for _ in range(images)]
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError(400, "malformed_json", f"the metadata field is not valid JSON: {exc.msg} at {exc.pos}") from None
-    if not isinstance(value, dict):
-        raise RequestError(400, "malformed_json", f"the metadata field must be a JSON object, not {type(value).__name__}")
-    return value
+    if isinstance(value, dict):
+        return [dict(value) for _ in range(images)]
+    if isinstance(value, list) and images > 1:
+        if len(value) != images or not all(isinstance(v, dict) for v in value):
+            raise RequestError(400, "malformed_json", f"a metadata list must hold one JSON object per image "
+                               f"({images}), got {len(value)} item(s)")
+        return [dict(v) for v in value]
+    kind = "a JSON object or a list of one object per image" if images > 1 else "a JSON object"
+    raise RequestError(400, "malformed_json", f"the metadata field must be {kind}, not {type(value).__name__}")
 
 
 def require_files(upload: Upload, limits: Limits, batch: bool) -> list[UploadedFile]:

@@ -29,7 +29,12 @@ if TYPE_CHECKING:
     import torch
 
     from ase_ray.config import AppConfig, FeaturesConfig
-    from ase_ray.features.inmemory import DecodedImage, ExtractedFeatures, FeatureExtractor
+    from ase_ray.data.metadata import MetadataColumns
+    from ase_ray.features.inmemory import (
+        DecodedImage,
+        ExtractedFeatures,
+        FeatureExtractor,
+    )
     from ase_ray.serve.settings import DeploymentSettings
     from ase_ray.serving_model import DefectClassifierModel
 
@@ -108,11 +113,46 @@ class LoadedModel:
         recorded = self.python_model.feature_settings
         return recorded.get("features") if recorded else None
 
+    @property
+    def metadata_columns(self) -> "MetadataColumns":
+        """The metadata keys every request must carry (text and numeric), as the model recorded them."""
+        return model_metadata_columns(self.python_model.meta)
+
     def predict_proba(self, features: dict[str, np.ndarray]) -> np.ndarray:
         return self.python_model.predict_proba(features)
 
+    def numeric_features(self, ocr_fields: list[Any], metadata: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        from ase_ray.models.inference import numeric_features
+
+        return numeric_features(self.python_model.meta, ocr_fields, metadata)
+
     def describe(self) -> dict[str, Any]:
-        return {**self.ref.describe(), "task": self.task, "classes": self.classes, "loaded_at": self.loaded_at}
+        return {**self.ref.describe(), "task": self.task, "classes": self.classes, "loaded_at": self.loaded_at,
+                "metadata_columns": self.metadata_columns.to_json()}
+
+
+def model_metadata_columns(meta: dict[str, Any]) -> "MetadataColumns":
+    from ase_ray.data.metadata import STORE_KEY, MetadataColumns
+    from ase_ray.models.inference import model_inputs
+
+    return MetadataColumns.from_json(model_inputs(meta).get(STORE_KEY))
+
+
+def require_metadata(columns: "MetadataColumns", records: list[dict[str, Any]]) -> None:
+    """A 400 naming the keys when a request's metadata lacks one the model needs."""
+    from ase_ray.data.metadata import missing_keys
+    from ase_ray.errors import RequestError
+
+    for i, record in enumerate(records):
+        missing = missing_keys(record, columns)
+        if missing:
+            raise RequestError(400, "missing_metadata", missing_metadata_message(missing, columns, i, len(records)))
+
+
+def missing_metadata_message(missing: list[str], columns: "MetadataColumns", index: int, count: int) -> str:
+    where = f" (image {index})" if count > 1 else ""
+    return (f"metadata{where} lacks {missing}: the model reads the records {columns.all} "
+            f"(send null for an unknown value)")
 
 
 def load_model(ref: ModelRef, tracking_uri: str, device: "str | torch.device" = "cpu") -> LoadedModel:
@@ -135,8 +175,18 @@ def load_model(ref: ModelRef, tracking_uri: str, device: "str | torch.device" = 
 
 def model_feature_settings(ref: ModelRef, tracking_uri: str) -> dict[str, Any] | None:
     """The feature settings recorded with a model (its ``features.json``), without loading the weights."""
+    return model_serving_record(ref, tracking_uri)[0]
+
+
+def model_serving_record(ref: ModelRef, tracking_uri: str) -> tuple[dict[str, Any] | None, "MetadataColumns"]:
+    """(the feature settings recorded with a model, the metadata columns it reads), from its
+    ``features.json`` and ``model.json``, without loading the weights."""
+    import json
+
     import mlflow
 
+    from ase_ray.data.metadata import MetadataColumns
+    from ase_ray.models.io import META_FILE
     from ase_ray.serving_model import FEATURES_FILE, read_feature_settings
 
     set_tracking(tracking_uri)
@@ -146,7 +196,9 @@ def model_feature_settings(ref: ModelRef, tracking_uri: str) -> dict[str, Any] |
         raise DataError(f"cannot fetch model {ref.uri}: {_first_line(exc)}") from None
     found = sorted(local.rglob(FEATURES_FILE))
     recorded = read_feature_settings(found[0].parent) if found else None
-    return recorded.get("features") if recorded else None
+    metas = sorted(local.rglob(META_FILE))
+    columns = model_metadata_columns(json.loads(metas[0].read_text())) if metas else MetadataColumns()
+    return (recorded.get("features") if recorded else None), columns
 
 
 def serving_features(base: "FeaturesConfig", recorded: dict[str, Any] | None,
@@ -173,12 +225,16 @@ def serving_features(base: "FeaturesConfig", recorded: dict[str, Any] | None,
 
 
 # ------------------------------------------------------------------------------------- classify
-def classify(model: LoadedModel, rows: list[dict[str, np.ndarray]], threshold: float) -> list[dict[str, Any]]:
-    """Predictions for per-image feature arrays: ``label``, ``probabilities``, ``confidence``,
-    ``needs_review`` (top probability under ``threshold``)."""
+def classify(model: LoadedModel, rows: list[dict[str, np.ndarray]], threshold: float,
+             ocr_fields: list[Any] | None = None, metadata: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Predictions for per-image feature arrays (and each image's OCR fields and metadata record, for the
+    numeric block): ``label``, ``probabilities``, ``confidence``, ``needs_review`` (top probability
+    under ``threshold``)."""
     if not rows:
         return []
     stacked = {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
+    stacked.update(model.numeric_features(ocr_fields if ocr_fields is not None else [{}] * len(rows),
+                                          metadata if metadata is not None else [{}] * len(rows)))
     probs = model.predict_proba(stacked)
     classes = model.classes
     out = []
@@ -225,13 +281,22 @@ class Predictor:
         features = serving_features(config.features, model.feature_settings, resources)
         return cls(model, FeatureExtractor(features, cache_root).load(), config.serve.review_threshold)
 
-    def predict(self, images: list["DecodedImage"]) -> list[dict[str, Any]]:
-        """One dict per image: the prediction and texts, or ``error``."""
+    def predict(self, images: list["DecodedImage"], metadata: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """One dict per image: the prediction and texts, or ``error``. ``metadata[i]``: image i's record
+        (it must carry the model's metadata columns: :func:`require_metadata`)."""
+        from ase_ray.data.metadata import metadata_text
+
         if not images:
             return []
-        rows = feature_rows(self.extractor(images))
+        metadata = metadata if metadata is not None else [{} for _ in images]
+        columns = self.model.metadata_columns
+        require_metadata(columns, metadata)
+        rows = feature_rows(self.extractor(images, [metadata_text(m, columns.text) for m in metadata]))
+        for row, record in zip(rows, metadata):
+            row["metadata"] = record
         good = [r for r in rows if not r["error"]]
-        predictions = iter(classify(self.model, [r["arrays"] for r in good], self.review_threshold))
+        predictions = iter(classify(self.model, [r["arrays"] for r in good], self.review_threshold,
+                                    [r["texts"].get("ocr_fields", {}) for r in good], [r["metadata"] for r in good]))
         return [{"error": r["error"], "image_id": r["image_id"], **r["texts"],
                  **({} if r["error"] else next(predictions))} for r in rows]
 

@@ -58,7 +58,7 @@ class Prediction(BaseModel):
     texts: GeneratedTexts
     image: ImageInfo
     model: ModelInfo
-    metadata: dict[str, Any] = Field(default_factory=dict, description="The request's metadata field, echoed.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="This image's metadata record, echoed.")
     latency_ms: float = Field(description="Server time for this request, upload parsing to answer.")
 
 
@@ -102,12 +102,17 @@ class Metadata(BaseModel):
     api_key_required: bool
     replicas: dict[str, str] = Field(description="Replica ids that answered (unchanged by a hot swap).")
     swap_error: str | None = Field(None, description="Last failed model swap (the previous model kept serving).")
+    metadata_columns: dict[str, list[str]] = Field(
+        default_factory=lambda: {"text": [], "numeric": []},
+        description="The records a request's metadata must carry for this model: text ones (read as the "
+        "metadata text source) and numeric ones (in the numeric block).")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
-        (400, "Bad request: empty body, not an image, corrupt image, malformed JSON or multipart..."),
+        (400, "Bad request: empty body, not an image, corrupt image, malformed JSON or multipart, or a "
+              "metadata key the model reads is missing (missing_metadata)."),
         (401, "Missing or invalid API key (when one is configured)."),
         (413, "Too large: upload bytes, pixel count (decompression bomb) or images per batch."),
         (415, "Not multipart/form-data, or an image format that is not accepted."),
@@ -130,7 +135,10 @@ def upload_body(multiple: bool) -> dict[str, Any]:
                 "required": [name],
                 "properties": {
                     name: file_field,
-                    "metadata": {"type": "string", "description": "Optional JSON object, echoed back."},
+                    "metadata": {"type": "string", "description": (
+                        "JSON object with the records beside the image (GET /metadata `metadata_columns`: every "
+                        "key the model reads must be there, null for an unknown value), echoed back"
+                        + ("; or a JSON list of one object per image." if multiple else "."))},
                 },
             }}},
         }

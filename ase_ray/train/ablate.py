@@ -6,8 +6,15 @@ Protocol, for each task (binary, multi-class), fold and seed:
   image ever shapes a training image; features of all images come from one cached extraction;
 - every variant trains in-process (the same epoch loop Ray Train runs) on the training part for
   ``train.epochs`` and is scored by macro-F1 on the held-out fold; the runs go out as Ray tasks;
+- the numeric block (``ase_ray.models.numeric``) is fitted on each fold's training part;
 - a frozen-feature baseline (standardised pooled image embedding + logistic regression) is scored on
   the same folds.
+
+Variants: ``text-only`` reads the three generated texts (OCR, description, reasoning) and nothing else;
+``+numeric block`` adds the parsed OCR numbers; ``+metadata`` adds the records beside the image (the
+metadata text source and numeric columns); every later variant reads the image too and all the text
+inputs: ``concat`` / ``gated`` (pooled), ``+CMAF`` (token cross-attention), ``+PFA`` (CMAF with the
+alignment curriculum), ``+TDA`` (CMAF with TDA images) and ``full`` (CMAF + PFA + TDA).
 """
 
 from __future__ import annotations
@@ -34,15 +41,20 @@ from ase_ray.errors import DataError
 
 FOLD = "ablate_fold"  # test fold of an original row; training fold of a TDA row
 LOGREG = "logreg (frozen image features)"
+GENERATED_TEXTS = ["ocr", "description", "reasoning"]
+ALL_TEXTS = [*GENERATED_TEXTS, "metadata"]
+ALL_NUMERIC = ["ocr", "metadata"]
 VARIANTS: dict[str, dict[str, Any]] = {  # keys: ase_ray.train.settings.ABLATION_VARIANTS
-    "image-only": {"kind": "image_only", "pfa": False, "tda": False},
-    "text-only": {"kind": "text_only", "pfa": False, "tda": False},
-    "concat": {"kind": "concat", "pfa": False, "tda": False},
-    "gated": {"kind": "gated", "pfa": False, "tda": False},
-    "+PFA": {"kind": "concat", "pfa": True, "tda": False},
-    "+CMAF": {"kind": "cmaf", "pfa": False, "tda": False},
-    "+TDA": {"kind": "concat", "pfa": False, "tda": True},
-    "full (PFA+CMAF+TDA)": {"kind": "cmaf", "pfa": True, "tda": True},
+    "image-only": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": []},
+    "text-only": {"kind": "text_only", "pfa": False, "tda": False, "texts": GENERATED_TEXTS, "numeric": []},
+    "+numeric block": {"kind": "text_only", "pfa": False, "tda": False, "texts": GENERATED_TEXTS, "numeric": ["ocr"]},
+    "+metadata": {"kind": "text_only", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
+    "concat": {"kind": "concat", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
+    "gated": {"kind": "gated", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
+    "+CMAF": {"kind": "cmaf", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
+    "+PFA": {"kind": "cmaf", "pfa": True, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
+    "+TDA": {"kind": "cmaf", "pfa": False, "tda": True, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
+    "full (PFA+CMAF+TDA)": {"kind": "cmaf", "pfa": True, "tda": True, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
 }
 
 
@@ -121,13 +133,12 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     import ray
 
     from ase_ray.features.store import load_store
-    from ase_ray.train.data import store_arrays, task_classes, usable_text_sources
+    from ase_ray.train.data import store_arrays, store_metadata, task_classes
 
     a = config.ablate
     store = load_store(store_dir)
-    kept, _ = usable_text_sources(config.train.model.text_sources, store.meta.get("constant_sources", []))
-    model = config.train.model.model_copy(update={"text_sources": kept})  # as `ase-ray train` does
-    config = config.model_copy(update={"train": config.train.model_copy(update={"model": model})})
+    constant = store.meta.get("constant_sources", [])  # left out of every variant, as `ase-ray train` does
+    metadata = store_metadata(store.meta)
     rows = store.features
     augmented = rows[AUGMENTED].astype(str).str.lower().eq("true").to_numpy() if AUGMENTED in rows else np.zeros(len(rows), bool)
     fold_of = rows[FOLD].astype(int).to_numpy()
@@ -142,15 +153,19 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
             train_plain = np.flatnonzero(~augmented & (fold_of != k))
             train_tda = np.concatenate([train_plain, np.flatnonzero(augmented & (fold_of == k))])
             scores.append(_logreg_score(arrays, train_plain, test, classes, task, k))
+            numeric: dict[tuple[str, ...], Any] = {}
             for variant in a.variants:
                 spec = VARIANTS[variant]
                 if spec["tda"] and not with_tda:
                     continue
                 train = train_tda if spec["tda"] else train_plain
+                sources = tuple(spec["numeric"])
+                if sources not in numeric:  # fitted on this fold's training part only
+                    numeric[sources] = ray.put(_fold_numeric(arrays, train_plain, list(sources), metadata))
                 for seed in range(a.seeds):
-                    cfg = _variant_config(config, spec, task, seed)
+                    cfg = _variant_config(config, spec, task, seed, constant)
                     jobs.append(train_and_score.options(num_cpus=a.cpus_per_run).remote(
-                        shared, train, test, cfg.train.model_dump(mode="json"), classes,
+                        shared, numeric[sources], train, test, cfg.train.model_dump(mode="json"), classes,
                         {"task": task, "variant": variant, "fold": k, "seed": seed}))
     echo(f"ablation: {len(jobs)} trainings ({a.cpus_per_run} CPU each) + {len(scores)} logistic regressions")
     done = 0
@@ -168,16 +183,29 @@ def _compact(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16) if values.dtype.kind == "f" and values.ndim == 3 else values
 
 
-def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: int) -> AppConfig:
+def _fold_numeric(arrays, train: np.ndarray, sources: list[str], metadata) -> np.ndarray | None:
+    """The numeric block of every row, fitted on the fold's ``train`` rows (None: no block)."""
+    from ase_ray.models.numeric import NUMERIC_KEY
+    from ase_ray.train.data import fit_numeric, with_numeric
+
+    block = fit_numeric(arrays.take(train), sources, metadata)
+    return with_numeric(arrays, block, metadata).features.get(NUMERIC_KEY) if block.fields else None
+
+
+def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: int,
+                    constant: list[str] = ()) -> AppConfig:
     train = config.train.model_copy(deep=True)
     train.task = task
     train.seed = seed
     train.model.kind = spec["kind"]
     train.pfa.enabled = spec["pfa"]
+    texts = [s for s in spec["texts"] if s not in constant] or list(spec["texts"])
+    train.model.text_sources = texts
+    train.model.numeric_sources = list(spec["numeric"])
     return config.model_copy(update={"train": train})
 
 
-def _train_and_score(shared, train, test, train_cfg, classes, tags) -> dict[str, Any]:
+def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags) -> dict[str, Any]:
     import torch
 
     from ase_ray.train.data import LABEL_KEY
@@ -187,7 +215,11 @@ def _train_and_score(shared, train, test, train_cfg, classes, tags) -> dict[str,
 
     torch.set_num_threads(1)
     cfg = TrainConfig.model_validate(train_cfg)
-    features, labels = shared["features"], shared["labels"]
+    features, labels = dict(shared["features"]), shared["labels"]
+    if numeric is not None:
+        from ase_ray.models.numeric import NUMERIC_KEY
+
+        features[NUMERIC_KEY] = numeric
     train_arrays = {k: v[train] for k, v in features.items()}
     train_arrays[LABEL_KEY] = labels[train]
     result = run_epochs(train_arrays, {}, cfg, classes)

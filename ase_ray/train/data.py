@@ -22,10 +22,13 @@ from ase_ray.data.manifest import (
     chunks,
     read_dataset_info,
 )
+from ase_ray.data.metadata import STORE_KEY as METADATA_KEY
+from ase_ray.data.metadata import MetadataColumns
 from ase_ray.errors import DataError
 from ase_ray.features.stages import TEXT_SOURCES
 from ase_ray.features.store import META_FILE, Store, load_store, stack
 from ase_ray.features.text_stats import flagged, text_source_stats
+from ase_ray.models.numeric import NUMERIC_KEY, NumericBlock, fit_numeric_block
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +82,12 @@ def task_labels(rows: pd.DataFrame, task: str, classes: list[str]) -> np.ndarray
 
 
 def store_arrays(store: Store, task: str, classes: list[str]) -> Arrays:
+    """Every model column the store has (a store written before a text source existed lacks its
+    columns: that source is then absent, see :func:`constant_text_sources`)."""
     features = {}
     for column in model_columns():
+        if column.startswith("text_") and column not in store.meta.get("shapes", {}):
+            continue
         values = stack(store, column)
         features[column] = values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int64)
     return Arrays(features, task_labels(store.features, task, classes), store.features.reset_index(drop=True))
@@ -115,11 +122,12 @@ def constant_text_sources(store_dir: str | Path, train: Arrays) -> list[str]:
     ``store.json`` has it, else judged on the training rows (a store written before it was recorded)."""
     meta_path = Path(store_dir) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    missing = [src for src in TEXT_SOURCES if f"text_{src}_pooled" not in train.features]
     if "constant_sources" in meta:
-        return list(meta["constant_sources"])
+        return [*meta["constant_sources"], *[src for src in missing if src not in meta["constant_sources"]]]
     pooled = {src: train.features[f"text_{src}_pooled"] for src in TEXT_SOURCES
               if f"text_{src}_pooled" in train.features}
-    return flagged(text_source_stats(train.rows, pooled))
+    return [*flagged(text_source_stats(train.rows, pooled)), *missing]
 
 
 def usable_text_sources(requested: list[str], constant: list[str]) -> tuple[list[str], list[str]]:
@@ -136,6 +144,58 @@ def usable_text_sources(requested: list[str], constant: list[str]) -> tuple[list
     logger.warning("dropping text sources %s from train.model.text_sources: they do not vary across the "
                    "feature store (constant or absent); training on %s", dropped, kept)
     return kept, dropped
+
+
+# ------------------------------------------------------------------------ numbers and records
+def store_metadata(store_meta: dict) -> MetadataColumns:
+    """The store's metadata columns (text and numeric), as extraction recorded them."""
+    return MetadataColumns.from_json(store_meta.get(METADATA_KEY))
+
+
+def row_records(rows: pd.DataFrame, columns: list[str]) -> list[dict]:
+    """Each row's metadata record (``columns`` only), as a request's ``metadata`` would carry it."""
+    present = [c for c in columns if c in rows.columns]
+    return rows[present].to_dict("records") if present else [{} for _ in range(len(rows))]
+
+
+def row_ocr_fields(rows: pd.DataFrame) -> list:
+    return rows["ocr_fields"].tolist() if "ocr_fields" in rows.columns else [{}] * len(rows)
+
+
+def fit_numeric(train: Arrays, sources: list[str], metadata: MetadataColumns) -> NumericBlock:
+    """The numeric block of the training rows (:func:`ase_ray.models.numeric.fit_numeric_block`)."""
+    if not sources:
+        return NumericBlock()
+    return fit_numeric_block(row_ocr_fields(train.rows), row_records(train.rows, metadata.numeric),
+                             metadata.numeric, sources)
+
+
+def with_numeric(arrays: Arrays, block: NumericBlock, metadata: MetadataColumns) -> Arrays:
+    """``arrays`` with the ``numeric`` input (none when the block has no field)."""
+    features = {k: v for k, v in arrays.features.items() if k != NUMERIC_KEY}
+    if block.fields:
+        features[NUMERIC_KEY] = block.transform(row_ocr_fields(arrays.rows), row_records(arrays.rows, metadata.numeric))
+    return Arrays(features, arrays.labels, arrays.rows)
+
+
+def with_model_numeric(arrays: Arrays, meta: dict) -> Arrays:
+    """``arrays`` with the numeric block that a trained model recorded (``model.json``), scaled as in
+    its training: what ``evaluate`` scores and Serve computes from a request."""
+    from ase_ray.models.inference import model_inputs, numeric_features
+
+    block = NumericBlock.from_json(model_inputs(meta).get("numeric"))
+    columns = [f.name for f in block.fields if f.source == "metadata"]
+    features = {k: v for k, v in arrays.features.items() if k != NUMERIC_KEY}
+    features.update(numeric_features(meta, row_ocr_fields(arrays.rows), row_records(arrays.rows, columns)))
+    return Arrays(features, arrays.labels, arrays.rows)
+
+
+def model_input_record(block: NumericBlock, metadata: MetadataColumns, text_sources: list[str]) -> dict:
+    """``extra.inputs`` of ``model.json``: the numeric block and the metadata keys a request must carry
+    (the text columns only when the model reads the metadata text source)."""
+    needed = MetadataColumns(text=metadata.text if "metadata" in text_sources else [],
+                             numeric=[f.name for f in block.fields if f.source == "metadata"])
+    return {"numeric": block.to_json(), METADATA_KEY: needed.to_json()}
 
 
 def split_fingerprint(arrays: Arrays, classes: list[str]) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from ase_ray.config import AppConfig
 from ase_ray.errors import DataError
 from ase_ray.models.io import META_FILE
-from ase_ray.train.data import load_task_arrays
+from ase_ray.train.data import load_task_arrays, with_model_numeric
 from ase_ray.train.loop import predict_proba
 from ase_ray.train.metrics import classification_metrics, report_text
 
@@ -45,6 +45,15 @@ def _find_model_json(root: Path) -> Path | None:
 
 
 def evaluate(config: AppConfig, model_uri: str, store_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    model_dir, probs, arrays, classes, task = evaluate_probabilities(config, model_uri, store_dir, split)
+    metrics = classification_metrics(arrays.labels, probs.argmax(1), classes)
+    metrics.update({"model": model_uri, "model_dir": str(model_dir), "split": split, "task": task})
+    return metrics
+
+
+def evaluate_probabilities(config: AppConfig, model_uri: str, store_dir: str | Path, split: str = "test"):
+    """(model folder, class probabilities (N, C), the split's arrays, classes, task): the model on the
+    store's split, its numeric block from the rows' OCR fields and metadata as the model recorded it."""
     from ase_ray.models.io import load_model
 
     model_dir = resolve_model_dir(config, model_uri)
@@ -58,10 +67,8 @@ def evaluate(config: AppConfig, model_uri: str, store_dir: str | Path, split: st
     arrays = splits[split]
     if len(arrays) == 0:
         raise DataError(f"the store has no {split} rows")
-    probs = predict_proba(module, arrays.features)
-    metrics = classification_metrics(arrays.labels, probs.argmax(1), classes)
-    metrics.update({"model": model_uri, "model_dir": str(model_dir), "split": split, "task": task})
-    return metrics
+    arrays = with_model_numeric(arrays, meta)
+    return model_dir, predict_proba(module, arrays.features), arrays, classes, task
 
 
 def write_evaluation(metrics: dict[str, Any], out: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,24 @@ from ase_ray.tracking import VAL_FINGERPRINT_TAG
 from ase_ray.train.data import (
     Arrays,
     constant_text_sources,
+    fit_numeric,
     load_task_arrays,
+    model_input_record,
     split_fingerprint,
+    store_metadata,
     to_ray_dataset,
     usable_text_sources,
+    with_numeric,
 )
 from ase_ray.train.loop import MODEL_DIR, predict_proba, train_loop_per_worker
-from ase_ray.train.metrics import classification_metrics, confusion_figure, flat_metrics, report_text
+from ase_ray.train.metrics import (
+    classification_metrics,
+    confusion_figure,
+    flat_metrics,
+    report_text,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +82,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     splits, classes = load_task_arrays(store_dir(config), cfg.task, cfg.use_augmented)
     config, dropped = without_constant_sources(config, splits["train"])
     cfg = config.train
+    splits, inputs = with_numeric_block(config, splits)
     if len(splits["train"]) < cfg.num_workers:
         raise DataError(f"{len(splits['train'])} training rows cannot feed {cfg.num_workers} workers")
     data = {"store_dir": str(store_dir(config).resolve()), "classes": classes,
@@ -78,11 +91,20 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     if plan.resuming:
         echo(f"resuming run {plan.name} (its latest checkpoint)")
     ensure_ray(config.ray)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
     run_tags = {**(tags or {}), VAL_FINGERPRINT_TAG: data["val_fingerprint"],
                 "ase_ray.val_rows": str(len(splits["val"])), "ase_ray.train_run": plan.name,
-                "ase_ray.dropped_text_sources": ",".join(dropped) or "none"}
+                "ase_ray.dropped_text_sources": ",".join(dropped) or "none",
+                "ase_ray.numeric_fields": ",".join(f["name"] for f in inputs["numeric"]["fields"]) or "none",
+                "ase_ray.metadata_columns": ",".join([*inputs["metadata_columns"]["text"],
+                                                      *inputs["metadata_columns"]["numeric"]]) or "none"}
     run_id = _open_run(config, plan, run_tags, parent_run_id) if track else None
     write_record(plan, run_id, data)
     from ase_ray.tracking import tracking_uri
@@ -95,6 +117,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             "threads": max(1, int(cfg.cpus_per_worker)),
             "tracking_uri": tracking_uri(config) if track else None,
             "run_id": run_id,
+            "inputs": inputs,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
@@ -142,6 +165,21 @@ def without_constant_sources(config: AppConfig, train: Arrays) -> tuple[AppConfi
         return config, []
     train_cfg = config.train.model_copy(update={"model": model.model_copy(update={"text_sources": kept})})
     return config.model_copy(update={"train": train_cfg}), dropped
+
+
+def with_numeric_block(config: AppConfig, splits: dict[str, Arrays]) -> tuple[dict[str, Arrays], dict[str, Any]]:
+    """Every split with the numeric block fitted on the training rows (``train.model.numeric_sources``),
+    and what the model must record of it and of the metadata columns (``model.json`` extra.inputs)."""
+    from ase_ray.features.store import META_FILE
+
+    meta_path = store_dir(config) / META_FILE
+    metadata = store_metadata(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
+    block = fit_numeric(splits["train"], config.train.model.numeric_sources, metadata)
+    if config.train.model.numeric_sources and not block.fields:
+        logger.warning("train.model.numeric_sources %s: no numeric field on the training rows (skipped: %s); "
+                       "the model has no numeric block", config.train.model.numeric_sources, block.skipped or "none")
+    out = {name: with_numeric(arrays, block, metadata) for name, arrays in splits.items()}
+    return out, model_input_record(block, metadata, config.train.model.text_sources)
 
 
 def _best_record(checkpoint_dir: Path, val_rows: int) -> dict[str, Any]:

@@ -107,6 +107,7 @@ def run_epochs(
     restored_dir: Path | None = None,
     report: Callable[[dict[str, float], Path | None], None] | None = None,
     common_size: Callable[[int], int] = lambda n: n,
+    inputs: dict[str, Any] | None = None,
 ) -> LoopResult:
     """Train for ``cfg.epochs`` epochs (from the restored epoch + 1 when resuming). Every rank calls
     it; with a process group up the engine wraps the model for it (DDP or DeepSpeed)."""
@@ -151,7 +152,7 @@ def run_epochs(
         result.history.append(metrics)
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(engine, Path(tmp), epoch, rank, rng, cfg, dims, classes, result)
+                save_checkpoint(engine, Path(tmp), epoch, rank, rng, cfg, dims, classes, result, inputs)
                 report(metrics, Path(tmp))
     return result
 
@@ -204,7 +205,7 @@ def _train_epoch(engine, train, subset, cfg, pfa, rng) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(engine, directory: Path, epoch: int, rank: int, rng: np.random.Generator,
-                    cfg: TrainConfig, dims, classes, result: LoopResult) -> None:
+                    cfg: TrainConfig, dims, classes, result: LoopResult, inputs: dict[str, Any] | None = None) -> None:
     """Every rank: the engine's state (to resume) and its own random states. Rank 0 also: the loop's
     state (epoch, best epoch) and ``model/``, the best epoch's fp32 export (to serve)."""
     engine.save(directory, rank)
@@ -216,7 +217,7 @@ def save_checkpoint(engine, directory: Path, epoch: int, rank: int, rng: np.rand
         save_model(export, directory / MODEL_DIR, cfg.model, dims, classes,
                    extra={"task": cfg.task, "epoch": result.best.epoch, "last_epoch": epoch,
                           "selection": BEST_RULE, "strategy": cfg.strategy,
-                          "training_precision": _training_precision(cfg)})
+                          "training_precision": _training_precision(cfg), "inputs": inputs or {}})
         (directory / LOOP_STATE_FILE).write_text(json.dumps({"epoch": epoch, "best": asdict(result.best)}))
 
 
@@ -292,7 +293,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     with (restored.as_directory() if restored else nullcontext(None)) as restored_dir:
         run_epochs(train, val, cfg, classes, rank=rank, device=device,
                    restored_dir=Path(restored_dir) if restored_dir else None,
-                   report=report, common_size=lambda n: smallest_across_ranks(n, device))
+                   report=report, common_size=lambda n: smallest_across_ranks(n, device),
+                   inputs=loop_config.get("inputs"))
 
 
 def _collect(shard, rank: int, world_size: int) -> dict[str, np.ndarray]:

@@ -69,7 +69,8 @@ class TrainConfig(StrictModel):
         return self
 
 
-ABLATION_VARIANTS = ("image-only", "text-only", "concat", "gated", "+PFA", "+CMAF", "+TDA", "full (PFA+CMAF+TDA)")
+ABLATION_VARIANTS = ("image-only", "text-only", "+numeric block", "+metadata", "concat", "gated", "+CMAF", "+PFA",
+                     "+TDA", "full (PFA+CMAF+TDA)")
 
 
 class AblateConfig(StrictModel):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ase_ray.config import load_config
 from ase_ray.data.manifest import read_dataset_info
+from ase_ray.data.metadata import MetadataColumns
 from ase_ray.data.synthetic import generate_synthetic
 from ase_ray.features.inmemory import decode_image_bytes
 from ase_ray.features.pipeline import apply_layout_hints
@@ -47,6 +48,8 @@ class Served:
     config: object
     images: list[Path]
     manifest: Path
+    synth: pd.DataFrame
+    root: Path
 
     def client(self, key: str | None = KEY) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, headers={"X-API-Key": key} if key else {})
@@ -77,6 +80,11 @@ def served(ray_session, tmp_path_factory):
     decoded = [decode_image_bytes(p.read_bytes()) for p in paths[:2]]
     assert register_untrained_model(cfg, decoded, MODEL, alias="champion", seed=0, out_dir=root / "m1") == "1"
     assert register_untrained_model(cfg, decoded, MODEL, alias=None, seed=1, out_dir=root / "m2") == "2"
+    # v3 reads the records beside the image: the note as text, the reading in its numeric block
+    records = synth[["operator_note", "probe_reading"]].iloc[:2].to_dict("records")
+    columns = MetadataColumns(text=["operator_note"], numeric=["probe_reading"])
+    assert register_untrained_model(cfg, decoded, MODEL, alias=None, seed=2, out_dir=root / "m3",
+                                    metadata=columns, records=records) == "3"
     manifest = root / "predict.csv"
     corrupt = root / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -86,7 +94,7 @@ def served(ray_session, tmp_path_factory):
         url = deploy(cfg, timeout_s=300)
     finally:
         os.environ.pop(KEY_ENV, None)
-    yield Served(url, cfg, paths, manifest)
+    yield Served(url, cfg, paths, manifest, synth, root)
     serve.shutdown()
 
 
@@ -259,6 +267,65 @@ def test_hot_swap_changes_version_without_restarting_replicas(served):
         failed = _metadata_when(http, lambda m: m["swap_error"] is not None, timeout_s=60)
         assert failed["swap_error"] and failed["model"]["version"] == "2"  # the previous model keeps serving
         assert http.post("/predict", files={"file": ("a.png", png_bytes(served.images[0]))}).status_code == 200
+
+
+def _store_in_process(config, manifest: Path, tmp_path: Path) -> Path:
+    from ase_ray.data.manifest import read_manifest
+    from ase_ray.features.pipeline import _decode_batch, _with_row_ids, stage_plan, with_metadata
+    from ase_ray.features.store import write_store
+
+    rows, metadata = with_metadata(config, read_manifest(manifest), read_dataset_info(manifest))
+    batch = _decode_batch(_with_row_ids(rows))
+    for stage_cls, settings in stage_plan(config):
+        batch = stage_cls(settings, str(tmp_path / "cache"))(batch)
+    assert not batch["error_stage"].astype(bool).any()
+    meta = {"manifest": str(manifest), "metadata_columns": metadata.to_json()}
+    write_store(batch, tmp_path / "cache", tmp_path / "store", meta)
+    return tmp_path / "store"
+
+
+def test_a_model_that_reads_records_asks_for_them_and_serves_what_evaluate_computes(served, tmp_path):
+    from ase_ray.data.manifest import write_manifest
+    from ase_ray.serve.deploy import swap_model
+    from ase_ray.train.evaluate import evaluate_probabilities
+
+    app = served.config.serve.app_name
+    rows = served.synth.iloc[:3].assign(split="test")
+    records = rows[["operator_note", "probe_reading"]].to_dict("records")
+    files = [("files", (f"{i}.png", png_bytes(Path(p)), "image/png")) for i, p in enumerate(rows["image_path"])]
+    with served.client() as http:
+        swap_model(app, model_uri=f"models:/{MODEL}/3")
+        meta = _metadata_when(http, lambda m: m["model"]["version"] == "3")
+        assert meta["metadata_columns"] == {"text": ["operator_note"], "numeric": ["probe_reading"]}
+        try:
+            r = http.post("/predict", files={"file": ("a.png", png_bytes(served.images[0]), "image/png")})
+            assert r.status_code == 400 and r.json()["error"] == "missing_metadata"
+            assert "operator_note" in r.json()["detail"] and "probe_reading" in r.json()["detail"]
+            partial = [records[0], {"operator_note": "x"}, records[2]]
+            r = http.post("/predict/batch", files=files, data={"metadata": json.dumps(partial)})
+            assert r.status_code == 400 and "(image 1) lacks ['probe_reading']" in r.json()["detail"]
+            r = http.post("/predict/batch", files=files, data={"metadata": json.dumps(records)})
+            assert r.status_code == 200, r.text
+            served_probs = [p["probabilities"] for p in r.json()["predictions"]]
+            assert [p["metadata"] for p in r.json()["predictions"]] == records
+            unknown = [{"operator_note": None, "probe_reading": None}] * 3  # null: an unknown value
+            r = http.post("/predict/batch", files=files, data={"metadata": json.dumps(unknown)})
+            assert r.status_code == 200
+            assert not np.allclose([list(p["probabilities"].values()) for p in r.json()["predictions"]],
+                                   [list(p.values()) for p in served_probs], atol=1e-6)  # the records reach the model
+        finally:
+            swap_model(app, model_uri=f"models:/{MODEL}/2")
+            _metadata_when(http, lambda m: m["model"]["version"] == "2")
+    # offline: the same images and records through the extraction stages into a store, then `evaluate`
+    # (the stages in-process: a Ray Data job would wait for the CPUs the Serve app holds)
+    with_train = pd.concat([rows, served.synth.iloc[3:4].assign(split="train")], ignore_index=True)
+    manifest = write_manifest(with_train, served.root / "synth" / "evaluate.csv")
+    store = _store_in_process(served.config, manifest, tmp_path)
+    _, probs, arrays, classes, _ = evaluate_probabilities(served.config, f"models:/{MODEL}/3", store, "test")
+    order = {image_id: i for i, image_id in enumerate(arrays.rows["image_id"])}
+    ids = [decode_image_bytes(png_bytes(Path(p))).image_id for p in rows["image_path"]]
+    offline = np.array([probs[order[i]] for i in ids])
+    np.testing.assert_allclose([[p[c] for c in classes] for p in served_probs], offline, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- batch job

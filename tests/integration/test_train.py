@@ -113,12 +113,14 @@ def test_ddp_survives_a_killed_worker_and_keeps_one_mlflow_run(ray_session, tmp_
     assert {"confusion_matrix_test.png", "classification_report_test.txt"} <= artifacts
     model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     from ase_ray.serving_model import features_to_frame
-    from ase_ray.train.data import load_task_arrays
+    from ase_ray.train.data import load_task_arrays, with_model_numeric
 
     splits, classes = load_task_arrays(tmp_path / "store", "multiclass")
-    meta = {"dims": json.loads((result.model_dir / "model.json").read_text())["dims"],
-            "settings": cfg.train.model.model_dump()}
-    predictions = model.predict(features_to_frame(splits["test"].features, meta, len(splits["test"])))
+    meta = json.loads((result.model_dir / "model.json").read_text())
+    assert [f["name"] for f in meta["extra"]["inputs"]["numeric"]["fields"]] == ["LEN"]  # the store's OCR field
+    assert run.data.tags["ase_ray.numeric_fields"] == "LEN"
+    test = with_model_numeric(splits["test"], meta)
+    predictions = model.predict(features_to_frame(test.features, meta, len(test)))
     assert list(predictions.columns) == ["label", *[f"prob_{c}" for c in classes]]
     assert len(store.features) == 45
 
@@ -150,8 +152,9 @@ def test_a_constant_text_source_is_left_out_and_recorded(ray_session, tmp_path):
     cfg = _config(tmp_path, tmp_path / "store", "train.epochs=2", "train.num_workers=1")
     result = fit(cfg)
     results = json.loads(result.results_path.read_text())
-    assert results["dropped_text_sources"] == ["reasoning"] and results["text_sources"] == ["ocr", "description"]
-    assert json.loads((result.model_dir / "model.json").read_text())["settings"]["text_sources"] == ["ocr", "description"]
+    kept = ["ocr", "description", "metadata"]
+    assert results["dropped_text_sources"] == ["reasoning"] and results["text_sources"] == kept
+    assert json.loads((result.model_dir / "model.json").read_text())["settings"]["text_sources"] == kept
     run = MlflowClient(tracking_uri(cfg)).get_run(result.run_id)
     assert run.data.tags["ase_ray.dropped_text_sources"] == "reasoning"
     assert "reasoning" not in run.data.params["train.model.text_sources"]

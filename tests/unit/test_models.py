@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -320,3 +321,39 @@ def test_tiny_training_loop_fits_a_separable_problem(kind):
     with torch.no_grad():
         accuracy = (model(batch)["logits"].argmax(-1) == labels).float().mean().item()
     assert accuracy > 0.9
+
+
+# ------------------------------------------------------------------------------ the numeric block
+@pytest.mark.parametrize("kind", ["text_only", "concat", "gated", "cmaf"])
+def test_the_numeric_block_is_an_input_of_its_own(kind):
+    from ase_ray.models.inference import feature_shapes
+
+    batch = {**make_batch(), "numeric": torch.randn(B, 6, generator=torch.Generator().manual_seed(1))}
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(kind=kind, **SMALL), dims_from_batch(batch), 3).eval()
+    assert model.dims.numeric_dim == 6 and model.text.extra_entries == 2  # the LLM vector and the block
+    with torch.no_grad():
+        logits = model(batch)["logits"]
+        moved = model({**batch, "numeric": batch["numeric"] + 3.0})["logits"]
+    assert not torch.allclose(logits, moved)
+    meta = {"dims": dataclasses.asdict(model.dims), "settings": model.settings.model_dump(mode="json")}
+    assert feature_shapes(meta)["numeric"] == (6,)
+    # without numeric sources the block is not built, and not asked for
+    off = build_model(ModelSettings(kind=kind, numeric_sources=[], **SMALL), dims_from_batch(batch), 3)
+    assert off.text.numeric is None
+    assert "numeric" not in feature_shapes({"dims": dataclasses.asdict(off.dims), "settings": off.settings.model_dump()})
+
+
+def test_cmaf_pools_text_as_the_mean_of_each_inputs_mean():
+    from ase_ray.models.fusion import segment_mean
+
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    segments = torch.tensor([0, 0, 0, 1, 2])  # a 3-token text, then two one-token inputs
+    out = segment_mean(x, mask, segments, 3)
+    first = (x[0, :2].mean(0) + x[0, 3] + x[0, 4]) / 3
+    second = (x[1, 0] + x[1, 4]) / 2  # segment 1 has no real token in row 1: left out
+    torch.testing.assert_close(out, torch.stack([first, second]))
+    model = model_for("cmaf", pfa=False)
+    ids = model.text.token_segments(L, "cpu")
+    assert ids.tolist() == [i for i in range(len(TEXT_SOURCES)) for _ in range(L)] + [len(TEXT_SOURCES)]

@@ -120,7 +120,7 @@ def test_multipart_parsing_files_fields_and_errors():
     headers, body = multipart([("file", "a.png", png(), "image/png"), ("metadata", None, b'{"lot": 3}', None)])
     parsed = run(inputs.parse_upload(headers, body, 3))
     assert [f.filename for f in parsed.files] == ["a.png"] and parsed.files[0].content_type == "image/png"
-    assert inputs.parse_metadata(parsed) == {"lot": 3}
+    assert inputs.parse_metadata(parsed) == [{"lot": 3}]
 
     error = rejected(lambda: run(inputs.parse_upload(Headers({"content-type": "application/json"}), b"{}", 3)))
     assert (error.status, error.code) == (415, "unsupported_media_type")
@@ -138,7 +138,15 @@ def test_metadata_and_file_counts():
     for text in ("{oops", "[1, 2]"):
         error = rejected(inputs.parse_metadata, inputs.Upload(fields={"metadata": text}))
         assert (error.status, error.code) == (400, "malformed_json")
-    assert inputs.parse_metadata(inputs.Upload()) == {}
+    assert inputs.parse_metadata(inputs.Upload()) == [{}]
+    # A batch: one object for every image, or a list of one object per image.
+    one = inputs.Upload(fields={"metadata": '{"note": "x"}'})
+    assert inputs.parse_metadata(one, 2) == [{"note": "x"}, {"note": "x"}]
+    each = inputs.Upload(fields={"metadata": '[{"note": "a"}, {"note": "b"}]'})
+    assert inputs.parse_metadata(each, 2) == [{"note": "a"}, {"note": "b"}]
+    for text in ('[{"note": "a"}]', '[{"note": "a"}, 3]'):
+        error = rejected(inputs.parse_metadata, inputs.Upload(fields={"metadata": text}), 2)
+        assert (error.status, error.code) == (400, "malformed_json") and "one JSON object per image" in error.message
     assert rejected(inputs.require_files, inputs.Upload(), LIMITS, False).code == "missing_file"
     two = inputs.Upload(files=[upload(b"a"), upload(b"b")])
     assert rejected(inputs.require_files, two, LIMITS, False).code == "too_many_images"

@@ -87,13 +87,15 @@ def test_manifest_and_dataset_info_round_trip(small_set):
     config, out, manifest = small_set
     read = read_manifest(out / "manifest.csv")
     pd.testing.assert_frame_equal(read, manifest, check_dtype=False)
-    assert list(read.columns) == ["image_path", "label", "binary_label", "group", "lot"]
+    assert list(read.columns) == ["image_path", "label", "binary_label", "group", "lot", "operator_note",
+                                  "probe_reading"]
     info = read_dataset_info(out / "manifest.csv")
     assert info.classes == [c.name for c in config.classes]
     assert info.normal_class == config.normal_class
     assert info.source == "synthetic"
     assert info.extra == {"seed": config.seed, "scale": config.scale, "text_region": text_region(config),
-                          "domain": "automated optical inspection image"}
+                          "domain": "automated optical inspection image",
+                          "metadata_columns": ["operator_note", "probe_reading"]}
     x0, y0, x1, y1 = info.extra["text_region"]
     assert (x0, y0, x1) == (0.0, 0.0, 1.0) and 0.1 < y1 < 0.4  # the printed band, a layout hint for OCR
 

@@ -13,7 +13,14 @@ from ase_ray.config import load_config
 from ase_ray.data.manifest import DatasetInfo, read_dataset_info, read_manifest
 from ase_ray.data.synthetic import generate_synthetic
 from ase_ray.features.base import build_text_encoder
-from ase_ray.features.pipeline import _decode_batch, _with_row_ids, apply_layout_hints, format_summary, stage_plan
+from ase_ray.features.pipeline import (
+    _decode_batch,
+    _with_row_ids,
+    apply_layout_hints,
+    format_summary,
+    stage_plan,
+    with_metadata,
+)
 from ase_ray.features.settings import TextEncoderSettings
 from ase_ray.features.stages import TEXT_SOURCES
 from ase_ray.features.store import META_FILE, load_store, stack, write_store
@@ -34,12 +41,15 @@ def synthetic_store(tmp_path_factory):
     cfg = load_config(overrides=["data.synth.scale=0.02", "data.synth.seed=5", *TINY_MODELS])
     generate_synthetic(cfg.data.synth, root / "synth")
     manifest = root / "synth" / "manifest.csv"
-    cfg = apply_layout_hints(cfg, read_dataset_info(manifest))
-    batch = _decode_batch(_with_row_ids(read_manifest(manifest)))
+    info = read_dataset_info(manifest)
+    cfg = apply_layout_hints(cfg, info)
+    rows, metadata = with_metadata(cfg, read_manifest(manifest), info)
+    batch = _decode_batch(_with_row_ids(rows))
     for stage_cls, settings in stage_plan(cfg):
         batch = stage_cls(settings, str(root / "cache"))(batch)
     assert not batch["error_stage"].astype(bool).any()
-    return write_store(batch, root / "cache", root / "store", {"manifest": str(manifest)})
+    return write_store(batch, root / "cache", root / "store", {"manifest": str(manifest),
+                                                                "metadata_columns": metadata.to_json()})
 
 
 def test_every_text_source_of_a_synthetic_store_varies_or_is_flagged_absent(synthetic_store):
@@ -53,6 +63,11 @@ def test_every_text_source_of_a_synthetic_store_varies_or_is_flagged_absent(synt
     assert synthetic_store.features["reasoning"].eq("").all()
     assert stats["reasoning"]["absent"] and synthetic_store.meta["absent_sources"] == ["reasoning"]
     assert synthetic_store.meta["constant_sources"] == ["reasoning"]
+    # the records beside the image (dataset.yaml names them) are the metadata text source
+    assert synthetic_store.meta["metadata_columns"] == {"text": ["operator_note"], "numeric": ["probe_reading"]}
+    texts = synthetic_store.features["metadata_text"]
+    assert texts.str.startswith("operator_note: ").all() and texts.nunique() > 1
+    assert not stats["metadata"]["constant"]
 
 
 def test_no_text_is_cut_with_the_default_encoder_settings(synthetic_store):
@@ -104,7 +119,7 @@ def test_training_drops_a_constant_source_with_a_warning(tmp_path, caplog):
     splits, _ = load_task_arrays(tmp_path / "store", "multiclass")
     with caplog.at_level(logging.WARNING, logger="ase_ray.train.data"):
         trained, dropped = without_constant_sources(cfg, splits["train"])
-    assert dropped == ["reasoning"] and trained.train.model.text_sources == ["ocr", "description"]
+    assert dropped == ["reasoning"] and trained.train.model.text_sources == ["ocr", "description", "metadata"]
     assert "reasoning" in caplog.text and "dropping" in caplog.text
     assert cfg.train.model.text_sources == list(TEXT_SOURCES)  # the given config is not changed
 

@@ -123,3 +123,46 @@ def test_torch_threads_stay_within_the_omp_limit(monkeypatch):
         assert float(((x.bfloat16() @ w.bfloat16()).float() - exact).abs().max()) < 2.0  # no garbage
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ records beside the image reach the model
+def _train_on_reading(tmp_path, reading: np.ndarray):
+    """A store whose image and text features carry no class signal; only the ``reading`` record does
+    (when it is not shuffled). Trained in-process as `ase-ray train` prepares it (numeric block)."""
+    from ase_ray.train.fit import with_numeric_block
+
+    fake_feature_store(tmp_path, per_class=30, signal=0.0, records={"reading": [float(v) for v in reading]})
+    config = load_config(overrides=[f"train.store_dir={tmp_path}", "train.model.kind=text_only", "train.epochs=40",
+                                    "train.lr=5e-3", "train.pfa.enabled=false", "train.seed=1",
+                                    "train.model.numeric_sources=[metadata]", "train.model.text_sources=[ocr]",
+                                    "train.model.use_llm_hidden=false"])
+    splits, classes = load_task_arrays(tmp_path, "multiclass")
+    splits, inputs = with_numeric_block(config, splits)
+    assert [f["name"] for f in inputs["numeric"]["fields"]] == ["reading"]
+    assert inputs["metadata_columns"] == {"text": [], "numeric": ["reading"]}
+    train = {**splits["train"].features, LABEL_KEY: splits["train"].labels}
+    result = run_epochs(train, {}, config.train, classes)
+    return result.module, splits, inputs
+
+
+def _accuracy(module, arrays) -> float:
+    return float((predict_proba(module, arrays.features).argmax(1) == arrays.labels).mean())
+
+
+def test_a_metadata_column_that_carries_the_class_decides_the_prediction(tmp_path):
+    from ase_ray.models.numeric import NUMERIC_KEY, NumericBlock
+
+    labels = np.repeat(np.arange(3), 30)
+    reading = labels * 2.0 + np.random.default_rng(0).normal(0, 0.3, len(labels))
+    module, splits, inputs = _train_on_reading(tmp_path / "signal", reading)
+    test = splits["test"]
+    assert len(test) >= 9 and _accuracy(module, test) >= 0.9
+    # the same images with another reading: the prediction follows the record
+    block = NumericBlock.from_json(inputs["numeric"])
+    for k in range(3):
+        moved = {**test.features, NUMERIC_KEY: block.transform([{}] * len(test), [{"reading": 2.0 * k}] * len(test))}
+        assert (predict_proba(module, moved).argmax(1) == k).mean() >= 0.9
+
+    shuffled = np.random.default_rng(1).permutation(reading)
+    module, splits, _ = _train_on_reading(tmp_path / "shuffled", shuffled)
+    assert _accuracy(module, splits["test"]) <= 0.6  # 3 classes: chance is 1/3

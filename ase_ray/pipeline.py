@@ -14,11 +14,13 @@ from ase_ray.config import AppConfig, dump_config
 from ase_ray.data.manifest import (
     LABEL,
     SPLIT,
+    metadata_columns,
     read_dataset_info,
     read_manifest,
     write_dataset_info,
     write_manifest,
 )
+from ase_ray.data.metadata import is_missing
 from ase_ray.data.splits import assign_splits, split_summary
 from ase_ray.data.validate import validate_manifest
 from ase_ray.errors import DataError
@@ -97,7 +99,8 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
 
     if "serve" in stages:
         started = time.perf_counter()
-        served = serve_one_prediction(config, _one_test_image(df), echo)
+        image_path, record = _one_test_image(df)
+        served = serve_one_prediction(config, image_path, echo, record)
         report["stages"]["serve"] = _timed(started, **served)
 
     report_path = work_dir / "pipeline_report.json"
@@ -107,8 +110,9 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
     return report
 
 
-def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict:
-    """Start Serve with the champion, answer one real HTTP prediction on ``image_path``, stop it."""
+def serve_one_prediction(config: AppConfig, image_path: str, echo=print, metadata: dict | None = None) -> dict:
+    """Start Serve with the champion, answer one real HTTP prediction on ``image_path`` (with its
+    records beside it, ``metadata``), stop it."""
     import mimetypes
 
     import httpx
@@ -124,6 +128,7 @@ def serve_one_prediction(config: AppConfig, image_path: str, echo=print) -> dict
         with open(image_path, "rb") as image:
             mime = mimetypes.guess_type(image_path)[0] or "application/octet-stream"
             response = httpx.post(f"{url}/predict", files={"file": (Path(image_path).name, image, mime)},
+                                  data={"metadata": json.dumps(metadata or {})},
                                   headers=_api_key_header(config), timeout=300)
     finally:
         serve.delete(config.serve.app_name)
@@ -171,9 +176,13 @@ def _api_key_header(config: AppConfig) -> dict[str, str]:
     return {"X-API-Key": key} if key else {}
 
 
-def _one_test_image(df: pd.DataFrame) -> str:
+def _one_test_image(df: pd.DataFrame) -> tuple[str, dict]:
+    """A test image and its metadata record (every metadata column of its manifest row; empty: null)."""
     test = df[df[SPLIT] == "test"]
-    return str((test if len(test) else df).iloc[0]["image_path"])
+    row = (test if len(test) else df).iloc[0]
+    record = {c: (None if is_missing(row[c]) else row[c].item() if hasattr(row[c], "item") else row[c])
+              for c in metadata_columns(df)}
+    return str(row["image_path"]), record
 
 
 def _registered(registration) -> dict:

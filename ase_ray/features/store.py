@@ -11,10 +11,11 @@
 | ``ocr_text`` / ``ocr_fields`` | string | raw OCR text / its ``KEY value`` fields as JSON (numbers as numbers) |
 | ``description`` | string | the VLM's (or the offline describer's) zero-shot description |
 | ``reasoning`` | string | the LLM's answer (generate mode); empty in forward mode (the source is absent) |
+| ``metadata_text`` | string | the row's text metadata columns as text (``ase_ray.data.metadata``); empty without any |
 | ``llm_hidden`` | list<float32>[H] | the LLM's mean last hidden state |
 | ``image_pooled`` | list<float32>[D] | pooled image embedding |
 | ``image_tokens`` | list<float16>[N*D] | spatial token map, row-major (N, D) |
-| ``text_<src>_pooled`` | list<float32>[T] | for src in ocr, description, reasoning |
+| ``text_<src>_pooled`` | list<float32>[T] | for src in ocr, description, reasoning, metadata |
 | ``text_<src>_tokens`` | list<float16>[L*T] | token states, row-major (L, T), zero-padded |
 | ``text_<src>_mask`` | list<int8>[L] | 1 where a token is real |
 | ``text_<src>_tokens_cut`` | int64 | tokens of the text beyond L that the encoder cut off (0: whole text) |
@@ -24,7 +25,8 @@ model that ran (``backends``: ``ase_ray.features.model_info.ran_models``), the s
 (``features``), the counts, and what each text source carries (``ase_ray.features.text_stats``):
 ``text_stats.<src>`` (``pooled_std``: mean per-dimension std of ``text_<src>_pooled`` across rows,
 ``distinct_texts``, ``absent``, ``constant``, ``tokens_cut``, ``texts_cut``), ``constant_sources`` (no
-spread, or absent: training drops them) and ``absent_sources``. ``errors.parquet``: ``row_id``,
+spread, or absent: training drops them) and ``absent_sources``; ``metadata_columns`` (``{"text": [...],
+"numeric": [...]}``: the records beside the image that extraction read, ``ase_ray.data.metadata``). ``errors.parquet``: ``row_id``,
 ``image_path``, ``label``, ``stage``, ``message``; every input row is in exactly one of the two tables. :func:`load_store` and :func:`stack` read it back.
 """
 

@@ -163,11 +163,15 @@ def row_ocr_fields(rows: pd.DataFrame) -> list:
 
 
 def fit_numeric(train: Arrays, sources: list[str], metadata: MetadataColumns) -> NumericBlock:
-    """The numeric block of the training rows (:func:`ase_ray.models.numeric.fit_numeric_block`)."""
+    """The numeric block of the training rows (:func:`ase_ray.models.numeric.fit_numeric_block`),
+    TDA rows left out: they copy their source image's text and records, and copies would skew the
+    statistics and hide an identifier (a running id is distinct only across distinct images)."""
     if not sources:
         return NumericBlock()
-    return fit_numeric_block(row_ocr_fields(train.rows), row_records(train.rows, metadata.numeric),
-                             metadata.numeric, sources)
+    rows = train.rows
+    if AUGMENTED in rows.columns:
+        rows = rows[~rows[AUGMENTED].astype(str).str.lower().eq("true")]
+    return fit_numeric_block(row_ocr_fields(rows), row_records(rows, metadata.numeric), metadata.numeric, sources)
 
 
 def with_numeric(arrays: Arrays, block: NumericBlock, metadata: MetadataColumns) -> Arrays:

@@ -69,3 +69,18 @@ def test_the_block_survives_its_json_record_and_the_sources_pick_what_it_holds()
 def test_ocr_fields_parse_from_json_text_or_a_dict():
     assert parse_ocr_fields('{"LEN": 2.0}') == {"LEN": 2.0} and parse_ocr_fields({"A": 1}) == {"A": 1}
     assert parse_ocr_fields("") == {} and parse_ocr_fields("[1, 2]") == {} and parse_ocr_fields(None) == {}
+
+
+def test_training_fits_the_block_on_the_original_rows_not_their_tda_copies():
+    import pandas as pd
+
+    from ase_ray.data.metadata import MetadataColumns
+    from ase_ray.train.data import Arrays, fit_numeric
+
+    originals = ocr_rows(40)
+    copies = originals[:30]  # TDA copies its source's text: the running id repeats
+    rows = pd.DataFrame({"ocr_fields": originals + copies, "augmented": [False] * 40 + [True] * 30})
+    train = Arrays({}, np.zeros(len(rows), dtype=np.int64), rows)
+    block = fit_numeric(train, ["ocr"], MetadataColumns())
+    assert "ID" in block.skipped and [f.name for f in block.fields] == ["DIFF", "LEN"]
+    assert block == fit_numeric_block(originals, None, [], ["ocr"])

@@ -132,7 +132,7 @@ class Features:
         missing = [missing_keys(record, columns) for _, record in items]
         ok = [i for i, m in enumerate(missing) if not m]  # a record without a needed key is not extracted
         rows: list[dict[str, Any]] = [
-            {"error": "", "missing_metadata": m, "metadata_columns": columns.all, "texts": {}, "arrays": {}, "image_id": items[i][0].image_id}
+            {"error": "", "missing_metadata": m, "metadata_columns": columns.to_json(), "texts": {}, "arrays": {}, "image_id": items[i][0].image_id}
             for i, m in enumerate(missing)]
         if ok:
             extracted = extractor([items[i][0] for i in ok], [metadata_text(items[i][1], columns.text) for i in ok])
@@ -300,13 +300,16 @@ class Ingress:
 
     async def _run(self, images: list[inputs.ValidImage],
                    metadata: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        from ase_ray.data.metadata import MetadataColumns
+        from ase_ray.serve.predictor import missing_metadata_message
+
         rows = await asyncio.gather(*(self.features.extract.remote((image.decoded, record))
                                       for image, record in zip(images, metadata)))
         for i, row in enumerate(rows):
             if row.get("missing_metadata"):
-                where = f" (image {i})" if len(rows) > 1 else ""
-                raise RequestError(400, "missing_metadata", f"metadata{where} lacks {row['missing_metadata']}: the "
-                                   f"model reads the records {row['metadata_columns']} (send null for an unknown value)")
+                columns = MetadataColumns.from_json(row["metadata_columns"])
+                raise RequestError(400, "missing_metadata",
+                                   missing_metadata_message(row["missing_metadata"], columns, i, len(rows)))
         for i, row in enumerate(rows):
             if row["error"]:
                 raise RequestError(422, "unprocessable_image", f"image {i}: feature extraction failed at {row['error'][:300]}")

@@ -173,11 +173,6 @@ def load_model(ref: ModelRef, tracking_uri: str, device: "str | torch.device" = 
     return LoadedModel(ref, python_model.to(device))
 
 
-def model_feature_settings(ref: ModelRef, tracking_uri: str) -> dict[str, Any] | None:
-    """The feature settings recorded with a model (its ``features.json``), without loading the weights."""
-    return model_serving_record(ref, tracking_uri)[0]
-
-
 def model_serving_record(ref: ModelRef, tracking_uri: str) -> tuple[dict[str, Any] | None, "MetadataColumns"]:
     """(the feature settings recorded with a model, the metadata columns it reads), from its
     ``features.json`` and ``model.json``, without loading the weights."""

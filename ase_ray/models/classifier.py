@@ -19,6 +19,7 @@ from ase_ray.models.projections import (
     FeatureDims,
     ImageProjection,
     TextProjection,
+    TokenAttentionPool,
 )
 from ase_ray.models.settings import ModelSettings, PfaSettings
 
@@ -54,12 +55,19 @@ class DefectClassifier(nn.Module):
         )
         use_llm = settings.use_llm_hidden and kind != "image_only"
         numeric_dim = dims.numeric_dim if settings.numeric_sources and kind != "image_only" else 0
+        token_pool = (
+            TokenAttentionPool(d, settings.heads, dropout, len(settings.text_sources), dims.text_len,
+                               settings.text_pool_queries, settings.text_pool_layers)
+            if kind in POOLED_TEXT_KINDS and settings.text_pooling == "attention"
+            else None
+        )
         self.text = (
-            TextProjection(dims.text_dim, dims.llm_dim, d, dropout, settings.text_sources, use_llm, numeric_dim)
+            TextProjection(dims.text_dim, dims.llm_dim, d, dropout, settings.text_sources, use_llm, numeric_dim,
+                           token_pool)
             if kind != "image_only" or align_dim is not None
             else None
         )
-        text_set = len(settings.text_sources) + (self.text.extra_entries if self.text is not None else 0)
+        text_set = self.text.pooled_entries + self.text.extra_entries if self.text is not None else 0
         self.fusion: CmafFusion | GatedFusion | None = None
         if kind == "cmaf":
             self.fusion = CmafFusion(d, settings.heads, dropout)

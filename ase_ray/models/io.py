@@ -16,7 +16,7 @@ from ase_ray.models.settings import ModelSettings
 
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ModelSettings.text_pooling (format 1 models pooled their texts by the mean)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -65,6 +65,8 @@ def load_model(
     eval mode with the metadata dict."""
     directory = Path(directory)
     meta = json.loads((directory / META_FILE).read_text())
+    if meta.get("format", 1) < 2:
+        meta["settings"].setdefault("text_pooling", "mean")
     model = DefectClassifier(
         ModelSettings.model_validate(meta["settings"]),
         FeatureDims(**meta["dims"]),

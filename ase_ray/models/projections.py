@@ -87,16 +87,48 @@ class ImageProjection(nn.Module):
         return self.drop(self.norm(self.proj(x) + self.position))
 
 
+class TokenAttentionPool(nn.Module):
+    """A text source's projected token states -> ``queries`` vectors of width d.
+
+    The store's mean-pooled vector averages a number's digits away among the other tokens ("LEN 6.2" and
+    "LEN 9.8" pool to nearly the same vector). Here a transformer layer (shared by the sources) lets the
+    digits of one value and its key meet, then learned queries per source pick what they need.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float, n_sources: int, text_len: int, queries: int,
+                 layers: int):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(text_len, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers else None
+        self.queries = nn.Parameter(torch.randn(n_sources, queries, d_model) * 0.02)
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.queries.shape[1])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, source: int) -> torch.Tensor:
+        """x (B, L, d) projected states of source number ``source``, mask (B, L) True = real -> (B, Q, d)."""
+        x = x + self.position[: x.shape[1]]
+        if self.encoder is not None:
+            x = self.encoder(x, src_key_padding_mask=~mask)
+        scores = torch.einsum("bld,qd->bql", x, self.queries[source]) / x.shape[-1] ** 0.5
+        scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+        return torch.einsum("bql,bld->bqd", scores.softmax(dim=-1), x)
+
+
 class TextProjection(nn.Module):
     """Per-source text features -> width d, tagged with a learned source embedding.
 
     The LLM hidden state and the numeric block, when used, are each projected on their own and become
-    one extra (always real) token of the text sequence and one extra entry of the pooled set.
+    one extra (always real) token of the text sequence and one extra entry of the pooled set. With a
+    ``token_pool`` the pooled set reads each source's token states (``TokenAttentionPool``, Q entries per
+    source) instead of its stored mean-pooled vector.
     """
 
     def __init__(
         self, text_dim: int, llm_dim: int, d_model: int, dropout: float, sources: Sequence[str], use_llm: bool,
-        numeric_dim: int = 0,
+        numeric_dim: int = 0, token_pool: TokenAttentionPool | None = None,
     ):
         super().__init__()
         if use_llm and llm_dim < 1:
@@ -114,6 +146,7 @@ class TextProjection(nn.Module):
         self.numeric = nn.Sequential(
             nn.Linear(numeric_dim, d_model), nn.GELU(), nn.Linear(d_model, d_model), nn.LayerNorm(d_model)
         ) if numeric_dim > 0 else None
+        self.token_pool = token_pool
 
     @property
     def uses_llm(self) -> bool:
@@ -123,6 +156,11 @@ class TextProjection(nn.Module):
     def extra_entries(self) -> int:
         """Entries beyond the text sources: the LLM vector and the numeric block, when used."""
         return int(self.llm is not None) + int(self.numeric is not None)
+
+    @property
+    def pooled_entries(self) -> int:
+        """Entries of :meth:`source_pooled`: one per source, or Q per source with a token pool."""
+        return len(self.sources) * (self.token_pool.n_queries if self.token_pool is not None else 1)
 
     def _dtype(self) -> torch.dtype:
         return self.proj.weight.dtype
@@ -142,12 +180,21 @@ class TextProjection(nn.Module):
         return out
 
     def source_pooled(self, batch: Batch) -> torch.Tensor:
-        """(B, S, d): one projected pooled vector per text source (no LLM entry)."""
+        """(B, pooled_entries, d): the projected pooled vector(s) of every text source (no LLM entry)."""
+        if self.token_pool is not None:
+            return torch.cat([self._attention_pooled(batch, i, s) for i, s in enumerate(self.sources)], dim=1)
         pooled = [
             _checked(batch, f"text_{s}_pooled", self.text_dim, 2, self._dtype()) for s in self.sources
         ]
         x = self.proj(torch.stack(pooled, dim=1)) + self.source_embedding
         return self.drop(self.norm(x))
+
+    def _attention_pooled(self, batch: Batch, index: int, source: str) -> torch.Tensor:
+        tokens = _checked(batch, f"text_{source}_tokens", self.text_dim, 3, self._dtype())
+        mask = ensure_one_real(_require(batch, f"text_{source}_mask", 2) != 0)
+        length = int(mask.any(dim=0).nonzero().max()) + 1  # padding past every row's last real token changes nothing
+        x = self.proj(tokens[:, :length]) + self.source_embedding[index]
+        return self.drop(self.token_pool(self.drop(self.norm(x)), mask[:, :length], index))
 
     def pooled_set(self, batch: Batch, source_pooled: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S + extra_entries, d); pass ``source_pooled`` when already computed."""

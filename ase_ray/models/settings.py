@@ -13,6 +13,7 @@ TEXT_SOURCES: tuple[str, ...] = ("ocr", "description", "reasoning", "metadata")
 NUMERIC_SOURCES: tuple[str, ...] = ("ocr", "metadata")
 
 ModelKind = Literal["image_only", "text_only", "concat", "gated", "cmaf"]
+TextPooling = Literal["mean", "attention"]
 TextSource = Literal["ocr", "description", "reasoning", "metadata"]
 NumericSource = Literal["ocr", "metadata"]
 
@@ -22,7 +23,8 @@ class ModelSettings(StrictModel):
 
     ``cmaf`` is the paper's cross-modality attention fusion over token sequences; the others are
     baselines over pooled vectors: ``image_only``, ``text_only`` (pooled texts concatenated),
-    ``concat`` (pooled image and texts concatenated) and ``gated`` (sigmoid-gated sum).
+    ``concat`` (pooled image and texts concatenated) and ``gated`` (sigmoid-gated sum). The pooled kinds
+    read each text source through ``text_pooling``.
     """
 
     kind: ModelKind = "cmaf"
@@ -38,6 +40,15 @@ class ModelSettings(StrictModel):
         description="What the numeric block holds (ase_ray.models.numeric): parsed OCR fields and/or numeric "
         "metadata columns; [] builds no numeric block. The block is one extra text token (cmaf) or one extra "
         "entry of the pooled text set.")
+    text_pooling: TextPooling = Field(
+        "attention",
+        description="How the pooled kinds (text_only, concat, gated) read a text source. mean: the store's "
+        "mean-pooled vector, one per source; attention: one transformer layer over the source's token states, "
+        "then text_pool_queries learned queries attend over them (that many vectors per source), so a number "
+        "or a position in the text keeps its value. cmaf reads the tokens itself and ignores this.")
+    text_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries per text source (attention pooling).")
+    text_pool_layers: int = Field(1, ge=0, le=4, description="Transformer layers over the token states before the "
+                                  "attention pooling (0: pool the projected states directly).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
 
     @field_validator("text_sources")

@@ -61,6 +61,8 @@ MODEL_PARAMS_B: dict[str, float] = {
     "bert-base-uncased": 0.110,
     "HuggingFaceTB/SmolLM2-135M-Instruct": 0.135,
     "efficientnet-lite0": 0.0047,
+    "efficientnet-lite1": 0.0054,
+    "efficientnet-lite2": 0.0061,
     "sentence-transformers/all-MiniLM-L6-v2": 0.0227,
     "tiny-random-instructblip": 0.0,
     "tiny-random-llama": 0.0,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     # per-image stages
     from ase_ray.features.describe import InstructBlipDescriber, MeasureDescriber
-    from ase_ray.features.image_encoder import EfficientNetLite0Encoder, ResNetEncoder
+    from ase_ray.features.image_encoder import EfficientNetLiteEncoder, ResNetEncoder
     from ase_ray.features.ocr import RapidOcr, TesseractOcr
     from ase_ray.features.settings import DescribeSettings, ImageEncoderSettings, OcrSettings
 
@@ -132,13 +132,13 @@ def build_describer(
 
 def build_image_encoder(
     settings: "ImageEncoderSettings", models_dir: str | None = None
-) -> "ResNetEncoder | EfficientNetLite0Encoder":
+) -> "ResNetEncoder | EfficientNetLiteEncoder":
     """The image encoder for ``settings.backend``: ``resnet`` and ``tiny`` (a random tiny ResNet)
-    use transformers' ResNetModel, ``efficientnet-lite0`` the offline ImageNet weights."""
-    from ase_ray.features.image_encoder import EfficientNetLite0Encoder, ResNetEncoder
+    use transformers' ResNetModel, ``efficientnet-lite0/1/2`` the offline ImageNet weights."""
+    from ase_ray.features.image_encoder import EFFICIENTNET_VARIANTS, EfficientNetLiteEncoder, ResNetEncoder
 
-    if settings.backend == "efficientnet-lite0":
-        return EfficientNetLite0Encoder(settings)
+    if settings.backend in EFFICIENTNET_VARIANTS:
+        return EfficientNetLiteEncoder(settings)
     return ResNetEncoder(settings, models_dir=models_dir)
 
 

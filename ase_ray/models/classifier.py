@@ -49,7 +49,10 @@ class DefectClassifier(nn.Module):
         self.needs_text_pooled = kind in POOLED_TEXT_KINDS or align_dim is not None
 
         self.image = (
-            ImageProjection(dims.image_dim, dims.image_tokens, d, dropout, with_tokens=kind == "cmaf")
+            ImageProjection(dims.image_dim, dims.image_tokens, d, dropout, with_tokens=kind == "cmaf",
+                            with_pooled=self.needs_image_pooled, pooled_dim=dims.pooled_image_dim,
+                            patch_queries=settings.image_pool_queries
+                            if self.needs_image_pooled and settings.image_pooling == "attention" else 0)
             if kind != "text_only" or align_dim is not None
             else None
         )
@@ -123,13 +126,14 @@ def build_model(
 
 
 def compute_loss(
-    outputs: dict[str, torch.Tensor], labels: torch.Tensor, pfa: PfaSettings | None
+    outputs: dict[str, torch.Tensor], labels: torch.Tensor, pfa: PfaSettings | None,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy, plus ``align_weight`` x class-aware InfoNCE when PFA is enabled and the outputs
-    carry alignment embeddings. Returns the total (for backward) and floats for logging
-    (``ce``, ``align`` when used, ``loss``)."""
+    """Cross-entropy (weighted per class when ``class_weights`` (C,) is given), plus ``align_weight`` x
+    class-aware InfoNCE when PFA is enabled and the outputs carry alignment embeddings. Returns the total
+    (for backward) and floats for logging (``ce``, ``align`` when used, ``loss``)."""
     labels = labels.long()
-    ce = F.cross_entropy(outputs["logits"].float(), labels)
+    ce = F.cross_entropy(outputs["logits"].float(), labels, weight=class_weights)
     total = ce
     parts = {"ce": float(ce.detach())}
     if pfa is not None and pfa.enabled and "img_align" in outputs:

@@ -34,7 +34,7 @@ def feature_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The per-row shape of every feature column the model reads (from ``model.json``)."""
     d = meta["dims"]
     shapes: dict[str, tuple[int, ...]] = {
-        "image_pooled": (d["image_dim"],),
+        "image_pooled": (d.get("image_pooled_dim") or d["image_dim"],),
         "image_tokens": (d["image_tokens"], d["image_dim"]),
     }
     if d.get("llm_dim"):

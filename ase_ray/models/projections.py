@@ -18,12 +18,17 @@ Batch = Mapping[str, torch.Tensor]
 class FeatureDims:
     """Widths of the feature-store columns (they differ between real and offline models)."""
 
-    image_dim: int  # Di: image_pooled (B, Di), image_tokens (B, N, Di)
+    image_dim: int  # Di: image_tokens (B, N, Di), and image_pooled (B, Di) unless image_pooled_dim says otherwise
     image_tokens: int  # N
     text_dim: int  # Dt: text_<src>_pooled (B, Dt), text_<src>_tokens (B, L, Dt)
     text_len: int  # L
     llm_dim: int  # H: llm_hidden (B, H); 0 when the batch has no llm_hidden
     numeric_dim: int = 0  # 2F: numeric (B, 2F), the numeric block (ase_ray.models.numeric); 0 without one
+    image_pooled_dim: int = 0  # Dp: image_pooled (B, Dp) when wider than the tokens (mean_max, mid stages); 0: Di
+
+    @property
+    def pooled_image_dim(self) -> int:
+        return self.image_pooled_dim or self.image_dim
 
 
 def _require(batch: Batch, key: str, ndim: int) -> torch.Tensor:
@@ -44,8 +49,11 @@ def dims_from_batch(batch: Batch, sources: Sequence[str] = TEXT_SOURCES) -> Feat
     text_tokens = _require(batch, f"text_{present[0]}_tokens", 3)
     llm = batch.get("llm_hidden")
     numeric = batch.get("numeric")
+    image_dim = int(image_tokens.shape[-1])
+    pooled_dim = int(_require(batch, "image_pooled", 2).shape[-1])
     return FeatureDims(
-        image_dim=int(_require(batch, "image_pooled", 2).shape[-1]),
+        image_dim=image_dim,
+        image_pooled_dim=pooled_dim if pooled_dim != image_dim else 0,
         image_tokens=int(image_tokens.shape[1]),
         text_dim=int(text_tokens.shape[-1]),
         text_len=int(text_tokens.shape[1]),
@@ -61,21 +69,51 @@ def _checked(batch: Batch, key: str, width: int, ndim: int, dtype: torch.dtype) 
     return value.to(dtype)
 
 
-class ImageProjection(nn.Module):
-    """Image pooled vector and spatial tokens -> width d (one shared linear map; learned positions
-    for the tokens, since the attention itself is order-blind)."""
+class PatchAttentionPool(nn.Module):
+    """Multiple-instance pooling of the projected image tokens (B, N, d) -> (B, d): Q learned queries
+    attend over the patches, their Q outputs are joined and mapped to width d. A query can settle on the
+    few patches that hold a defect, where the stored mean spreads them over all N."""
 
-    def __init__(self, image_dim: int, n_tokens: int, d_model: int, dropout: float, with_tokens: bool):
+    def __init__(self, d_model: int, queries: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(queries, d_model) * 0.02)
+        self.out = nn.Linear(queries * d_model, d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        scores = torch.einsum("bnd,qd->bqn", tokens, self.queries) / tokens.shape[-1] ** 0.5
+        return self.out(torch.einsum("bqn,bnd->bqd", scores.softmax(dim=-1), tokens).flatten(1))
+
+
+class ImageProjection(nn.Module):
+    """Image pooled vector and spatial tokens -> width d (learned positions for the tokens, since the
+    attention itself is order-blind). Pooled vector and tokens share one linear map when they have the
+    same width; a wider pooled vector (mean and max, mid stages) has its own. With ``patch_queries`` the
+    pooled vector is not read: :meth:`pooled` is a ``PatchAttentionPool`` over the tokens."""
+
+    def __init__(self, image_dim: int, n_tokens: int, d_model: int, dropout: float, with_tokens: bool,
+                 with_pooled: bool = True, pooled_dim: int = 0, patch_queries: int = 0):
         super().__init__()
         self.image_dim = image_dim
-        self.proj = nn.Linear(image_dim, d_model)
+        self.pooled_dim = pooled_dim or image_dim
+        self.patch_pool = PatchAttentionPool(d_model, patch_queries) if patch_queries else None
+        with_tokens = with_tokens or self.patch_pool is not None
+        with_pooled = with_pooled and self.patch_pool is None
+        separate = self.pooled_dim != image_dim
+        self.proj = nn.Linear(image_dim, d_model) if with_tokens or (with_pooled and not separate) else None
+        self.pooled_proj = nn.Linear(self.pooled_dim, d_model) if with_pooled and separate else None
         self.norm = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
         self.position = nn.Parameter(torch.randn(n_tokens, d_model) * 0.02) if with_tokens else None
+        self.pool_norm = nn.LayerNorm(d_model) if self.patch_pool is not None else None
 
     def pooled(self, batch: Batch) -> torch.Tensor:
-        x = _checked(batch, "image_pooled", self.image_dim, 2, self.proj.weight.dtype)
-        return self.drop(self.norm(self.proj(x)))
+        if self.patch_pool is not None:
+            return self.drop(self.pool_norm(self.patch_pool(self.tokens(batch))))
+        proj = self.pooled_proj if self.pooled_proj is not None else self.proj
+        if proj is None:
+            raise RuntimeError("this ImageProjection was built without the pooled vector")
+        x = _checked(batch, "image_pooled", self.pooled_dim, 2, proj.weight.dtype)
+        return self.drop(self.norm(proj(x)))
 
     def tokens(self, batch: Batch) -> torch.Tensor:
         """(B, N, d)."""

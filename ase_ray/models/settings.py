@@ -14,6 +14,7 @@ NUMERIC_SOURCES: tuple[str, ...] = ("ocr", "metadata")
 
 ModelKind = Literal["image_only", "text_only", "concat", "gated", "cmaf"]
 TextPooling = Literal["mean", "attention"]
+ImagePooling = Literal["stored", "attention"]
 TextSource = Literal["ocr", "description", "reasoning", "metadata"]
 NumericSource = Literal["ocr", "metadata"]
 
@@ -49,6 +50,11 @@ class ModelSettings(StrictModel):
     text_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries per text source (attention pooling).")
     text_pool_layers: int = Field(1, ge=0, le=4, description="Transformer layers over the token states before the "
                                   "attention pooling (0: pool the projected states directly).")
+    image_pooling: ImagePooling = Field(
+        "stored", description="How the pooled kinds (image_only, concat, gated) and PFA's alignment see the image. "
+        "stored: the store's image_pooled vector; attention: image_pool_queries learned queries attend over the "
+        "image tokens (multiple-instance pooling: a defect lives in a few patches, which a mean dilutes).")
+    image_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries over the image tokens (attention).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
 
     @field_validator("text_sources")

@@ -54,8 +54,13 @@ VARIANTS: dict[str, dict[str, Any]] = {  # keys: ase_ray.train.settings.ABLATION
     "+CMAF": {"kind": "cmaf", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
     "+PFA": {"kind": "cmaf", "pfa": True, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
     "+TDA": {"kind": "cmaf", "pfa": False, "tda": True, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
-    "full (PFA+CMAF+TDA)": {"kind": "cmaf", "pfa": True, "tda": True, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
+    "full (PFA+CMAF+TDA)": {"kind": "cmaf", "pfa": True, "tda": True, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC,
+                            "tda_optional": True},
+    # not in the default list: for image sets (configs/magnetic_tile.yaml)
+    "image-only (patch attention)": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS,
+                                     "numeric": [], "image_pooling": "attention"},
 }
+FULL_WITHOUT_TDA = "full (PFA+CMAF; TDA not applicable)"  # the row's name when the data have no dots
 
 
 @dataclass
@@ -156,9 +161,9 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
             numeric: dict[tuple[str, ...], Any] = {}
             for variant in a.variants:
                 spec = VARIANTS[variant]
-                if spec["tda"] and not with_tda:
+                if spec["tda"] and not with_tda and not spec.get("tda_optional"):
                     continue
-                train = train_tda if spec["tda"] else train_plain
+                train = train_tda if spec["tda"] and with_tda else train_plain
                 sources = tuple(spec["numeric"])
                 if sources not in numeric:  # fitted on this fold's training part only
                     numeric[sources] = ray.put(_fold_numeric(arrays, train_plain, list(sources), metadata))
@@ -202,6 +207,8 @@ def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: in
     texts = [s for s in spec["texts"] if s not in constant] or list(spec["texts"])
     train.model.text_sources = texts
     train.model.numeric_sources = list(spec["numeric"])
+    if "image_pooling" in spec:
+        train.model.image_pooling = spec["image_pooling"]
     return config.model_copy(update={"train": train})
 
 
@@ -249,13 +256,17 @@ def _aggregate(scores, variants, with_tda: bool, tda_note: str) -> list[dict[str
     frame = pd.DataFrame(scores)
     rows = []
     for variant in [LOGREG, *variants]:
-        row: dict[str, Any] = {"variant": variant}
+        spec = VARIANTS.get(variant, {})
+        without_tda = spec.get("tda_optional") and not with_tda
+        row: dict[str, Any] = {"variant": FULL_WITHOUT_TDA if without_tda else variant}
         for task in ("binary", "multiclass"):
             values = frame[(frame["variant"] == variant) & (frame["task"] == task)]["macro_f1"] if len(frame) else []
             if len(values):
                 row[task] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": int(len(values))}
-            elif VARIANTS.get(variant, {}).get("tda") and not with_tda:
+            elif spec.get("tda") and not with_tda:
                 row[task] = {"note": tda_note or "TDA not applicable"}
+        if without_tda:
+            row["note"] = tda_note or "TDA not applicable"
         rows.append(row)
     return rows
 

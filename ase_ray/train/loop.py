@@ -107,6 +107,7 @@ def run_epochs(
     restored_dir: Path | None = None,
     report: Callable[[dict[str, float], Path | None], None] | None = None,
     common_size: Callable[[int], int] = lambda n: n,
+    common_counts: Callable[[np.ndarray], np.ndarray] = lambda counts: counts,
     inputs: dict[str, Any] | None = None,
 ) -> LoopResult:
     """Train for ``cfg.epochs`` epochs (from the restored epoch + 1 when resuming). Every rank calls
@@ -130,6 +131,8 @@ def run_epochs(
             result.best_state = load_model(restored_dir / MODEL_DIR)[0].state_dict()
         restore_random_states(restored_dir, rank, rng, engine.device)  # last: building models draws from it
     n_common = common_size(n_local)  # every rank must take the same number of steps
+    weights = class_weights(common_counts(np.bincount(labels, minlength=len(classes))), cfg.class_weighting)
+    weights_t = torch.as_tensor(weights, dtype=torch.float32, device=engine.device) if weights is not None else None
     sizes = (
         progressive_schedule(n_common, cfg.pfa.first_fraction, cfg.pfa.stride, cfg.pfa.epochs_per_stage, cfg.epochs)
         if pfa else [n_common] * cfg.epochs
@@ -138,7 +141,7 @@ def run_epochs(
         _maybe_inject_fault(cfg, epoch, rank, start_epoch)
         started = time.perf_counter()
         subset = _epoch_subset(engine, train, sizes[epoch], n_local, pfa, cfg, rng)
-        parts = _train_epoch(engine, train, subset, cfg, pfa, rng)
+        parts = _train_epoch(engine, train, subset, cfg, pfa, rng, weights_t)
         metrics = {"epoch": float(epoch), "subset_size": float(len(subset)), **parts}
         state = engine.fp32_state_dict()  # a collective under DeepSpeed: every rank
         if rank == 0:
@@ -185,7 +188,21 @@ def _epoch_subset(engine, train, size, n_local, pfa, cfg, rng) -> np.ndarray:
     return select_subset(np.concatenate(similarity), size, cfg.pfa.ordering)
 
 
-def _train_epoch(engine, train, subset, cfg, pfa, rng) -> dict[str, float]:
+def class_weights(counts: np.ndarray, weighting: str) -> np.ndarray | None:
+    """Per-class cross-entropy weights from the training class counts (None for ``none``); a class
+    without training rows gets weight 0 (it contributes no term anyway)."""
+    if weighting == "none":
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    raw = np.zeros_like(counts)
+    raw[present] = counts.sum() / (present.sum() * counts[present])
+    if weighting == "sqrt":
+        raw = np.sqrt(raw)
+    return raw * counts.sum() / float((raw * counts).sum())  # the average training row weighs 1
+
+
+def _train_epoch(engine, train, subset, cfg, pfa, rng, weights=None) -> dict[str, float]:
     order = rng.permutation(subset)
     steps = math.ceil(len(order) / cfg.batch_size)
     totals: dict[str, float] = {}
@@ -196,7 +213,7 @@ def _train_epoch(engine, train, subset, cfg, pfa, rng) -> dict[str, float]:
         labels = torch.from_numpy(train[LABEL_KEY][index]).to(engine.device)
         with engine.autocast():
             outputs = engine.model(batch)
-        loss, parts = compute_loss(outputs, labels, pfa)
+        loss, parts = compute_loss(outputs, labels, pfa, weights)
         engine.backward_step(loss)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value
@@ -265,6 +282,17 @@ def smallest_across_ranks(n: int, device: torch.device | str) -> int:
     return int(value.item())
 
 
+def summed_across_ranks(counts: np.ndarray, device: torch.device | str) -> np.ndarray:
+    """``counts`` summed over all ranks (class counts of the whole training set, not of a shard)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return counts
+    value = torch.as_tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value.cpu().numpy()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     import ray.train
@@ -294,6 +322,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_epochs(train, val, cfg, classes, rank=rank, device=device,
                    restored_dir=Path(restored_dir) if restored_dir else None,
                    report=report, common_size=lambda n: smallest_across_ranks(n, device),
+                   common_counts=lambda counts: summed_across_ranks(counts, device),
                    inputs=loop_config.get("inputs"))
 
 

@@ -40,6 +40,10 @@ class TrainConfig(StrictModel):
         1e-3, gt=0, description="The paper used 1e-2; CMAF did not fit at 1e-2 here (train CE stuck at ~1.5)."
     )
     weight_decay: float = Field(0.01, ge=0)
+    class_weighting: Literal["none", "sqrt", "balanced"] = Field(
+        "none", description="Cross-entropy class weights from the training rows' class counts: balanced "
+        "n / (C n_c); sqrt, its square root (gentler: a 30x rarer class weighs about 5.5x as much); none: all "
+        "1. Scaled so that the average training row weighs 1.")
     batch_size: int = Field(10, ge=1, description="Per-worker batch size.")
     epochs: int = Field(60, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")

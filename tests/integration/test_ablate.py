@@ -8,7 +8,8 @@ import pytest
 
 from ase_ray.config import load_config
 from ase_ray.data.synthetic import generate_synthetic
-from ase_ray.train.ablate import LOGREG, VARIANTS, run_ablation
+from ase_ray.train.ablate import LOGREG, run_ablation
+from ase_ray.train.settings import ABLATION_VARIANTS as VARIANTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

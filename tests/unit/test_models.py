@@ -61,6 +61,8 @@ def test_settings_defaults_and_validation():
         lambda: ModelSettings(text_sources=[]),
         lambda: ModelSettings(text_sources=["ocr", "ocr"]),
         lambda: ModelSettings(dropout=1.0),
+        lambda: ModelSettings(text_pooling="max"),
+        lambda: ModelSettings(text_pool_queries=0),
         lambda: ModelSettings(unknown=1),
         lambda: PfaSettings(temperature=0),
         lambda: PfaSettings(first_fraction=0),
@@ -357,3 +359,153 @@ def test_cmaf_pools_text_as_the_mean_of_each_inputs_mean():
     model = model_for("cmaf", pfa=False)
     ids = model.text.token_segments(L, "cpu")
     assert ids.tolist() == [i for i in range(len(TEXT_SOURCES)) for _ in range(L)] + [len(TEXT_SOURCES)]
+
+
+# ------------------------------------------------------------------- attention pooling of the texts
+def test_attention_pooling_reads_the_token_states_and_mean_pooling_the_stored_vector():
+    batch = make_batch()
+    tokens = batch["text_ocr_tokens"].clone()
+    tokens[:, 1] += 3.0  # position 1 is real in every row
+    token_changed = {**batch, "text_ocr_tokens": tokens}
+    pooled_changed = {**batch, "text_ocr_pooled": batch["text_ocr_pooled"] + 3.0}
+    attention = model_for("text_only", pfa=False).eval()
+    mean = model_for("text_only", pfa=False, text_pooling="mean").eval()
+    assert ModelSettings().text_pooling == "attention" and attention.text.token_pool is not None
+    assert mean.text.token_pool is None and model_for("cmaf").text.token_pool is None  # cmaf reads tokens itself
+    assert attention.text.pooled_entries == len(TEXT_SOURCES) * 4 and mean.text.pooled_entries == len(TEXT_SOURCES)
+    with torch.no_grad():
+        base_a, base_m = attention(batch)["logits"], mean(batch)["logits"]
+        assert not torch.allclose(attention(token_changed)["logits"], base_a, atol=1e-4)
+        torch.testing.assert_close(attention(pooled_changed)["logits"], base_a)
+        assert not torch.allclose(mean(pooled_changed)["logits"], base_m, atol=1e-4)
+        torch.testing.assert_close(mean(token_changed)["logits"], base_m)
+
+
+def order_problem(n: int = 64, seed: int = 0):
+    """Class 0 writes pattern u then v, class 1 v then u: the mean of the tokens is the same for both."""
+    patterns = torch.Generator().manual_seed(0)
+    u, v = torch.randn(DT, generator=patterns) * 2, torch.randn(DT, generator=patterns) * 2
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    batch = make_batch(n, seed=seed + 1)
+    for src in TEXT_SOURCES:
+        mask = torch.zeros(n, L, dtype=torch.int8)
+        mask[:, :3] = 1
+        tokens = torch.zeros(n, L, DT)
+        tokens[:, 2] = torch.randn(n, DT, generator=g) * 0.3  # row noise
+        tokens[:, 0] = torch.where(labels[:, None] == 0, u, v)
+        tokens[:, 1] = torch.where(labels[:, None] == 0, v, u)
+        batch[f"text_{src}_tokens"], batch[f"text_{src}_mask"] = tokens, mask
+        batch[f"text_{src}_pooled"] = tokens[:, :3].mean(dim=1)
+    return batch, labels
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_attention_pooling_keeps_what_the_mean_averages_away(pooling):
+    batch, labels = order_problem()
+    model = model_for("text_only", pfa=False, num_classes=2, use_llm_hidden=False, text_sources=["ocr"],
+                      numeric_sources=[], text_pooling=pooling).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        optimizer.zero_grad()
+        loss, _ = compute_loss(model(batch), labels, None)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    held_out, held_out_labels = order_problem(seed=7)
+    with torch.no_grad():
+        accuracy = (model(held_out)["logits"].argmax(-1) == held_out_labels).float().mean().item()
+    if pooling == "attention":
+        assert accuracy > 0.95
+    else:  # both classes give the same pooled vectors up to the row noise: what it learnt is the noise
+        assert accuracy < 0.7
+
+
+def test_a_format_1_model_loads_with_mean_pooled_texts(tmp_path):
+    import json
+
+    model = model_for("concat", text_pooling="mean").eval()
+    save_model(model, tmp_path / "m", model.settings, model.dims, ["a", "b", "c"], {})
+    meta_path = tmp_path / "m" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == 2
+    meta["format"] = 1
+    for key in ("text_pooling", "text_pool_queries", "text_pool_layers"):
+        del meta["settings"][key]
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.settings.text_pooling == "mean"
+    batch = make_batch(seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)["logits"], model(batch)["logits"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_wider_pooled_image_vector_gets_its_own_projection(kind):
+    from ase_ray.models.inference import feature_shapes
+
+    batch = {**make_batch(), "image_pooled": torch.randn(B, 3 * DI, generator=torch.Generator().manual_seed(2))}
+    dims = dims_from_batch(batch)
+    assert (dims.image_dim, dims.image_pooled_dim, dims.pooled_image_dim) == (DI, 3 * DI, 3 * DI)
+    assert dims_from_batch(make_batch()).image_pooled_dim == 0  # same width: one shared map, as before
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(kind=kind, **SMALL), dims, 3, PfaSettings(proj_dim=8)).train()
+    loss, _ = compute_loss(model(batch), torch.tensor([0, 1, 2, 0, 1, 2]), PfaSettings(proj_dim=8))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    meta = {"dims": dataclasses.asdict(dims), "settings": model.settings.model_dump(mode="json")}
+    assert feature_shapes(meta)["image_pooled"] == (3 * DI,) and feature_shapes(meta)["image_tokens"] == (N, DI)
+    with pytest.raises(DataError, match="width"):
+        model(make_batch())
+
+
+def planted_patch_problem(n: int = 96, seed: int = 0):
+    """Class 1 has +v on one random patch and -v on another: its mean over the patches is unchanged."""
+    patterns = torch.Generator().manual_seed(0)
+    v = torch.randn(DI, generator=patterns) * 3
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    batch = make_batch(n, seed=seed + 1)
+    tokens = torch.randn(n, N, DI, generator=g) * 0.5
+    for row in torch.nonzero(labels == 1).flatten().tolist():
+        i, j = torch.randperm(N, generator=g)[:2].tolist()
+        tokens[row, i] += v
+        tokens[row, j] -= v
+    batch["image_tokens"], batch["image_pooled"] = tokens, tokens.mean(dim=1)
+    return batch, labels
+
+
+@pytest.mark.parametrize("pooling", ["attention", "stored"])
+def test_patch_attention_finds_a_planted_patch_the_mean_hides(pooling):
+    batch, labels = planted_patch_problem()
+    model = model_for("image_only", pfa=False, num_classes=2, image_pooling=pooling).train()
+    assert (model.image.patch_pool is not None) == (pooling == "attention")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        optimizer.zero_grad()
+        loss, _ = compute_loss(model(batch), labels, None)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    held_out, held_out_labels = planted_patch_problem(seed=9)
+    with torch.no_grad():
+        accuracy = (model(held_out)["logits"].argmax(-1) == held_out_labels).float().mean().item()
+    if pooling == "attention":
+        assert accuracy > 0.9
+    else:
+        assert accuracy < 0.7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_patch_attention_trains_every_parameter_and_round_trips(kind, tmp_path):
+    model = model_for(kind, image_pooling="attention").train()
+    loss, _ = compute_loss(model(make_batch()), torch.tensor([0, 1, 2, 0, 1, 2]), PfaSettings(proj_dim=8))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    save_model(model, tmp_path / "m", model.settings, model.dims, ["a", "b", "c"], {})
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(make_batch(seed=5))["logits"], model(make_batch(seed=5))["logits"])

@@ -166,3 +166,34 @@ def test_a_metadata_column_that_carries_the_class_decides_the_prediction(tmp_pat
     shuffled = np.random.default_rng(1).permutation(reading)
     module, splits, _ = _train_on_reading(tmp_path / "shuffled", shuffled)
     assert _accuracy(module, splits["test"]) <= 0.6  # 3 classes: chance is 1/3
+
+
+def test_class_weights_hand_values():
+    from ase_ray.train.loop import class_weights
+
+    counts = np.array([90, 10, 0])
+    assert class_weights(counts, "none") is None
+    balanced = class_weights(counts, "balanced")
+    # n / (C_present n_c) = 100/(2*90), 100/(2*10): already averaging 1 over the rows
+    np.testing.assert_allclose(balanced, [100 / 180, 5.0, 0.0])
+    gentle = class_weights(counts, "sqrt")
+    assert gentle[1] / gentle[0] == pytest.approx(3.0)  # sqrt of the 9x imbalance
+    for weights in (balanced, gentle):
+        assert float((weights * counts).sum()) == pytest.approx(counts.sum())
+
+
+def test_class_weighting_reaches_the_loss(arrays):
+    from ase_ray.models.classifier import compute_loss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    weights = torch.tensor([1.0, 4.0])
+    loss, _ = compute_loss({"logits": logits}, labels, None, weights)
+    per_row = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert float(loss) == pytest.approx(float((per_row * weights[labels]).sum() / weights[labels].sum()))
+    # in the loop: the same seed with and without weights trains differently
+    splits, classes = arrays
+    plain = run_epochs(splits["train"], {}, _cfg("train.epochs=2", "train.pfa.enabled=false"), classes)
+    weighted = run_epochs(splits["train"], {}, _cfg("train.epochs=2", "train.pfa.enabled=false",
+                                                    "train.class_weighting=balanced"), classes)
+    assert plain.history[0]["train_ce"] != weighted.history[0]["train_ce"]

@@ -36,6 +36,9 @@ TINY = [
     "features.describe.backend=tiny", "features.reason.backend=tiny", "features.image_encoder.backend=tiny",
     "features.text_encoder.backend=tiny", "features.describe.max_new_tokens=4",
     "train.model.d_model=16", "train.model.heads=2", "train.model.head_hidden=16",
+    # every image setting off its default: Serve must extract exactly what the store holds
+    "features.image_encoder.resize=pad", "features.image_encoder.pooling=mean_max",
+    "features.image_encoder.mid_stages=true", "features.image_encoder.views=4",
 ]
 MAX_UPLOAD = 300_000
 MAX_PIXELS = 4_000_000

@@ -400,21 +400,28 @@ def order_problem(n: int = 64, seed: int = 0):
     return batch, labels
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean"])
-def test_attention_pooling_keeps_what_the_mean_averages_away(pooling):
-    batch, labels = order_problem()
-    model = model_for("text_only", pfa=False, num_classes=2, use_llm_hidden=False, text_sources=["ocr"],
-                      numeric_sources=[], text_pooling=pooling).train()
+def held_out_accuracy(model, problem, steps: int, held_out_seed: int) -> float:
+    """Train ``model`` with Adam on ``problem()`` for ``steps`` full-batch steps; accuracy on
+    ``problem(seed=held_out_seed)``."""
+    batch, labels = problem()
+    model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(80):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss, _ = compute_loss(model(batch), labels, None)
         loss.backward()
         optimizer.step()
     model.eval()
-    held_out, held_out_labels = order_problem(seed=7)
+    held_out, held_out_labels = problem(seed=held_out_seed)
     with torch.no_grad():
-        accuracy = (model(held_out)["logits"].argmax(-1) == held_out_labels).float().mean().item()
+        return (model(held_out)["logits"].argmax(-1) == held_out_labels).float().mean().item()
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_attention_pooling_keeps_what_the_mean_averages_away(pooling):
+    model = model_for("text_only", pfa=False, num_classes=2, use_llm_hidden=False, text_sources=["ocr"],
+                      numeric_sources=[], text_pooling=pooling)
+    accuracy = held_out_accuracy(model, order_problem, steps=80, held_out_seed=7)
     if pooling == "attention":
         assert accuracy > 0.95
     else:  # both classes give the same pooled vectors up to the row noise: what it learnt is the noise
@@ -478,19 +485,9 @@ def planted_patch_problem(n: int = 96, seed: int = 0):
 
 @pytest.mark.parametrize("pooling", ["attention", "stored"])
 def test_patch_attention_finds_a_planted_patch_the_mean_hides(pooling):
-    batch, labels = planted_patch_problem()
-    model = model_for("image_only", pfa=False, num_classes=2, image_pooling=pooling).train()
+    model = model_for("image_only", pfa=False, num_classes=2, image_pooling=pooling)
     assert (model.image.patch_pool is not None) == (pooling == "attention")
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(120):
-        optimizer.zero_grad()
-        loss, _ = compute_loss(model(batch), labels, None)
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    held_out, held_out_labels = planted_patch_problem(seed=9)
-    with torch.no_grad():
-        accuracy = (model(held_out)["logits"].argmax(-1) == held_out_labels).float().mean().item()
+    accuracy = held_out_accuracy(model, planted_patch_problem, steps=120, held_out_seed=9)
     if pooling == "attention":
         assert accuracy > 0.9
     else:

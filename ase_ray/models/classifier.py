@@ -85,6 +85,8 @@ class DefectClassifier(nn.Module):
         }[kind]
         self.head = ClassificationHead(fused_dim, settings.head_hidden, num_classes, dropout)
         self.align = AlignmentHeads(d, align_dim) if align_dim is not None else None
+        # Fitted after training on the validation split (ase_ray.models.calibration); 1 while training.
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         kind = self.settings.kind
@@ -103,7 +105,7 @@ class DefectClassifier(nn.Module):
             text_tokens, text_mask = self.text.tokens(batch)
             segments = self.text.token_segments(self.dims.text_len, text_tokens.device)
             fused, gates = self.fusion(self.image.tokens(batch), text_tokens, text_mask, segments)
-        out = {"logits": self.head(fused)}
+        out = {"logits": self.head(fused) / self.temperature}
         if gates is not None:
             out["gates"] = gates
         if self.align is not None:

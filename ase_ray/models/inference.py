@@ -97,12 +97,20 @@ def read_feature_settings(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------------- prediction
-@torch.no_grad()
 def predict_proba(module: torch.nn.Module, features: dict[str, np.ndarray], device: torch.device | str | None = None,
                   batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Class probabilities (N, C), float32 numpy on the host, in eval mode, ``batch_size`` rows at a
     time. Inputs go to ``device`` (default: where the module's weights are): floats as float32,
-    integers (masks) as int64. Training scores its epochs with it too (``ase_ray.train.loop``)."""
+    integers (masks) as int64. Training scores its epochs with it too (``ase_ray.train.loop``). The
+    logits are the model's own, so a calibrated model's temperature applies."""
+    logits = predict_logits(module, features, device, batch_size)
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+
+
+@torch.no_grad()
+def predict_logits(module: torch.nn.Module, features: dict[str, np.ndarray], device: torch.device | str | None = None,
+                   batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Logits (N, C), float32 numpy on the host; see :func:`predict_proba`."""
     if device is None:
         device = next(module.parameters()).device
     n = len(next(iter(features.values()))) if features else 0
@@ -115,8 +123,7 @@ def predict_proba(module: torch.nn.Module, features: dict[str, np.ndarray], devi
             for key, value in features.items():
                 tensor = torch.from_numpy(np.ascontiguousarray(value[start:start + batch_size]))
                 batch[key] = tensor.to(device=device, dtype=torch.float32 if tensor.is_floating_point() else torch.long)
-            logits = module(batch)["logits"]
-            chunks.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            chunks.append(module(batch)["logits"].float().cpu().numpy())
     finally:
         module.train(was_training)
     return np.concatenate(chunks) if chunks else np.zeros((0, getattr(module, "num_classes", 0)), np.float32)

@@ -74,6 +74,7 @@ def load_model(
         meta.get("align_dim"),
     )
     state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    state.setdefault("temperature", torch.ones(()))  # saved before models were calibrated
     model.load_state_dict(state)
     model.to(map_location)
     return model.eval(), meta

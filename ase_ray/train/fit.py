@@ -147,10 +147,11 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         shutil.copytree(Path(ckpt) / MODEL_DIR, model_dir)
         best = _best_record(Path(ckpt), len(splits["val"]))
     _record_feature_settings(config, model_dir)
+    calibration = calibrate_model_dir(model_dir, splits, cfg.calibrate)
     metrics = evaluate_model_dir(model_dir, splits, classes)
-    results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best, dropped)
+    results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best, dropped, calibration)
     if run_id:
-        _log_final(config, run_id, model_dir, metrics, splits, results_path, best)
+        _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration)
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}), best epoch {best['epoch']}: val macro-F1 "
          f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}")
     return FitResult(run_id, model_dir, metrics, classes, results_path, plan.name, best)
@@ -217,6 +218,43 @@ def _record_feature_settings(config: AppConfig, model_dir: Path) -> None:
         write_feature_settings(model_dir, json.loads(meta_path.read_text()))
 
 
+MIN_CALIBRATION_ROWS = 10
+
+
+def calibrate_model_dir(model_dir: Path, splits: dict[str, Arrays], enabled: bool = True) -> dict[str, Any]:
+    """Fit the model's temperature on the validation rows and write it into the model folder
+    (``weights.pt``, and ``model.json`` extra.calibration); returns the record: the temperature and the
+    expected calibration error and NLL before and after, on validation and test, or why it was skipped.
+    Only validation rows are fitted on; the test figures say how well it holds."""
+    from ase_ray.models.calibration import expected_calibration_error, fit_temperature, nll, softmax
+    from ase_ray.models.inference import predict_logits
+    from ase_ray.models.io import load_model, save_model
+
+    module, meta = load_model(model_dir)
+    val = splits["val"]
+    skipped = ("train.calibrate is off" if not enabled else
+               f"{len(val)} validation rows (at least {MIN_CALIBRATION_ROWS} needed)"
+               if len(val) < MIN_CALIBRATION_ROWS else None)
+    if skipped:
+        logger.warning("the model is not calibrated: %s", skipped)
+        record: dict[str, Any] = {"skipped": skipped}
+        save_model(module, model_dir, module.settings, module.dims, meta["classes"], {**meta["extra"], "calibration": record})
+        return record
+    logits = {name: predict_logits(module, splits[name].features) for name in ("val", "test") if len(splits[name])}
+    temperature = fit_temperature(logits["val"], val.labels)
+    record = {"temperature": temperature, "fitted_on": "val", "val_rows": len(val)}
+    for name, z in logits.items():
+        labels = splits[name].labels
+        record[f"{name}_ece_before"] = expected_calibration_error(softmax(z), labels)
+        record[f"{name}_ece_after"] = expected_calibration_error(softmax(z, temperature), labels)
+        record[f"{name}_nll_before"] = nll(z, labels)
+        record[f"{name}_nll_after"] = nll(z, labels, temperature)
+    module.temperature.fill_(temperature)
+    save_model(module, model_dir, module.settings, module.dims, meta["classes"],
+               {**meta["extra"], "calibration": record})
+    return record
+
+
 def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list[str]) -> dict[str, Any]:
     from ase_ray.models.io import load_model
 
@@ -261,18 +299,19 @@ def _end_run(config: AppConfig, run_id: str, status: str) -> None:
     setup_mlflow(config).tracking.MlflowClient().set_terminated(run_id, status)
 
 
-def _write_results(config, run_id, train_run, model_dir, metrics, classes, best, dropped=()) -> Path:
+def _write_results(config, run_id, train_run, model_dir, metrics, classes, best, dropped=(), calibration=None) -> Path:
     out = Path(config.project.work_dir).resolve() / "results" / f"train_{run_id or train_run}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"run_id": run_id, "train_run": train_run, "model_dir": str(model_dir),
                                "classes": classes, "task": config.train.task, "kind": config.train.model.kind,
                                "text_sources": config.train.model.text_sources,
-                               "dropped_text_sources": list(dropped), "best_epoch": best, "metrics": metrics},
+                               "dropped_text_sources": list(dropped), "best_epoch": best, "metrics": metrics,
+                               "calibration": calibration or {}},
                               indent=2))
     return out
 
 
-def _log_final(config, run_id, model_dir, metrics, splits, results_path, best) -> None:
+def _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration=None) -> None:
     import matplotlib.pyplot as plt
 
     from ase_ray.serving_model import log_pyfunc_model
@@ -282,6 +321,11 @@ def _log_final(config, run_id, model_dir, metrics, splits, results_path, best) -
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({"best_epoch": float(best["epoch"]), "epochs_trained": float(best["epochs_trained"])})
         mlflow.set_tags({"ase_ray.best_epoch": str(best["epoch"]), "ase_ray.best_rule": best["rule"]})
+        calibration = calibration or {}
+        mlflow.log_metrics({f"calibration_{k}": float(v) for k, v in calibration.items()
+                            if isinstance(v, float)})
+        mlflow.set_tag("ase_ray.temperature", f"{calibration['temperature']:.4f}" if "temperature" in calibration
+                       else f"not calibrated: {calibration.get('skipped', 'no record')}")
         for split in ("val", "test"):
             mlflow.log_metrics(flat_metrics(metrics[split], f"final_{split}_"))
             mlflow.log_text(report_text(metrics[split]), f"classification_report_{split}.txt")

@@ -44,6 +44,9 @@ class TrainConfig(StrictModel):
         "none", description="Cross-entropy class weights from the training rows' class counts: balanced "
         "n / (C n_c); sqrt, its square root (gentler: a 30x rarer class weighs about 5.5x as much); none: all "
         "1. Scaled so that the average training row weighs 1.")
+    calibrate: bool = Field(
+        True, description="Fit a temperature on the validation split after training (ase_ray.models.calibration): "
+        "the served probabilities, and needs_review, then mean what they say.")
     batch_size: int = Field(10, ge=1, description="Per-worker batch size.")
     epochs: int = Field(60, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")

@@ -119,6 +119,9 @@ def test_ddp_survives_a_killed_worker_and_keeps_one_mlflow_run(ray_session, tmp_
     meta = json.loads((result.model_dir / "model.json").read_text())
     assert [f["name"] for f in meta["extra"]["inputs"]["numeric"]["fields"]] == ["LEN"]  # the store's OCR field
     assert run.data.tags["ase_ray.numeric_fields"] == "LEN"
+    # 9 validation rows: too few to fit a temperature, and the run says so
+    assert meta["extra"]["calibration"]["skipped"].startswith("9 validation rows")
+    assert run.data.tags["ase_ray.temperature"].startswith("not calibrated: 9 validation rows")
     test = with_model_numeric(splits["test"], meta)
     predictions = model.predict(features_to_frame(test.features, meta, len(test)))
     assert list(predictions.columns) == ["label", *[f"prob_{c}" for c in classes]]

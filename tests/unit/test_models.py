@@ -506,3 +506,24 @@ def test_patch_attention_trains_every_parameter_and_round_trips(kind, tmp_path):
     loaded, _ = load_model(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(loaded(make_batch(seed=5))["logits"], model(make_batch(seed=5))["logits"])
+
+
+def test_the_model_divides_its_logits_by_its_temperature(tmp_path):
+    from ase_ray.models.io import WEIGHTS_FILE
+
+    model = model_for("concat").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        plain = model(batch)["logits"]
+        model.temperature.fill_(2.5)
+        torch.testing.assert_close(model(batch)["logits"], plain / 2.5)
+    save_model(model, tmp_path / "m", model.settings, model.dims, ["a", "b", "c"], {})
+    loaded, _ = load_model(tmp_path / "m")
+    assert float(loaded.temperature) == 2.5
+    state = torch.load(tmp_path / "m" / WEIGHTS_FILE, weights_only=True)
+    del state["temperature"]  # a model saved before calibration existed
+    torch.save(state, tmp_path / "m" / WEIGHTS_FILE)
+    old, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert float(old.temperature) == 1.0
+        torch.testing.assert_close(old(batch)["logits"], plain)

@@ -197,3 +197,31 @@ def test_class_weighting_reaches_the_loss(arrays):
     weighted = run_epochs(splits["train"], {}, _cfg("train.epochs=2", "train.pfa.enabled=false",
                                                     "train.class_weighting=balanced"), classes)
     assert plain.history[0]["train_ce"] != weighted.history[0]["train_ce"]
+
+
+def test_calibration_is_fitted_on_validation_only_and_written_into_the_model(tmp_path):
+    from ase_ray.models.io import save_model
+    from ase_ray.train.fit import calibrate_model_dir, evaluate_model_dir
+
+    fake_feature_store(tmp_path / "store", per_class=40, signal=0.5)
+    splits, classes = load_task_arrays(tmp_path / "store", "multiclass")
+    assert len(splits["val"]) >= 10
+    cfg = _cfg("train.epochs=8", "train.pfa.enabled=false", "train.model.dropout=0")
+    result = run_epochs({**splits["train"].features, LABEL_KEY: splits["train"].labels}, {}, cfg, classes)
+    save_model(result.module, tmp_path / "m", cfg.model, result.module.dims, classes, {"task": "multiclass"})
+    before = evaluate_model_dir(tmp_path / "m", splits, classes)
+    record = calibrate_model_dir(tmp_path / "m", splits)
+    assert record["fitted_on"] == "val" and record["val_rows"] == len(splits["val"])
+    assert record["temperature"] != 1.0 and record["val_nll_after"] <= record["val_nll_before"] + 1e-9
+    loaded, meta = load_model(tmp_path / "m")
+    assert float(loaded.temperature) == pytest.approx(record["temperature"])
+    assert meta["extra"]["calibration"] == record and meta["extra"]["task"] == "multiclass"
+    assert evaluate_model_dir(tmp_path / "m", splits, classes) == before  # no prediction changed
+    # refitting on other validation rows gives another temperature: the test rows never enter the fit
+    swapped = {**splits, "val": splits["test"], "test": splits["val"]}
+    save_model(result.module, tmp_path / "n", cfg.model, result.module.dims, classes, {})
+    assert calibrate_model_dir(tmp_path / "n", swapped)["temperature"] != pytest.approx(record["temperature"])
+    few = {**splits, "val": splits["val"].take(np.arange(3))}
+    save_model(result.module, tmp_path / "o", cfg.model, result.module.dims, classes, {})
+    assert "skipped" in calibrate_model_dir(tmp_path / "o", few)
+    assert float(load_model(tmp_path / "o")[0].temperature) == 1.0

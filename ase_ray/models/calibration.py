@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-TEMPERATURE_BOUNDS = (0.25, 20.0)  # below 0.25 a perfectly separated validation split would sharpen without end
+# T only softens. These models end training overconfident, not under; and on a validation split with no
+# error (the demo's) the NLL falls without end as T falls: T = 0.25 took the demo's test NLL 0.15 -> 0.51.
+TEMPERATURE_BOUNDS = (1.0, 20.0)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

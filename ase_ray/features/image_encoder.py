@@ -101,8 +101,10 @@ def undo_dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
 
 def pool_map(feature_map: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, C, H, W) -> (B, C) mean, or (B, 2C) mean then max."""
+    import torch
+
     mean = feature_map.mean(dim=(2, 3))
-    return mean if pooling == "mean" else __import__("torch").cat([mean, feature_map.amax(dim=(2, 3))], dim=1)
+    return mean if pooling == "mean" else torch.cat([mean, feature_map.amax(dim=(2, 3))], dim=1)
 
 
 def local_mean(feature_map: torch.Tensor) -> torch.Tensor:

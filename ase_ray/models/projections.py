@@ -69,6 +69,14 @@ def _checked(batch: Batch, key: str, width: int, ndim: int, dtype: torch.dtype) 
     return value.to(dtype)
 
 
+def query_attention(x: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Learned queries (Q, d) attend over x (B, L, d), mask (B, L) True = real -> (B, Q, d)."""
+    scores = torch.einsum("bld,qd->bql", x, queries) / x.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+    return torch.einsum("bql,bld->bqd", scores.softmax(dim=-1), x)
+
+
 class PatchAttentionPool(nn.Module):
     """Multiple-instance pooling of the projected image tokens (B, N, d) -> (B, d): Q learned queries
     attend over the patches, their Q outputs are joined and mapped to width d. A query can settle on the
@@ -80,8 +88,7 @@ class PatchAttentionPool(nn.Module):
         self.out = nn.Linear(queries * d_model, d_model)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        scores = torch.einsum("bnd,qd->bqn", tokens, self.queries) / tokens.shape[-1] ** 0.5
-        return self.out(torch.einsum("bqn,bnd->bqd", scores.softmax(dim=-1), tokens).flatten(1))
+        return self.out(query_attention(tokens, self.queries).flatten(1))
 
 
 class ImageProjection(nn.Module):
@@ -150,9 +157,7 @@ class TokenAttentionPool(nn.Module):
         x = x + self.position[: x.shape[1]]
         if self.encoder is not None:
             x = self.encoder(x, src_key_padding_mask=~mask)
-        scores = torch.einsum("bld,qd->bql", x, self.queries[source]) / x.shape[-1] ** 0.5
-        scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
-        return torch.einsum("bql,bld->bqd", scores.softmax(dim=-1), x)
+        return query_attention(x, self.queries[source], mask)
 
 
 class TextProjection(nn.Module):

@@ -270,27 +270,26 @@ def restore_random_states(directory: Path, rank: int, rng: np.random.Generator, 
     rng.bit_generator.state = json.loads((directory / f"rng_rank{rank}.json").read_text())
 
 
-def smallest_across_ranks(n: int, device: torch.device | str) -> int:
-    """The smallest ``n`` over all ranks (every rank must take the same number of steps). The tensor
-    lives on the backend's device: NCCL only reduces CUDA tensors."""
+def _reduced_across_ranks(values: np.ndarray, device: torch.device | str, op: str) -> np.ndarray:
+    """Integer ``values`` all-reduced over the ranks (``op``: ``MIN`` or ``SUM``); as they are without a
+    process group. The tensor lives on the backend's device: NCCL only reduces CUDA tensors."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
-        return n
-    value = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return int(value.item())
+        return np.asarray(values)
+    tensor = torch.as_tensor(np.asarray(values), dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.cpu().numpy()
+
+
+def smallest_across_ranks(n: int, device: torch.device | str) -> int:
+    """The smallest ``n`` over all ranks (every rank must take the same number of steps)."""
+    return int(_reduced_across_ranks(np.array([n]), device, "MIN")[0])
 
 
 def summed_across_ranks(counts: np.ndarray, device: torch.device | str) -> np.ndarray:
     """``counts`` summed over all ranks (class counts of the whole training set, not of a shard)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return counts
-    value = torch.as_tensor(counts, dtype=torch.long, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value.cpu().numpy()
+    return _reduced_across_ranks(counts, device, "SUM")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

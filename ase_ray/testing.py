@@ -26,11 +26,24 @@ def fake_feature_store(
     seed: int = 0,
     constant_sources: tuple[str, ...] = (),
     records: dict[str, list] | None = None,
+    image_encoder: dict | None = None,
 ) -> Store:
     """A store in the real format; each class shifts the features along its own random direction.
     A source in ``constant_sources`` has one text and the same features on every row (no information).
     ``records``: metadata columns (name -> one value per row, rows ordered class by class, ``per_class``
-    each) recorded as the store's metadata columns (numbers: numeric, else text)."""
+    each) recorded as the store's metadata columns (numbers: numeric, else text). ``image_encoder``
+    (``ImageEncoderSettings`` fields): the store was extracted with that encoder and ``stem`` on, so it
+    has ``image_stem`` of the encoder's shape and its image widths override ``image_dim``/``image_tokens``
+    (what fine-tuning needs)."""
+    encoder_settings, stem_shape, pooled_dim = None, None, image_dim
+    if image_encoder is not None:
+        from ase_ray.features.base import build_image_encoder
+        from ase_ray.features.settings import ImageEncoderSettings
+
+        encoder_settings = ImageEncoderSettings(**{**image_encoder, "stem": True})
+        encoder = build_image_encoder(encoder_settings)
+        stem_shape, image_dim, pooled_dim = encoder.stem_shape, encoder.feature_dim, encoder.pooled_dim
+        image_tokens = (-(-encoder_settings.image_size // 32)) ** 2
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(len(classes)), per_class)
     n = len(labels)
@@ -41,10 +54,12 @@ def fake_feature_store(
         return (rng.normal(size=(n, *shape)) + signal * directions[labels]).astype(np.float32)
 
     arrays = {
-        "image_pooled": with_signal((image_dim,)),
+        "image_pooled": with_signal((pooled_dim,)),
         "image_tokens": with_signal((image_tokens, image_dim)).astype(np.float16),
         "llm_hidden": with_signal((llm_dim,)),
     }
+    if stem_shape is not None:
+        arrays["image_stem"] = with_signal(stem_shape).astype(np.float16)
     for src in TEXT_SOURCES:
         arrays[f"text_{src}_pooled"] = with_signal((text_dim,))
         arrays[f"text_{src}_tokens"] = with_signal((text_len, text_dim)).astype(np.float16)
@@ -81,9 +96,11 @@ def fake_feature_store(
     write_dataset_info(out_dir, DatasetInfo(list(classes), classes[0], "fake"))
     errors = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                            (("row_id", "int64"), ("image_path", str), ("label", str), ("stage", str), ("message", str))})
-    return write_store_arrays(rows, arrays, errors, out_dir, {
-        "manifest": str(manifest), "backends": {"fake": {"model": "random arrays (ase_ray.testing)"}},
-        "metadata_columns": metadata})
+    meta = {"manifest": str(manifest), "backends": {"fake": {"model": "random arrays (ase_ray.testing)"}},
+            "metadata_columns": metadata}
+    if encoder_settings is not None:
+        meta["features"] = {"image_encoder": encoder_settings.model_dump(mode="json")}
+    return write_store_arrays(rows, arrays, errors, out_dir, meta)
 
 
 def register_untrained_model(

@@ -107,6 +107,7 @@ class ImageFeatures:
 
     pooled: np.ndarray
     tokens: np.ndarray
+    stem: np.ndarray | None = None  # (B, C, H, W): the stride-16 map of the untransformed image, when asked
 
 
 def build_ocr(settings: "OcrSettings") -> "TesseractOcr | RapidOcr":

@@ -23,7 +23,11 @@ from the loaded model) and ``pooled_dim``. What an image becomes (``ImageEncoder
   the last stage has averaged into its context;
 - ``views``: 1, 4 (flips) or 8 (the dihedral group) transformed copies of every image, their pooled
   vectors averaged and their final maps turned back and averaged: the features no longer depend on
-  which way round the part lay.
+  which way round the part lay;
+- ``stem``: also keep the stride-16 map of the untransformed image (``stem``, raw, not smoothed): the
+  input of the encoder's later stages when training fine-tunes them (``train.finetune``). ``tail()``
+  gives those later stages as a module (a copy, initialised with the backbone's weights), so
+  ``tail(stem)`` is the final map.
 
 Tokens are always the final map (N = (size/32)^2, row-major). Pixels are scaled to 0..1 and normalised
 with the ImageNet mean/std. No torchvision: PIL, numpy and torch only.
@@ -32,6 +36,7 @@ with the ImageNet mean/std. No torchvision: PIL, numpy and torch only.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from typing import TYPE_CHECKING
 
@@ -131,8 +136,19 @@ class MapEncoder:
         width = self.feature_dim + (sum(self.mid_dims) if self.settings.mid_stages else 0)
         return width * (2 if self.settings.pooling == "mean_max" else 1)
 
-    def maps(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def maps(self, pixels: torch.Tensor, with_mids: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(the stride-8 and stride-16 maps when ``with_mids``, else [], the final map)."""
         raise NotImplementedError
+
+    def tail(self) -> torch.nn.Module:
+        """The stages after the stride-16 map, as a trainable copy: ``tail(stem) -> final map``."""
+        raise NotImplementedError
+
+    @property
+    def stem_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the stored stem map."""
+        side = -(-self.settings.image_size // 16)
+        return self.mid_dims[1], side, side
 
     def encode_batch(self, images: list[Image.Image]) -> ImageFeatures:
         import torch
@@ -141,17 +157,20 @@ class MapEncoder:
         if not images:
             return empty_features(self.pooled_dim, self.feature_dim)
         pixels = images_to_tensor(images, s.image_size, s.resize).to(self.device)
-        pooled, tokens = 0.0, 0.0
+        pooled, tokens, stem = 0.0, 0.0, None
         with torch.inference_mode():
             for view in range(s.views):
-                mids, final = self.maps(dihedral(pixels, view))
+                mids, final = self.maps(dihedral(pixels, view), s.mid_stages or s.stem)
                 mids, final = [m.float() for m in mids], final.float()
                 parts = [pool_map(final, s.pooling)]
                 if s.mid_stages:
                     parts += [pool_map(local_mean(m), s.pooling) for m in mids]
                 pooled = pooled + torch.cat(parts, dim=1)
                 tokens = tokens + undo_dihedral(final, view).flatten(2).transpose(1, 2)
-        return ImageFeatures(pooled=(pooled / s.views).cpu().numpy(), tokens=(tokens / s.views).cpu().numpy())
+                if s.stem and view == 0:
+                    stem = mids[1].cpu().numpy()
+        return ImageFeatures(pooled=(pooled / s.views).cpu().numpy(), tokens=(tokens / s.views).cpu().numpy(),
+                             stem=stem)
 
 
 # ------------------------------------------------------------------------------------- ResNet
@@ -194,11 +213,16 @@ class ResNetEncoder(MapEncoder):
         self.feature_dim = int(sizes[-1])
         self.mid_dims = (int(sizes[1]), int(sizes[2]))
 
-    def maps(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        output = self.model(pixel_values=pixels, output_hidden_states=self.settings.mid_stages)
+    def maps(self, pixels: torch.Tensor, with_mids: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        output = self.model(pixel_values=pixels, output_hidden_states=with_mids)
         # hidden_states: the stem's output, then one map per stage (strides 4, 8, 16, 32)
-        mids = list(output.hidden_states[2:4]) if self.settings.mid_stages else []
+        mids = list(output.hidden_states[2:4]) if with_mids else []
         return mids, output.last_hidden_state
+
+    def tail(self) -> torch.nn.Module:
+        import torch
+
+        return torch.nn.Sequential(copy.deepcopy(self.model.encoder.stages[3]))
 
 
 # ------------------------------------------------------------------------------ EfficientNet-lite
@@ -217,25 +241,34 @@ class EfficientNetLiteEncoder(MapEncoder):
         self.feature_dim = int(self.model._bn1.num_features)
         with torch.inference_mode():
             probe = torch.zeros(1, 3, settings.image_size, settings.image_size, device=self.device)
-            self.mid_dims = tuple(int(m.shape[1]) for m in self._blocks(probe, with_mids=True)[0])
+            mids, _, self.stem_block = self._blocks(probe, with_mids=True)
+            self.mid_dims = tuple(int(m.shape[1]) for m in mids)
 
-    def _blocks(self, pixels: torch.Tensor, with_mids: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _blocks(self, pixels: torch.Tensor, with_mids: bool) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """(mid maps, the last block's map, the index of the last stride-16 block)."""
         m = self.model
         x = m._swish(m._bn0(m._conv_stem(pixels)))
         size = pixels.shape[-1]
-        last_at = {}
-        for block in m._blocks:  # eval mode: drop-connect is off
+        last_at, last_index = {}, -1
+        for index, block in enumerate(m._blocks):  # eval mode: drop-connect is off
             x = block(x)
+            if x.shape[-1] == -(-size // 16):
+                last_index = index
             if with_mids:
                 for stride in MID_STRIDES:
                     if x.shape[-1] == -(-size // stride):
                         last_at[stride] = x
-        return [last_at[s] for s in MID_STRIDES] if with_mids else [], x
+        return [last_at[s] for s in MID_STRIDES] if with_mids else [], x, last_index
 
-    def maps(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        mids, x = self._blocks(pixels, self.settings.mid_stages)
+    def maps(self, pixels: torch.Tensor, with_mids: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        mids, x, _ = self._blocks(pixels, with_mids)
         m = self.model
         return mids, m._swish(m._bn1(m._conv_head(x)))
+
+    def tail(self) -> torch.nn.Module:
+        from ase_ray.models.encoder_tail import EfficientNetTail
+
+        return EfficientNetTail(self.model, self.stem_block + 1)
 
 
 def load_efficientnet_lite(backend: str, image_size: int) -> torch.nn.Module:

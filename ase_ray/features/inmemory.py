@@ -130,7 +130,7 @@ class FeatureExtractor:
         """``metadata_texts[i]``: image i's metadata text source (``ase_ray.data.metadata.metadata_text``
         of its record); None: every image has an empty one."""
         from ase_ray.data.metadata import TEXT_COLUMN
-        from ase_ray.features.store import array_columns
+        from ase_ray.features.store import OPTIONAL_COLUMNS, array_columns
 
         if metadata_texts is not None and len(metadata_texts) != len(images):
             raise ValueError(f"{len(images)} images but {len(metadata_texts)} metadata texts")
@@ -150,6 +150,8 @@ class FeatureExtractor:
         ok = [i for i, e in enumerate(errors) if not e]
         arrays = {}
         for column, (stage, entry) in array_columns().items():
+            if column in OPTIONAL_COLUMNS and any(entry not in outputs[stage][i] for i in ok):
+                continue
             values = [np.asarray(outputs[stage][i][entry]) for i in ok]
             arrays[column] = np.stack(values) if values else np.zeros((0,), np.float32)
         texts = [_texts(batch.iloc[i]) if not errors[i] else {} for i in range(len(images))]

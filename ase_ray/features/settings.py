@@ -165,6 +165,9 @@ class ImageEncoderSettings(StrictModel):
         "image_pooled.")
     views: Literal[1, 4, 8] = Field(
         1, description="Average the features of 1, 4 (flips) or 8 (flips and quarter turns) views of each image.")
+    stem: bool = Field(
+        False, description="Also store image_stem, the stride-16 map of the untransformed image (fp16): the input "
+        "of the encoder's later stages, which train.finetune trains. About 90 KB a row at 320 px.")
     device: str = "auto"
     resources: ImageEncoderResources = Field(default_factory=ImageEncoderResources)
 

@@ -293,7 +293,11 @@ class ImageEncodeStage(Stage):
 
     def compute(self, rows):
         feats = self.backend.encode_batch([row_image(r) for r in rows])
-        return [{"pooled": p, "tokens": t.astype(np.float16)} for p, t in zip(feats.pooled, feats.tokens)]
+        out = [{"pooled": p, "tokens": t.astype(np.float16)} for p, t in zip(feats.pooled, feats.tokens)]
+        if feats.stem is not None:
+            for entry, stem in zip(out, feats.stem):
+                entry["stem"] = stem.astype(np.float16)
+        return out
 
 
 class TextEncodeStage(Stage):

@@ -15,6 +15,7 @@
 | ``llm_hidden`` | list<float32>[H] | the LLM's mean last hidden state |
 | ``image_pooled`` | list<float32>[D] | pooled image embedding |
 | ``image_tokens`` | list<float16>[N*D] | spatial token map, row-major (N, D) |
+| ``image_stem`` | list<float16>[C*H*W] | only with ``features.image_encoder.stem``: the stride-16 map, (C, H, W) |
 | ``text_<src>_pooled`` | list<float32>[T] | for src in ocr, description, reasoning, metadata |
 | ``text_<src>_tokens`` | list<float16>[L*T] | token states, row-major (L, T), zero-padded |
 | ``text_<src>_mask`` | list<int8>[L] | 1 where a token is real |
@@ -61,12 +62,16 @@ class Store:
     meta: dict[str, Any]
 
 
+OPTIONAL_COLUMNS = ("image_stem",)  # written only when the stage's settings ask for them
+
+
 def array_columns() -> dict[str, tuple[str, str]]:
     """Store column -> (cache stage, cache entry name)."""
     cols = {
         "llm_hidden": ("reason", "hidden"),
         "image_pooled": ("image_encoder", "pooled"),
         "image_tokens": ("image_encoder", "tokens"),
+        "image_stem": ("image_encoder", "stem"),
     }
     for src in TEXT_SOURCES:
         for part in ("pooled", "tokens", "mask"):
@@ -111,8 +116,11 @@ def arrays_from_cache(good: pd.DataFrame, cache_root: Path) -> dict[str, np.ndar
             cached = cache.get(key)
             if cached is None:
                 raise DataError(f"cache entry {stage}/{key} vanished while the store was written")
+            if entry not in cached and column in OPTIONAL_COLUMNS:
+                break
             values.append(np.asarray(cached[entry]))
-        arrays[column] = np.stack(values) if values else np.zeros((0,), dtype=np.float32)
+        else:
+            arrays[column] = np.stack(values) if values else np.zeros((0,), dtype=np.float32)
     return arrays
 
 

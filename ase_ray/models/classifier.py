@@ -84,12 +84,19 @@ class DefectClassifier(nn.Module):
             "cmaf": 2 * d,
         }[kind]
         self.head = ClassificationHead(fused_dim, settings.head_hidden, num_classes, dropout)
+        self.image_tail = None
+        if settings.image_tail is not None and self.image is not None:
+            from ase_ray.models.encoder_tail import ImageTail
+
+            self.image_tail = ImageTail(settings.image_tail)
         self.align = AlignmentHeads(d, align_dim) if align_dim is not None else None
         # Fitted after training on the validation split (ase_ray.models.calibration); 1 while training.
         self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         kind = self.settings.kind
+        if self.image_tail is not None:
+            batch = self.image_tail.with_adapted_image(batch)
         image_vec = self.image.pooled(batch) if self.needs_image_pooled else None
         text_sources = self.text.source_pooled(batch) if self.needs_text_pooled else None
         gates = None
@@ -116,6 +123,8 @@ class DefectClassifier(nn.Module):
         """(img_align, txt_align), each (B, proj_dim), without running the fusion and head."""
         if self.align is None:
             raise ValueError("this model has no alignment heads (build it with PFA enabled)")
+        if self.image_tail is not None:
+            batch = self.image_tail.with_adapted_image(batch)
         return self.align(self.image.pooled(batch), self.text.source_pooled(batch).mean(dim=1))
 
 
@@ -129,13 +138,19 @@ def build_model(
 
 def compute_loss(
     outputs: dict[str, torch.Tensor], labels: torch.Tensor, pfa: PfaSettings | None,
-    class_weights: torch.Tensor | None = None,
+    class_weights: torch.Tensor | None = None, mix: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy (weighted per class when ``class_weights`` (C,) is given), plus ``align_weight`` x
     class-aware InfoNCE when PFA is enabled and the outputs carry alignment embeddings. Returns the total
-    (for backward) and floats for logging (``ce``, ``align`` when used, ``loss``)."""
+    (for backward) and floats for logging (``ce``, ``align`` when used, ``loss``). ``mix`` = (partner
+    order, lambda) of a mixup batch (``ase_ray.models.augment``): the cross-entropy is lambda x that of
+    the labels plus (1 - lambda) x that of the partners' labels."""
     labels = labels.long()
-    ce = F.cross_entropy(outputs["logits"].float(), labels, weight=class_weights)
+    logits = outputs["logits"].float()
+    ce = F.cross_entropy(logits, labels, weight=class_weights)
+    if mix is not None:
+        partners, lam = mix
+        ce = lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels[partners], weight=class_weights)
     total = ce
     parts = {"ce": float(ce.detach())}
     if pfa is not None and pfa.enabled and "img_align" in outputs:

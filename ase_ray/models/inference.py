@@ -37,6 +37,8 @@ def feature_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "image_pooled": (d.get("image_pooled_dim") or d["image_dim"],),
         "image_tokens": (d["image_tokens"], d["image_dim"]),
     }
+    if meta["settings"].get("image_tail"):
+        shapes["image_stem"] = (d["stem_dim"], d["stem_size"], d["stem_size"])
     if d.get("llm_dim"):
         shapes["llm_hidden"] = (d["llm_dim"],)
     for src in meta["settings"]["text_sources"]:

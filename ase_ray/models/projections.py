@@ -25,6 +25,8 @@ class FeatureDims:
     llm_dim: int  # H: llm_hidden (B, H); 0 when the batch has no llm_hidden
     numeric_dim: int = 0  # 2F: numeric (B, 2F), the numeric block (ase_ray.models.numeric); 0 without one
     image_pooled_dim: int = 0  # Dp: image_pooled (B, Dp) when wider than the tokens (mean_max, mid stages); 0: Di
+    stem_dim: int = 0  # Cs: image_stem (B, Cs, Hs, Hs), the stride-16 map a fine-tuning model reads; 0 without
+    stem_size: int = 0  # Hs
 
     @property
     def pooled_image_dim(self) -> int:
@@ -51,6 +53,7 @@ def dims_from_batch(batch: Batch, sources: Sequence[str] = TEXT_SOURCES) -> Feat
     numeric = batch.get("numeric")
     image_dim = int(image_tokens.shape[-1])
     pooled_dim = int(_require(batch, "image_pooled", 2).shape[-1])
+    stem = _require(batch, "image_stem", 4) if "image_stem" in batch else None
     return FeatureDims(
         image_dim=image_dim,
         image_pooled_dim=pooled_dim if pooled_dim != image_dim else 0,
@@ -59,6 +62,8 @@ def dims_from_batch(batch: Batch, sources: Sequence[str] = TEXT_SOURCES) -> Feat
         text_len=int(text_tokens.shape[1]),
         llm_dim=int(llm.shape[-1]) if llm is not None else 0,
         numeric_dim=int(_require(batch, "numeric", 2).shape[-1]) if numeric is not None else 0,
+        stem_dim=int(stem.shape[1]) if stem is not None else 0,
+        stem_size=int(stem.shape[2]) if stem is not None else 0,
     )
 
 

@@ -19,6 +19,17 @@ TextSource = Literal["ocr", "description", "reasoning", "metadata"]
 NumericSource = Literal["ocr", "metadata"]
 
 
+class ImageTailSpec(StrictModel):
+    """Which backbone's later stages a fine-tuning model carries (``ase_ray.models.encoder_tail``).
+    Training copies it from the feature store's ``features.image_encoder``; it is not set by hand."""
+
+    backend: str
+    model_id: str = "microsoft/resnet-50"
+    revision: str = "main"
+    image_size: int = Field(224, ge=32)
+    pooling: Literal["mean", "mean_max"] = "mean"
+
+
 class ModelSettings(StrictModel):
     """Which classifier to build and how wide.
 
@@ -56,6 +67,9 @@ class ModelSettings(StrictModel):
         "image tokens (multiple-instance pooling: a defect lives in a few patches, which a mean dilutes).")
     image_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries over the image tokens (attention).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
+    image_tail: ImageTailSpec | None = Field(
+        None, description="Set by training when train.finetune is on (from the store's image encoder settings): "
+        "the model carries the encoder's later stages and reads image_stem.")
 
     @field_validator("text_sources")
     @classmethod

@@ -59,6 +59,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # keys: ase_ray.train.settings.ABLATION
     # not in the default list: for image sets (configs/magnetic_tile.yaml)
     "image-only (patch attention)": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS,
                                      "numeric": [], "image_pooling": "attention"},
+    # train.finetune: the encoder's later stages trained too (the store needs image_stem)
+    "image-only (fine-tuned)": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS,
+                                "numeric": [], "finetune": True},
 }
 FULL_WITHOUT_TDA = "full (PFA+CMAF; TDA not applicable)"  # the row's name when the data have no dots
 
@@ -138,7 +141,7 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     import ray
 
     from ase_ray.features.store import load_store
-    from ase_ray.train.data import store_arrays, store_metadata, task_classes
+    from ase_ray.train.data import image_tail_spec, store_arrays, store_metadata, task_classes, without_stem
 
     a = config.ablate
     store = load_store(store_dir)
@@ -147,11 +150,15 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     rows = store.features
     augmented = rows[AUGMENTED].astype(str).str.lower().eq("true").to_numpy() if AUGMENTED in rows else np.zeros(len(rows), bool)
     fold_of = rows[FOLD].astype(int).to_numpy()
+    finetunes = any(VARIANTS[v].get("finetune") for v in a.variants)
+    tail = image_tail_spec(store.meta) if finetunes else None
     train_and_score = ray.remote(_train_and_score)
     jobs, scores = [], []
     for task in a.tasks:
         classes = task_classes(store, task)
         arrays = store_arrays(store, task, classes)
+        if not finetunes:
+            arrays = without_stem(arrays)
         shared = ray.put({"features": {k: _compact(v) for k, v in arrays.features.items()}, "labels": arrays.labels})
         for k in range(n_folds):
             test = np.flatnonzero(~augmented & (fold_of == k))
@@ -168,7 +175,7 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
                 if sources not in numeric:  # fitted on this fold's training part only
                     numeric[sources] = ray.put(_fold_numeric(arrays, train_plain, list(sources), metadata))
                 for seed in range(a.seeds):
-                    cfg = _variant_config(config, spec, task, seed, constant)
+                    cfg = _variant_config(config, spec, task, seed, constant, tail)
                     jobs.append(train_and_score.options(num_cpus=a.cpus_per_run).remote(
                         shared, numeric[sources], train, test, cfg.train.model_dump(mode="json"), classes,
                         {"task": task, "variant": variant, "fold": k, "seed": seed}))
@@ -185,7 +192,7 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
 
 
 def _compact(values: np.ndarray) -> np.ndarray:
-    return values.astype(np.float16) if values.dtype.kind == "f" and values.ndim == 3 else values
+    return values.astype(np.float16) if values.dtype.kind == "f" and values.ndim >= 3 else values
 
 
 def _fold_numeric(arrays, train: np.ndarray, sources: list[str], metadata) -> np.ndarray | None:
@@ -198,7 +205,7 @@ def _fold_numeric(arrays, train: np.ndarray, sources: list[str], metadata) -> np
 
 
 def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: int,
-                    constant: list[str] = ()) -> AppConfig:
+                    constant: list[str] = (), image_tail=None) -> AppConfig:
     train = config.train.model_copy(deep=True)
     train.task = task
     train.seed = seed
@@ -209,6 +216,9 @@ def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: in
     train.model.numeric_sources = list(spec["numeric"])
     if "image_pooling" in spec:
         train.model.image_pooling = spec["image_pooling"]
+    if spec.get("finetune"):
+        train.finetune.enabled = True
+        train.model.image_tail = image_tail
     return config.model_copy(update={"train": train})
 
 

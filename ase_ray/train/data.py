@@ -36,8 +36,11 @@ LABEL_KEY = "label_idx"
 ROW_KEY = "row_index"  # the row's place in its split: workers put rows back in order and take their share
 
 
+STEM = "image_stem"
+
+
 def model_columns() -> list[str]:
-    cols = ["image_pooled", "image_tokens", "llm_hidden"]
+    cols = ["image_pooled", "image_tokens", STEM, "llm_hidden"]
     for src in TEXT_SOURCES:
         cols += [f"text_{src}_pooled", f"text_{src}_tokens", f"text_{src}_mask"]
     return cols
@@ -86,7 +89,7 @@ def store_arrays(store: Store, task: str, classes: list[str]) -> Arrays:
     columns: that source is then absent, see :func:`constant_text_sources`)."""
     features = {}
     for column in model_columns():
-        if column.startswith("text_") and column not in store.meta.get("shapes", {}):
+        if (column.startswith("text_") or column == STEM) and column not in store.meta.get("shapes", {}):
             continue
         values = stack(store, column)
         features[column] = values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int64)
@@ -144,6 +147,25 @@ def usable_text_sources(requested: list[str], constant: list[str]) -> tuple[list
     logger.warning("dropping text sources %s from train.model.text_sources: they do not vary across the "
                    "feature store (constant or absent); training on %s", dropped, kept)
     return kept, dropped
+
+
+def image_tail_spec(store_meta: dict):
+    """The backbone a fine-tuning model carries (``ImageTailSpec``), from the store's image encoder
+    settings; a clear error when the store has no ``image_stem`` to feed it."""
+    from ase_ray.models.settings import ImageTailSpec
+
+    encoder = (store_meta.get("features") or {}).get("image_encoder")
+    if STEM not in store_meta.get("shapes", {}) or not encoder:
+        raise DataError("train.finetune needs the frozen early stages' maps in the feature store (image_stem): "
+                        "extract with --set features.image_encoder.stem=true")
+    return ImageTailSpec(backend=encoder["backend"], model_id=encoder.get("model_id", "microsoft/resnet-50"),
+                         revision=encoder.get("revision", "main"), image_size=encoder["image_size"],
+                         pooling=encoder.get("pooling", "mean"))
+
+
+def without_stem(arrays: Arrays) -> Arrays:
+    """``arrays`` without ``image_stem`` (a model that does not fine-tune never reads it: ~90 KB a row)."""
+    return Arrays({k: v for k, v in arrays.features.items() if k != STEM}, arrays.labels, arrays.rows)
 
 
 # ------------------------------------------------------------------------ numbers and records

@@ -43,7 +43,7 @@ class TorchEngine:
             self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         else:
             self.model = self.module
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(module, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.float_dtype = torch.float32  # inputs; autocast picks the compute dtype per op
 
     def autocast(self):
@@ -97,7 +97,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg = cfg
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(parameter_groups(module, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=deepspeed_config(cfg)
         )
@@ -140,6 +140,17 @@ class DeepSpeedEngine:
         for name, buffer in self.module.named_buffers():
             state[name] = buffer.detach().float().cpu() if buffer.is_floating_point() else buffer.detach().cpu()
         return state
+
+
+def parameter_groups(module: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """One group at ``cfg.lr``; a fine-tuned encoder's parameters (``image_tail.``) in a second group at
+    ``cfg.lr x cfg.finetune.lr_scale``."""
+    tail = [p for name, p in module.named_parameters() if name.startswith("image_tail.")]
+    rest = [p for name, p in module.named_parameters() if not name.startswith("image_tail.")]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    if tail:
+        groups.append({"params": tail, "lr": cfg.lr * cfg.finetune.lr_scale})
+    return groups
 
 
 def make_engine(module: nn.Module, cfg: TrainConfig, device: torch.device | str = "cpu"):

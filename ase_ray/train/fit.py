@@ -18,6 +18,7 @@ from ase_ray.train.data import (
     Arrays,
     constant_text_sources,
     fit_numeric,
+    image_tail_spec,
     load_task_arrays,
     model_input_record,
     split_fingerprint,
@@ -25,7 +26,9 @@ from ase_ray.train.data import (
     to_ray_dataset,
     usable_text_sources,
     with_numeric,
+    without_stem,
 )
+from ase_ray.features.store import META_FILE as STORE_META_FILE
 from ase_ray.train.loop import MODEL_DIR, predict_proba, train_loop_per_worker
 from ase_ray.train.metrics import (
     classification_metrics,
@@ -81,6 +84,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     cfg = config.train
     splits, classes = load_task_arrays(store_dir(config), cfg.task, cfg.use_augmented)
     config, dropped = without_constant_sources(config, splits["train"])
+    config, splits = with_image_tail(config, splits)
     cfg = config.train
     splits, inputs = with_numeric_block(config, splits)
     if len(splits["train"]) < cfg.num_workers:
@@ -155,6 +159,17 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}), best epoch {best['epoch']}: val macro-F1 "
          f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}")
     return FitResult(run_id, model_dir, metrics, classes, results_path, plan.name, best)
+
+
+def with_image_tail(config: AppConfig, splits: dict[str, Arrays]) -> tuple[AppConfig, dict[str, Arrays]]:
+    """With ``train.finetune`` on: ``train.model.image_tail`` from the store's image encoder settings.
+    Off: the splits without ``image_stem``."""
+    cfg = config.train
+    if not cfg.finetune.enabled:
+        return config, {name: without_stem(arrays) for name, arrays in splits.items()}
+    meta = json.loads((store_dir(config) / STORE_META_FILE).read_text())
+    model = cfg.model.model_copy(update={"image_tail": image_tail_spec(meta)})
+    return config.model_copy(update={"train": cfg.model_copy(update={"model": model})}), splits
 
 
 def without_constant_sources(config: AppConfig, train: Arrays) -> tuple[AppConfig, list[str]]:

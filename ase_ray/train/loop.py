@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ase_ray.models import inference
+from ase_ray.models.augment import augment_batch
 from ase_ray.models.classifier import build_model, compute_loss
 from ase_ray.models.io import load_model, save_model
 from ase_ray.models.pfa import self_similarity
@@ -211,9 +212,12 @@ def _train_epoch(engine, train, subset, cfg, pfa, rng, weights=None) -> dict[str
         index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         batch = to_tensors(train, index, engine.device, engine.float_dtype)
         labels = torch.from_numpy(train[LABEL_KEY][index]).to(engine.device)
+        mix = None
+        if cfg.finetune.enabled:
+            batch, mix = augment_batch(batch, cfg.finetune.dihedral, cfg.finetune.mixup_alpha, rng)
         with engine.autocast():
             outputs = engine.model(batch)
-        loss, parts = compute_loss(outputs, labels, pfa, weights)
+        loss, parts = compute_loss(outputs, labels, pfa, weights, mix)
         engine.backward_step(loss)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value

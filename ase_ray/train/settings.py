@@ -17,6 +17,20 @@ class DeepSpeedSettings(StrictModel):
     gradient_clipping: float = Field(1.0, ge=0)
 
 
+class FinetuneSettings(StrictModel):
+    """Fine-tuning the image encoder's stages after the stride-16 map, jointly with the fusion and heads,
+    from the cached frozen early stages (the store's ``image_stem``: extract with
+    ``features.image_encoder.stem: true``). Guards against overfitting a few hundred images: BatchNorm
+    statistics frozen, a lower learning rate for the encoder, dihedral and mixup augmentation, the epoch
+    picked on validation."""
+
+    enabled: bool = False
+    lr_scale: float = Field(0.1, gt=0, le=1, description="The encoder's learning rate is train.lr x lr_scale.")
+    dihedral: bool = Field(True, description="Turn each batch's stem maps by a random flip or quarter turn.")
+    mixup_alpha: float = Field(0.2, ge=0, le=10, description="Mixup of the image inputs, lambda ~ Beta(a, a); "
+                               "0: off.")
+
+
 class TrainConfig(StrictModel):
     """Training of PFA/CMAF on Ray Train. Defaults follow the paper (AdamW, batch 10, 60 epochs) except lr."""
 
@@ -24,6 +38,7 @@ class TrainConfig(StrictModel):
     store_dir: Path | None = Field(None, description="Feature store (None: <work_dir>/features).")
     model: ModelSettings = Field(default_factory=ModelSettings)
     pfa: PfaSettings = Field(default_factory=PfaSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     use_augmented: bool = Field(True, description="Train on TDA-synthesised rows too.")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)

@@ -82,6 +82,10 @@ def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Pa
     unknown = sorted(set(a.variants) - set(VARIANTS))
     if unknown:
         raise DataError(f"unknown ablation variant(s) {unknown}; valid: {list(VARIANTS)}")
+    finetuned = [v for v in a.variants if VARIANTS[v].get("finetune")]
+    if finetuned and not config.features.image_encoder.stem:
+        raise DataError(f"variant(s) {finetuned} fine-tune the image encoder from its stored stride-16 maps: "
+                        "add --set features.image_encoder.stem=true")
     out_dir = Path(out_dir).resolve()
     manifest = _original_rows(read_manifest(manifest_path))
     info = read_dataset_info(manifest_path)
@@ -244,7 +248,11 @@ def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags) -> 
     probs = predict_proba(result.module, test_features)
     metrics = classification_metrics(labels[test], probs.argmax(1), classes)
     return {**tags, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"], "n_train": int(len(train)),
-            "n_test": int(len(test))}
+            "n_test": int(len(test)), "per_class_f1": _per_class_f1(metrics)}
+
+
+def _per_class_f1(metrics: dict[str, Any]) -> dict[str, float]:
+    return {c: scores["f1"] for c, scores in metrics["per_class"].items()}
 
 
 def _logreg_score(arrays, train, test, classes, task, fold) -> dict[str, Any]:
@@ -259,7 +267,8 @@ def _logreg_score(arrays, train, test, classes, task, fold) -> dict[str, Any]:
     model.fit(x[train], arrays.labels[train])
     metrics = classification_metrics(arrays.labels[test], model.predict(x[test]), classes)
     return {"task": task, "variant": LOGREG, "fold": fold, "seed": 0, "macro_f1": metrics["macro_f1"],
-            "accuracy": metrics["accuracy"], "n_train": int(len(train)), "n_test": int(len(test))}
+            "accuracy": metrics["accuracy"], "n_train": int(len(train)), "n_test": int(len(test)),
+            "per_class_f1": _per_class_f1(metrics)}
 
 
 def _aggregate(scores, variants, with_tda: bool, tda_note: str) -> list[dict[str, Any]]:
@@ -270,9 +279,13 @@ def _aggregate(scores, variants, with_tda: bool, tda_note: str) -> list[dict[str
         without_tda = spec.get("tda_optional") and not with_tda
         row: dict[str, Any] = {"variant": FULL_WITHOUT_TDA if without_tda else variant}
         for task in ("binary", "multiclass"):
-            values = frame[(frame["variant"] == variant) & (frame["task"] == task)]["macro_f1"] if len(frame) else []
+            picked = frame[(frame["variant"] == variant) & (frame["task"] == task)] if len(frame) else frame
+            values = picked["macro_f1"] if len(picked) else []
             if len(values):
                 row[task] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": int(len(values))}
+                per_class = [s for s in picked.get("per_class_f1", []) if isinstance(s, dict)]
+                if per_class:
+                    row[task]["per_class_f1"] = {c: float(np.mean([s[c] for s in per_class])) for c in per_class[0]}
             elif spec.get("tda") and not with_tda:
                 row[task] = {"note": tda_note or "TDA not applicable"}
         if without_tda:
@@ -301,6 +314,11 @@ def markdown_table(rows, config: AppConfig, manifest: pd.DataFrame, extraction: 
             else:
                 cells.append(f"{cell['mean']:.4f} ± {cell['std']:.4f}")
         lines.append(f"| {row['variant']} | {cells[0]} | {cells[1]} |")
+    best = max((r for r in rows if "per_class_f1" in r.get("multiclass", {})),
+               key=lambda r: r["multiclass"]["mean"], default=None)
+    if best is not None:
+        f1 = ", ".join(f"{c} {v:.2f}" for c, v in best["multiclass"]["per_class_f1"].items())
+        lines += ["", f"Per-class F1 of the best multi-class row ({best['variant']}), mean over folds and seeds: {f1}."]
     notes = {cell["note"] for row in rows for cell in row.values() if isinstance(cell, dict) and "note" in cell}
     lines += ["", *[f"n/a: {n}" for n in sorted(notes)]] if notes else []
     if extraction.get("errors"):

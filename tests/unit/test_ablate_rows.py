@@ -32,3 +32,34 @@ def test_variant_settings_reach_the_training_config():
     plain = _variant_config(config, VARIANTS["image-only"], "multiclass", 0)
     assert plain.train.model.image_pooling == "stored" and plain.train.task == "multiclass"
     assert set(ABLATION_VARIANTS) <= set(VARIANTS)
+
+
+def test_the_finetuned_variant_carries_the_stores_encoder_and_asks_for_stems_before_extracting(tmp_path):
+    import pytest
+
+    from ase_ray.errors import DataError
+    from ase_ray.models.settings import ImageTailSpec
+    from ase_ray.train.ablate import run_ablation
+
+    spec = ImageTailSpec(backend="efficientnet-lite0", image_size=320, pooling="mean_max")
+    tuned = _variant_config(load_config(), VARIANTS["image-only (fine-tuned)"], "multiclass", 0, [], spec)
+    assert tuned.train.finetune.enabled and tuned.train.model.image_tail == spec
+    plain = _variant_config(load_config(), VARIANTS["image-only"], "multiclass", 0, [], spec)
+    assert not plain.train.finetune.enabled and plain.train.model.image_tail is None
+    config = load_config(overrides=['ablate.variants=["image-only (fine-tuned)"]'])
+    with pytest.raises(DataError, match="features.image_encoder.stem=true"):
+        run_ablation(config, tmp_path / "missing.csv", tmp_path / "out")
+
+
+def test_rows_carry_per_class_f1_and_the_table_names_the_best_rows():
+    import pandas as pd
+
+    from ase_ray.train.ablate import markdown_table
+
+    scores = [{**s, "per_class_f1": {"ok": s["macro_f1"], "crack": 0.25}} for s in _scores(["image-only"])]
+    scores = [{**s, "macro_f1": s["macro_f1"] + (0.2 if s["variant"] == "image-only" else 0)} for s in scores]
+    rows = _aggregate(scores, ["image-only"], with_tda=True, tda_note="")
+    cell = rows[1]["multiclass"]
+    assert cell["per_class_f1"] == {"ok": 0.55, "crack": 0.25} and abs(cell["mean"] - 0.75) < 1e-9
+    table = markdown_table(rows, load_config(), pd.DataFrame({"x": range(4)}), {})
+    assert "best multi-class row (image-only)" in table and "crack 0.25" in table

@@ -13,6 +13,7 @@ hundred images in batches of ten would otherwise replace them with noise.
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -72,13 +73,20 @@ class ImageTail(nn.Module):
 
 def load_tail(spec: ImageTailSpec) -> nn.Module:
     """The stages after the stride-16 map of the backbone ``spec`` names, with its pretrained weights
-    (a trained model's own weights are loaded over them). The global RNG is left as it was: the tiny
-    test backbone seeds itself."""
+    (a trained model's own weights are loaded over them): a fresh copy each call, the backbone loaded
+    once per process (training builds a model for scoring and for every epoch's export)."""
+    return copy.deepcopy(_pretrained_tail(spec.model_dump_json())).train()
+
+
+@lru_cache(maxsize=2)
+def _pretrained_tail(spec_json: str) -> nn.Module:
+    """The global RNG is left as it was: the tiny test backbone seeds itself."""
     from ase_ray.features.base import build_image_encoder
     from ase_ray.features.settings import ImageEncoderSettings
 
+    spec = ImageTailSpec.model_validate_json(spec_json)
     settings = ImageEncoderSettings(backend=spec.backend, model_id=spec.model_id, revision=spec.revision,
                                     image_size=spec.image_size, device="cpu")
     with torch.random.fork_rng(devices=[]):
         encoder = build_image_encoder(settings)
-    return encoder.tail().train()
+    return encoder.tail()

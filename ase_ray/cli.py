@@ -297,6 +297,8 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run from its latest checkpoint "
                                          "instead of starting a new one: `--resume [RUN]`.")] = False,
     store: Annotated[Optional[Path], typer.Option(help="Feature store (default: train.store_dir).")] = None,
+    corrections: Annotated[bool, typer.Option("--corrections", help="Take the review page's corrections table "
+                                              "into the training rows (train.corrections).")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
@@ -309,6 +311,7 @@ def train_cmd(
     if run is not None and not resume:
         raise ConfigError(f"unexpected argument {run!r}: to continue a run, use `ase-ray train --resume {run}`")
     extra = [f"train.store_dir={store}"] if store is not None else []
+    extra += ["train.corrections=true"] if corrections else []
     result = fit(_config(config, set_, extra), echo=typer.echo, resume=(run or True) if resume else False)
     typer.echo(f"model: {result.model_dir} (epoch {result.best['epoch']})\nrun: {result.run_id}\n"
                f"train run: {result.train_run}\nresults: {result.results_path}")

@@ -215,6 +215,17 @@ class RayConfig(StrictModel):
     env_vars: dict[str, str] = Field(default_factory=dict, description="Extra worker environment.")
 
 
+# ------------------------------------------------------------------------------------- evaluate
+class EvaluateConfig(StrictModel):
+    """The line's figures (``ase_ray.models.decision``): escape and overkill rates."""
+
+    max_escape_rate: float = Field(
+        0.05, ge=0, le=1, description="Escape target: the reject threshold on P(defect) is the largest one "
+        "that passes at most this share of the validation split's defective parts; training records it with "
+        "the model, Serve and `ase-ray evaluate` use it.",
+    )
+
+
 # ------------------------------------------------------------------------------------- pipeline
 PipelineStage = Literal["data", "features", "train", "tune", "serve"]
 
@@ -240,6 +251,7 @@ class AppConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

@@ -112,12 +112,15 @@ def register_untrained_model(
     out_dir: str | Path | None = None,
     metadata=None,
     records: list[dict] | None = None,
+    decision: dict | None = None,
 ) -> str:
     """Log and register a randomly initialised classifier whose input widths match what
     ``config.features`` extracts from ``images`` (decoded images), with the feature settings recorded
     beside it, as training does. For tests and the Serve load benchmark (no training run needed).
     ``metadata`` (``MetadataColumns``) and ``records`` (one per image): the model reads those records,
-    its numeric block fitted on them and the images' OCR fields. Returns the registered version."""
+    its numeric block fitted on them and the images' OCR fields. ``decision``: the model's decision record
+    (``ase_ray.models.decision``: reject and review thresholds), as training would choose it. Returns the
+    registered version."""
     import tempfile
     from types import SimpleNamespace
 
@@ -154,7 +157,8 @@ def register_untrained_model(
     model = build_model(config.train.model, dims, len(classes))
     target = Path(out_dir or tempfile.mkdtemp(prefix="ase_ray_model_"))
     inputs = model_input_record(block, metadata, config.train.model.text_sources)
-    save_model(model, target, config.train.model, dims, classes, extra={"task": task, "untrained": True, "inputs": inputs})
+    extra = {"task": task, "untrained": True, "inputs": inputs, **({"decision": decision} if decision else {})}
+    save_model(model, target, config.train.model, dims, classes, extra=extra)
     write_feature_settings(target, {"features": feature_settings(config.features), "backends": backend_description(config)})
     setup_mlflow(config)
     with mlflow.start_run(run_name=f"untrained-{model_name}-{seed}", tags={"ase_ray.stage": "test-model"}) as run:

@@ -24,7 +24,8 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -32,8 +33,10 @@ from ase_ray.config import AppConfig
 from ase_ray.errors import AseRayError, RequestError
 from ase_ray.registry import served_model_uri
 from ase_ray.serve import inputs
+from ase_ray.serve.assets import asset_path, asset_url, media_type
 from ase_ray.serve.schemas import (
     ERROR_RESPONSES,
+    NOT_FOUND,
     BatchPrediction,
     Health,
     Metadata,
@@ -50,6 +53,8 @@ api = FastAPI(
     description="Upload an AOI image, get the defect class, its probabilities, the OCR fields and the "
     "generated texts. Errors are JSON: {\"error\": code, \"detail\": message}.",
     version="1",
+    docs_url=None,  # /docs and /redoc below load their bundles from this server, not a CDN
+    redoc_url=None,
 )
 
 
@@ -170,7 +175,7 @@ class Classifier:
         self.tracking_uri = tracking_uri(self.config)
         self.model = None
         self.expected_key = ""
-        self.threshold = self.config.serve.review_threshold
+        self.threshold = self.config.serve.review_threshold or 0.0  # set by reconfigure
         self.swap_error: str | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -195,7 +200,7 @@ class Classifier:
             if self.model is None:
                 raise
             self.swap_error = str(exc)  # the previous model keeps serving
-        self.threshold = selection.review_threshold
+        self.threshold = self.model.review_threshold(selection.review_threshold)
 
     def classify(self, rows: list[dict[str, Any]], keys: list[str], ocr_fields: list[Any] | None = None,
                  metadata: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -208,7 +213,8 @@ class Classifier:
                 "review_threshold": threshold}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.model.describe(), "review_threshold": self.threshold, "swap_error": self.swap_error,
+        return {**self.model.describe(), "review_threshold": self.threshold, "decision": self.model.decision,
+                "swap_error": self.swap_error,
                 "features_key": self.expected_key, "replica": _replica_id()}
 
 
@@ -228,13 +234,22 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
+def _dots(image: inputs.ValidImage, tda) -> list[list[float]]:
+    from ase_ray.data.tda import find_dot_components
+
+    found = find_dot_components(image.decoded.image, tda)
+    return [[round(float(x), 1), round(float(y), 1), round(float(r), 1)] for (x, y), r in zip(found.centres, found.radii)]
+
+
 def _prediction(result: dict[str, Any], i: int, row: dict[str, Any], image: inputs.ValidImage,
-                metadata: dict[str, Any], started: float) -> Prediction:
+                metadata: dict[str, Any], started: float, tda=None) -> Prediction:
     p = result["predictions"][i]
     texts = row["texts"]
     return Prediction(
+        dots=_dots(image, tda) if tda is not None else [],
         label=p["label"], probabilities=p["probabilities"], confidence=p["confidence"],
         needs_review=p["needs_review"], review_threshold=result["review_threshold"],
+        p_defect=p["p_defect"], decision=p["decision"], defect_threshold=p["defect_threshold"],
         ocr={"text": texts["ocr_text"], "fields": texts["ocr_fields"]},
         texts={"description": texts["description"], "reasoning": texts["reasoning"]},
         image={"filename": image.filename, "image_id": image.decoded.image_id, "width": image.width,
@@ -264,7 +279,7 @@ class Ingress:
         model, features = await asyncio.gather(self.classifier.describe.remote(), self.features.describe.remote())
         return Metadata(
             model=_model_info(model), task=model["task"], classes=model["classes"],
-            review_threshold=model["review_threshold"], loaded_at=model["loaded_at"],
+            review_threshold=model["review_threshold"], decision=model.get("decision") or {}, loaded_at=model["loaded_at"],
             backends=features["backends"], features_source=features["features_source"],
             features_key=features["features_key"], batching=features["batching"],
             limits=_limits(self.limits), api_key_required=bool(self.api_key_sha256),
@@ -277,7 +292,7 @@ class Ingress:
         started = time.perf_counter()
         images, metadata = await self._read(request, batch=False)
         result, rows = await self._run(images, metadata)
-        return _prediction(result, 0, rows[0], images[0], metadata[0], started)
+        return _prediction(result, 0, rows[0], images[0], metadata[0], started, self.config.data.tda)
 
     @api.post("/predict/batch", response_model=BatchPrediction, responses=ERROR_RESPONSES,
               openapi_extra=upload_body(True))
@@ -285,9 +300,75 @@ class Ingress:
         started = time.perf_counter()
         images, metadata = await self._read(request, batch=True)
         result, rows = await self._run(images, metadata)
-        predictions = [_prediction(result, i, rows[i], images[i], metadata[i], started) for i in range(len(images))]
+        predictions = [_prediction(result, i, rows[i], images[i], metadata[i], started, self.config.data.tda)
+                       for i in range(len(images))]
         return BatchPrediction(predictions=predictions, count=len(predictions), model=_model_info(result["model"]),
                                latency_ms=_ms(started))
+
+    # ------------------------------------------------------------------ pages: offline, no key needed
+    @api.get("/ui", include_in_schema=False)
+    async def ui(self) -> FileResponse:
+        """The review page (plain HTML + a little JavaScript, every asset from this server)."""
+        return FileResponse(asset_path("review.html"), media_type=media_type("review.html"))
+
+    @api.get("/assets/{name}", include_in_schema=False)
+    async def asset(self, name: str) -> FileResponse:
+        return FileResponse(asset_path(name), media_type=media_type(name))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=api.openapi_url, title=f"{api.title} - API docs",
+                                   swagger_js_url=asset_url("swagger-ui-bundle.js"),
+                                   swagger_css_url=asset_url("swagger-ui.css"),
+                                   swagger_favicon_url=asset_url("favicon.png"))
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self) -> HTMLResponse:
+        return get_redoc_html(openapi_url=api.openapi_url, title=f"{api.title} - ReDoc",
+                              redoc_js_url=asset_url("redoc.standalone.js"), redoc_favicon_url=asset_url("favicon.png"),
+                              with_google_fonts=False)
+
+    # ----------------------------------------------------------------------------- review queue
+    @api.get("/review/queue", responses={401: ERROR_RESPONSES[401], 404: NOT_FOUND})
+    async def review_queue(self, request: Request) -> dict[str, Any]:
+        """The rows of the configured `ase-ray predict` output (serve.review_queue), needs_review first,
+        each with its latest correction."""
+        from ase_ray.serve.review import queue_rows, read_predictions
+        from ase_ray.train.corrections import corrections_path, read_corrections
+
+        inputs.check_api_key(self.api_key_sha256, request.headers)
+        s = self.config.serve
+        predictions = read_predictions(s.review_queue)
+        model = await self.classifier.describe.remote()
+        table = corrections_path(self.config)
+        rows = queue_rows(predictions, read_corrections(table), s.max_review_rows)
+        return {"rows": rows, "total": int(len(predictions)), "needs_review": int(predictions["needs_review"].sum()),
+                "classes": model["classes"], "corrections_path": str(table)}
+
+    @api.get("/review/image/{row_id}", responses={401: ERROR_RESPONSES[401], 404: NOT_FOUND})
+    async def review_image(self, row_id: int, request: Request) -> Response:
+        from ase_ray.serve.review import image_bytes, queue_row, read_predictions
+
+        inputs.check_api_key(self.api_key_sha256, request.headers)
+        row = queue_row(read_predictions(self.config.serve.review_queue), row_id)
+        data, media = image_bytes(row, self.limits.max_upload_bytes)
+        return Response(data, media_type=media)
+
+    @api.post("/review/corrections", responses={400: ERROR_RESPONSES[400], 401: ERROR_RESPONSES[401], 404: NOT_FOUND})
+    async def review_correction(self, request: Request) -> dict[str, Any]:
+        """Body ``{"row_id": int, "label": str}``: append a person's label of a queue row to the
+        corrections table; returns the row written."""
+        from ase_ray.serve.review import correction_record, parse_correction, queue_row, read_predictions
+        from ase_ray.train.corrections import append_correction, corrections_path
+
+        inputs.check_api_key(self.api_key_sha256, request.headers)
+        body = await inputs.read_body(request.headers, request.stream(), 64 * 1024)
+        row_id, label = parse_correction(body)
+        s = self.config.serve
+        row = queue_row(read_predictions(s.review_queue), row_id)
+        model = await self.classifier.describe.remote()
+        record = correction_record(row, label, model["classes"], s.review_queue)
+        return await asyncio.to_thread(append_correction, corrections_path(self.config), record)
 
     async def _read(self, request: Request, batch: bool) -> tuple[list[inputs.ValidImage], list[dict[str, Any]]]:
         inputs.check_api_key(self.api_key_sha256, request.headers)

@@ -4,8 +4,9 @@ Each actor loads the model and the feature backends once (:class:`~ase_ray.serve
 the same code Serve runs) and predicts batches of images read from ``image_path``. The stage cache
 (``features.cache_dir``) is used, so images whose features were already extracted with the model's
 settings are not recomputed. Output folder: ``predictions.parquet`` and ``predictions.csv`` (one row
-per manifest row, in order: the manifest columns, ``predicted_label``, ``confidence``,
-``needs_review``, ``prob_<class>``, the texts, ``error``), and ``summary.json``.
+per manifest row, in order: the manifest columns, ``image_id`` (sha256 of the bytes), ``predicted_label``, ``confidence``,
+``needs_review``, ``p_defect``, ``decision`` (pass / reject), ``prob_<class>``, the texts, ``error``),
+and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ class BatchPredictor:
         order = sorted(decoded)
         records = [{c: batch.at[i, c] for c in self.metadata_columns} for i in order]
         results = dict(zip(order, self.predictor.predict([decoded[i] for i in order], records)))
-        return pd.concat([batch, pd.DataFrame([self._row(results.get(i), errors.get(i, "")) for i in range(len(batch))])],
-                         axis=1)
+        made = pd.DataFrame([self._row(results.get(i), errors.get(i, "")) for i in range(len(batch))])
+        return pd.concat([batch, made.drop(columns=[c for c in made.columns if c in batch.columns])], axis=1)
 
     def _row(self, result: dict[str, Any] | None, decode_error: str) -> dict[str, Any]:
         result = result or {}
@@ -95,9 +96,12 @@ class BatchPredictor:
         probs = result.get("probabilities", {})
         model = self.predictor.model.ref
         row = {
+            "image_id": result.get("image_id", ""),
             "predicted_label": "" if error else result["label"],
             "confidence": np.nan if error else result["confidence"],
             "needs_review": True if error else result["needs_review"],
+            "p_defect": np.nan if error or result.get("p_defect") is None else result["p_defect"],
+            "decision": "" if error else (result.get("decision") or ""),
             **{f"prob_{c}": float(probs.get(c, np.nan)) for c in self.classes},
             "ocr_text": result.get("ocr_text", ""),
             "ocr_fields": json.dumps(result.get("ocr_fields", {}), sort_keys=True),
@@ -174,6 +178,7 @@ def summarise(predictions: pd.DataFrame, model: dict[str, Any], wall_s: float) -
         "predicted": int(ok.sum()),
         "errors": int((~ok).sum()),
         "needs_review": int(predictions.loc[ok, "needs_review"].sum()),
+        "rejected": int((predictions.loc[ok, "decision"] == "reject").sum()) if "decision" in predictions else 0,
         "labels": {str(k): int(v) for k, v in predictions.loc[ok, "predicted_label"].value_counts().items()},
         "wall_s": round(wall_s, 2),
         "model": model,

@@ -71,7 +71,12 @@ def serving_config(config: AppConfig) -> AppConfig:
     models_dir = resolved_models_dir(config.features)
     features = config.features.model_copy(update={"cache_dir": cache_root(config),
                                                   "models_dir": Path(models_dir) if models_dir else None})
-    return config.model_copy(update={"mlflow": mlflow, "features": features})
+    from ase_ray.train.corrections import corrections_path
+
+    queue = config.serve.review_queue
+    serve = config.serve.model_copy(update={"corrections_path": corrections_path(config).resolve(),
+                                            "review_queue": Path(queue).resolve() if queue else None})
+    return config.model_copy(update={"mlflow": mlflow, "features": features, "serve": serve})
 
 
 def model_selection(config: AppConfig, model_uri: str | None = None, review_threshold: float | None = None) -> dict:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ase_ray.serve.settings import DeploymentSettings
     from ase_ray.serving_model import DefectClassifierModel
 
+DEFAULT_REVIEW_THRESHOLD = 0.6  # a model trained before review thresholds were chosen on validation
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
 _VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
 _RUN = re.compile(r"^runs:/(?P<run_id>[^/]+)(/.*)?$")
@@ -112,6 +113,18 @@ class LoadedModel:
     def feature_settings(self) -> dict[str, Any] | None:
         recorded = self.python_model.feature_settings
         return recorded.get("features") if recorded else None
+
+    @property
+    def decision(self) -> dict[str, Any]:
+        """The decision record training chose on validation (``ase_ray.models.decision``): the reject
+        threshold on P(defect) and the review threshold; empty for a model trained before it."""
+        return dict(self.python_model.meta.get("extra", {}).get("decision") or {})
+
+    def review_threshold(self, asked: float | None) -> float:
+        """``asked`` when set (serve.review_threshold), else the model's own, else the old fixed 0.6."""
+        if asked is not None:
+            return float(asked)
+        return float(self.decision.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
 
     @property
     def metadata_columns(self) -> "MetadataColumns":
@@ -224,7 +237,10 @@ def classify(model: LoadedModel, rows: list[dict[str, np.ndarray]], threshold: f
              ocr_fields: list[Any] | None = None, metadata: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Predictions for per-image feature arrays (and each image's OCR fields and metadata record, for the
     numeric block): ``label``, ``probabilities``, ``confidence``, ``needs_review`` (top probability
-    under ``threshold``)."""
+    under ``threshold``), and the line's ``p_defect`` and ``decision`` (pass / reject at the model's
+    reject threshold; None for a model without one)."""
+    from ase_ray.models.decision import defect_probability, line_decision
+
     if not rows:
         return []
     stacked = {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
@@ -232,14 +248,20 @@ def classify(model: LoadedModel, rows: list[dict[str, np.ndarray]], threshold: f
                                           metadata if metadata is not None else [{}] * len(rows)))
     probs = model.predict_proba(stacked)
     classes = model.classes
+    decision = model.decision
+    reject_at, normal = decision.get("defect_threshold"), decision.get("normal_class")
+    p_defect = defect_probability(probs, classes, normal) if reject_at is not None and normal in classes else None
     out = []
-    for p in probs:
+    for i, p in enumerate(probs):
         top = int(np.argmax(p))
         out.append({
             "label": classes[top],
             "probabilities": {c: float(v) for c, v in zip(classes, p)},
             "confidence": float(p[top]),
             "needs_review": bool(p[top] < threshold),
+            "p_defect": None if p_defect is None else float(p_defect[i]),
+            "decision": None if p_defect is None else line_decision(float(p_defect[i]), reject_at),
+            "defect_threshold": reject_at,
         })
     return out
 
@@ -260,10 +282,10 @@ def feature_rows(extracted: "ExtractedFeatures") -> list[dict[str, Any]]:
 class Predictor:
     """Features + classifier in one process (batch prediction); Serve runs the same two halves apart."""
 
-    def __init__(self, model: LoadedModel, extractor: "FeatureExtractor", review_threshold: float) -> None:
+    def __init__(self, model: LoadedModel, extractor: "FeatureExtractor", review_threshold: float | None = None) -> None:
         self.model = model
         self.extractor = extractor
-        self.review_threshold = review_threshold
+        self.review_threshold = model.review_threshold(review_threshold)
 
     @classmethod
     def load(cls, config: "AppConfig", ref: ModelRef, cache_root: str | None = None,

@@ -14,7 +14,7 @@ class ModelSelection(StrictModel):
     the threshold on the running replicas (Serve calls ``reconfigure``), with no redeploy."""
 
     model_uri: str
-    review_threshold: float = Field(0.6, ge=0, le=1)
+    review_threshold: float | None = Field(None, ge=0, le=1, description="None: the model's own.")
 
 
 class ErrorResponse(BaseModel):
@@ -53,7 +53,15 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="Probability per class.")
     confidence: float = Field(description="The top probability.")
     needs_review: bool = Field(description="True when the top probability is under review_threshold.")
-    review_threshold: float
+    review_threshold: float = Field(description="Chosen on the model's validation split for serve.review_fraction "
+                                    "unless serve.review_threshold sets it.")
+    p_defect: float | None = Field(None, description="1 - P(normal): the probability of any defect.")
+    decision: str | None = Field(None, description="The line decision: reject when p_defect >= defect_threshold, "
+                                 "else pass (None: the model has no reject threshold).")
+    defect_threshold: float | None = Field(None, description="Reject threshold on p_defect, chosen on the model's "
+                                           "validation split for evaluate.max_escape_rate.")
+    dots: list[list[float]] = Field(default_factory=list, description="Detected pink dots: [x, y, radius] in "
+                                    "pixels of the uploaded image (data.tda's colour and size).")
     ocr: OcrResult
     texts: GeneratedTexts
     image: ImageInfo
@@ -90,6 +98,8 @@ class Metadata(BaseModel):
     task: str | None
     classes: list[str]
     review_threshold: float
+    decision: dict[str, Any] = Field(default_factory=dict, description="The model's decision record: reject "
+                                     "threshold, escape target, review threshold and budget, and their validation figures.")
     loaded_at: float = Field(description="Unix time the classifier replica loaded this model.")
     backends: dict[str, dict[str, Any]] = Field(
         description="Per feature stage, what the replica runs: backend, model (hub id, or the packaged model "
@@ -120,6 +130,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "A model swap is in progress (features and classifier disagree); retry."),
     )
 }
+NOT_FOUND = {"model": ErrorResponse, "description": "No review queue is configured, or the row is not in it "
+             "(or its image is gone)."}
 
 
 def upload_body(multiple: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -85,8 +86,13 @@ class ServeConfig(StrictModel):
         None, description="models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model; "
         "None: models:/ase-ray-<train.task>@champion."
     )
-    review_threshold: float = Field(
-        0.6, ge=0, le=1, description="needs_review is true when the top probability is below this."
+    review_threshold: float | None = Field(
+        None, ge=0, le=1, description="needs_review is true when the top probability is below this. None: the "
+        "model's own, chosen on its validation split for review_fraction (0.6 for a model without one).",
+    )
+    review_fraction: float = Field(
+        0.1, ge=0, le=1, description="Review budget: the share of parts a person looks at. Training chooses the "
+        "model's review threshold on the validation split so that this share falls under it.",
     )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image file accepted.")
     max_pixels: int = Field(
@@ -100,6 +106,14 @@ class ServeConfig(StrictModel):
         "ASE_RAY_API_KEY", description="Environment variable holding the API key; when it is set (not "
         "empty) every request except /healthz and /docs must send it (X-API-Key or Bearer)."
     )
+    review_queue: Path | None = Field(
+        None, description="An `ase-ray predict` output folder whose predictions the review page's queue shows "
+        "(needs_review first); None: no queue.",
+    )
+    corrections_path: Path | None = Field(
+        None, description="The corrections table the review page appends to; None: <work_dir>/corrections/corrections.csv.",
+    )
+    max_review_rows: int = Field(500, ge=1, description="Most queue rows one GET /review/queue returns.")
     feature_cache: bool = Field(
         False, description="Serve: reuse/write the stage cache (features.cache_dir). Batch prediction always uses it."
     )

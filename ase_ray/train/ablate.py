@@ -145,7 +145,14 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     import ray
 
     from ase_ray.features.store import load_store
-    from ase_ray.train.data import image_tail_spec, store_arrays, store_metadata, task_classes, without_stem
+    from ase_ray.train.data import (
+        image_tail_spec,
+        store_arrays,
+        store_metadata,
+        task_classes,
+        task_normal_class,
+        without_stem,
+    )
 
     a = config.ablate
     store = load_store(store_dir)
@@ -160,6 +167,7 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     jobs, scores = [], []
     for task in a.tasks:
         classes = task_classes(store, task)
+        normal = task_normal_class(store_dir, task, classes)
         arrays = store_arrays(store, task, classes)
         if not finetunes:
             arrays = without_stem(arrays)
@@ -168,7 +176,7 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
             test = np.flatnonzero(~augmented & (fold_of == k))
             train_plain = np.flatnonzero(~augmented & (fold_of != k))
             train_tda = np.concatenate([train_plain, np.flatnonzero(augmented & (fold_of == k))])
-            scores.append(_logreg_score(arrays, train_plain, test, classes, task, k))
+            scores.append(_logreg_score(arrays, train_plain, test, classes, task, k, normal))
             numeric: dict[tuple[str, ...], Any] = {}
             for variant in a.variants:
                 spec = VARIANTS[variant]
@@ -182,7 +190,7 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
                     cfg = _variant_config(config, spec, task, seed, constant, tail)
                     jobs.append(train_and_score.options(num_cpus=a.cpus_per_run).remote(
                         shared, numeric[sources], train, test, cfg.train.model_dump(mode="json"), classes,
-                        {"task": task, "variant": variant, "fold": k, "seed": seed}))
+                        {"task": task, "variant": variant, "fold": k, "seed": seed}, normal))
     echo(f"ablation: {len(jobs)} trainings ({a.cpus_per_run} CPU each) + {len(scores)} logistic regressions")
     done = 0
     pending = list(jobs)
@@ -226,7 +234,7 @@ def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: in
     return config.model_copy(update={"train": train})
 
 
-def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags) -> dict[str, Any]:
+def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags, normal=None) -> dict[str, Any]:
     import torch
 
     from ase_ray.train.data import LABEL_KEY
@@ -248,14 +256,26 @@ def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags) -> 
     probs = predict_proba(result.module, test_features)
     metrics = classification_metrics(labels[test], probs.argmax(1), classes)
     return {**tags, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"], "n_train": int(len(train)),
-            "n_test": int(len(test)), "per_class_f1": _per_class_f1(metrics)}
+            "n_test": int(len(test)), "per_class_f1": _per_class_f1(metrics),
+            **_line(probs.argmax(1), labels[test], classes, normal)}
+
+
+def _line(predicted, labels, classes, normal) -> dict[str, float]:
+    """Escape and overkill of the predicted labels (a fold has no validation part to choose a reject
+    threshold on, so the ablation reports the labels' own)."""
+    if normal is None or normal not in classes:
+        return {}
+    from ase_ray.models.decision import label_line_rates
+
+    rates = label_line_rates(predicted, labels, classes, normal)
+    return {"escape_rate": rates["escape_rate"], "overkill_rate": rates["overkill_rate"]}
 
 
 def _per_class_f1(metrics: dict[str, Any]) -> dict[str, float]:
     return {c: scores["f1"] for c, scores in metrics["per_class"].items()}
 
 
-def _logreg_score(arrays, train, test, classes, task, fold) -> dict[str, Any]:
+def _logreg_score(arrays, train, test, classes, task, fold, normal=None) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -265,10 +285,11 @@ def _logreg_score(arrays, train, test, classes, task, fold) -> dict[str, Any]:
     x = arrays.features["image_pooled"]
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(x[train], arrays.labels[train])
-    metrics = classification_metrics(arrays.labels[test], model.predict(x[test]), classes)
+    predicted = model.predict(x[test])
+    metrics = classification_metrics(arrays.labels[test], predicted, classes)
     return {"task": task, "variant": LOGREG, "fold": fold, "seed": 0, "macro_f1": metrics["macro_f1"],
             "accuracy": metrics["accuracy"], "n_train": int(len(train)), "n_test": int(len(test)),
-            "per_class_f1": _per_class_f1(metrics)}
+            "per_class_f1": _per_class_f1(metrics), **_line(predicted, arrays.labels[test], classes, normal)}
 
 
 def _aggregate(scores, variants, with_tda: bool, tda_note: str) -> list[dict[str, Any]]:
@@ -286,6 +307,9 @@ def _aggregate(scores, variants, with_tda: bool, tda_note: str) -> list[dict[str
                 per_class = [s for s in picked.get("per_class_f1", []) if isinstance(s, dict)]
                 if per_class:
                     row[task]["per_class_f1"] = {c: float(np.mean([s[c] for s in per_class])) for c in per_class[0]}
+                for rate in ("escape_rate", "overkill_rate"):
+                    if rate in picked and picked[rate].notna().any():
+                        row[task][rate] = float(picked[rate].mean())
             elif spec.get("tda") and not with_tda:
                 row[task] = {"note": tda_note or "TDA not applicable"}
         if without_tda:
@@ -314,6 +338,14 @@ def markdown_table(rows, config: AppConfig, manifest: pd.DataFrame, extraction: 
             else:
                 cells.append(f"{cell['mean']:.4f} ± {cell['std']:.4f}")
         lines.append(f"| {row['variant']} | {cells[0]} | {cells[1]} |")
+    line = [r for r in rows if any("escape_rate" in (r.get(t) or {}) for t in ("binary", "multiclass"))]
+    if line:
+        lines += ["", "Escape / overkill rate of the predicted labels (multi-class collapsed to normal vs defect), "
+                  "mean over folds and seeds:", "", "| variant | binary | multi-class |", "|---|---|---|"]
+        for row in line:
+            cells = [f"{c['escape_rate']:.3f} / {c['overkill_rate']:.3f}" if "escape_rate" in (c := row.get(t) or {})
+                     else "-" for t in ("binary", "multiclass")]
+            lines.append(f"| {row['variant']} | {cells[0]} | {cells[1]} |")
     best = max((r for r in rows if "per_class_f1" in r.get("multiclass", {})),
                key=lambda r: r["multiclass"]["mean"], default=None)
     if best is not None:
@@ -337,7 +369,8 @@ def _log_to_mlflow(config: AppConfig, rows, table_path: Path, json_path: Path) -
                 cell = row.get(task)
                 if cell and "mean" in cell:
                     key = f"{task}.{_metric_name(row['variant'])}"
-                    mlflow.log_metrics({f"{key}.mean": cell["mean"], f"{key}.std": cell["std"]})
+                    mlflow.log_metrics({f"{key}.mean": cell["mean"], f"{key}.std": cell["std"],
+                                        **{f"{key}.{r}": cell[r] for r in ("escape_rate", "overkill_rate") if r in cell}})
         mlflow.log_artifact(str(table_path))
         mlflow.log_artifact(str(json_path))
 

@@ -72,6 +72,19 @@ def task_classes(store: Store, task: str) -> list[str]:
     return sorted(store.features[LABEL].astype(str).unique())
 
 
+def task_normal_class(store_dir: str | Path, task: str, classes: list[str]) -> str | None:
+    """The no-defect class of a task: ``normal`` for binary; the dataset's normal class (its
+    ``dataset.yaml``) for multi-class, else a class named ``normal``, else None."""
+    if task == "binary":
+        return NORMAL
+    meta_path = Path(store_dir) / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    info = read_dataset_info(meta["manifest"]) if meta.get("manifest") else None
+    if info is not None and info.normal_class in classes:
+        return info.normal_class
+    return NORMAL if NORMAL in classes else None
+
+
 def task_labels(rows: pd.DataFrame, task: str, classes: list[str]) -> np.ndarray:
     column = BINARY_LABEL if task == "binary" else LABEL
     if column not in rows.columns:

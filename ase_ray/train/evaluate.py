@@ -45,10 +45,45 @@ def _find_model_json(root: Path) -> Path | None:
 
 
 def evaluate(config: AppConfig, model_uri: str, store_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    """Classification metrics of the model on the split, and the line's figures: ``escape_rate`` and
+    ``overkill_rate`` at the model's reject threshold (chosen again on the store's validation split
+    when ``evaluate.max_escape_rate`` differs from the target the model was trained for, or when the
+    model has no threshold), and the review figures at its review threshold."""
+    from ase_ray.models.decision import split_line_figures
+
     model_dir, probs, arrays, classes, task = evaluate_probabilities(config, model_uri, store_dir, split)
     metrics = classification_metrics(arrays.labels, probs.argmax(1), classes)
     metrics.update({"model": model_uri, "model_dir": str(model_dir), "split": split, "task": task})
+    decision = evaluation_decision(config, model_uri, store_dir, task, classes)
+    metrics.update(split_line_figures(probs, arrays.labels, classes, decision))
+    line = metrics.get("line") or {}
+    metrics.update({"escape_rate": line.get("escape_rate"), "overkill_rate": line.get("overkill_rate"),
+                    "decision": decision})
     return metrics
+
+
+def evaluation_decision(config: AppConfig, model_uri: str, store_dir: str | Path, task: str,
+                        classes: list[str]) -> dict[str, Any]:
+    """The model's decision record when it was chosen for ``evaluate.max_escape_rate``; else one chosen
+    now on the store's validation split (``source`` says which)."""
+    from ase_ray.models.decision import choose_decision
+    from ase_ray.models.io import load_model
+    from ase_ray.train.data import task_normal_class
+
+    model_dir = resolve_model_dir(config, model_uri)
+    _, meta = load_model(model_dir)
+    recorded = dict(meta.get("extra", {}).get("decision") or {})
+    target = config.evaluate.max_escape_rate
+    if recorded.get("defect_threshold") is not None and abs(recorded.get("max_escape_rate", -1) - target) < 1e-12:
+        return {**recorded, "source": "model"}
+    try:
+        _, probs, arrays, _, _ = evaluate_probabilities(config, model_uri, store_dir, "val")
+    except DataError as exc:
+        return {"note": f"no threshold: {exc}"}
+    review_fraction = recorded.get("review_fraction", config.serve.review_fraction)
+    chosen = choose_decision(probs, arrays.labels, classes, task_normal_class(store_dir, task, classes), target,
+                             review_fraction)
+    return {**chosen, "source": "store val split (the model's target differs or it has none)"}
 
 
 def evaluate_probabilities(config: AppConfig, model_uri: str, store_dir: str | Path, split: str = "test"):
@@ -66,7 +101,8 @@ def evaluate_probabilities(config: AppConfig, model_uri: str, store_dir: str | P
         raise DataError(f"unknown split {split!r} (train, val, test)")
     arrays = splits[split]
     if len(arrays) == 0:
-        raise DataError(f"the store has no {split} rows")
+        raise DataError(f"the store has no {split} rows" + (": the line's thresholds are chosen on validation rows"
+                                                            if split == "val" else ""))
     arrays = with_model_numeric(arrays, meta)
     return model_dir, predict_proba(module, arrays.features), arrays, classes, task
 
@@ -78,4 +114,11 @@ def write_evaluation(metrics: dict[str, Any], out: Path) -> Path:
 
 
 def evaluation_text(metrics: dict[str, Any]) -> str:
-    return f"{metrics['task']} on {metrics['split']} ({metrics['n']} images), model {metrics['model']}\n" + report_text(metrics)
+    text = f"{metrics['task']} on {metrics['split']} ({metrics['n']} images), model {metrics['model']}\n" + report_text(metrics)
+    decision = metrics.get("decision") or {}
+    if metrics.get("line"):
+        text += (f"\nthreshold chosen on {decision.get('source', 'model')} for max_escape_rate "
+                 f"{decision.get('max_escape_rate')}")
+    elif decision.get("note"):
+        text += f"\nescape_rate / overkill_rate: n/a ({decision['note']})"
+    return text

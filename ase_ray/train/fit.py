@@ -23,6 +23,7 @@ from ase_ray.train.data import (
     model_input_record,
     split_fingerprint,
     store_metadata,
+    task_normal_class,
     to_ray_dataset,
     usable_text_sources,
     with_numeric,
@@ -83,6 +84,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     config = plan.config
     cfg = config.train
     splits, classes = load_task_arrays(store_dir(config), cfg.task, cfg.use_augmented)
+    splits, corrections = with_review_corrections(config, splits, classes)
     config, dropped = without_constant_sources(config, splits["train"])
     config, splits = with_image_tail(config, splits)
     cfg = config.train
@@ -106,6 +108,8 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     run_tags = {**(tags or {}), VAL_FINGERPRINT_TAG: data["val_fingerprint"],
                 "ase_ray.val_rows": str(len(splits["val"])), "ase_ray.train_run": plan.name,
                 "ase_ray.dropped_text_sources": ",".join(dropped) or "none",
+                "ase_ray.corrections": (f"{corrections['relabelled']} relabelled, {corrections['added']} added, "
+                                        f"{len(corrections['skipped'])} skipped") if corrections else "off",
                 "ase_ray.numeric_fields": ",".join(f["name"] for f in inputs["numeric"]["fields"]) or "none",
                 "ase_ray.metadata_columns": ",".join([*inputs["metadata_columns"]["text"],
                                                       *inputs["metadata_columns"]["numeric"]]) or "none"}
@@ -152,13 +156,35 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         best = _best_record(Path(ckpt), len(splits["val"]))
     _record_feature_settings(config, model_dir)
     calibration = calibrate_model_dir(model_dir, splits, cfg.calibrate)
-    metrics = evaluate_model_dir(model_dir, splits, classes)
-    results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best, dropped, calibration)
+    normal_class = task_normal_class(store_dir(config), cfg.task, classes)
+    decision = decide_model_dir(model_dir, splits, normal_class, config.evaluate.max_escape_rate,
+                                config.serve.review_fraction)
+    metrics = evaluate_model_dir(model_dir, splits, classes, decision)
+    results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best, dropped, calibration,
+                                  decision, corrections)
     if run_id:
         _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration)
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}), best epoch {best['epoch']}: val macro-F1 "
-         f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}")
+         f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}"
+         + _line_summary(metrics["test"]))
     return FitResult(run_id, model_dir, metrics, classes, results_path, plan.name, best)
+
+
+def with_review_corrections(config: AppConfig, splits: dict[str, Arrays],
+                            classes: list[str]) -> tuple[dict[str, Arrays], dict[str, Any] | None]:
+    """With ``train.corrections`` on: the corrections table taken into the training rows
+    (``ase_ray.train.corrections``) and the record of what was used; off: the splits as they are."""
+    if not config.train.corrections:
+        return splits, None
+    from ase_ray.train.corrections import corrections_path, with_corrections
+
+    path = corrections_path(config)
+    if not path.is_file():
+        raise DataError(f"train.corrections is on but there is no corrections table at {path} "
+                        "(the review page writes it; serve.corrections_path moves it)")
+    meta = json.loads((store_dir(config) / STORE_META_FILE).read_text())
+    normal = task_normal_class(store_dir(config), config.train.task, classes)
+    return with_corrections(splits, classes, config.train.task, path, meta, config.features, normal)
 
 
 def with_image_tail(config: AppConfig, splits: dict[str, Arrays]) -> tuple[AppConfig, dict[str, Arrays]]:
@@ -270,7 +296,27 @@ def calibrate_model_dir(model_dir: Path, splits: dict[str, Arrays], enabled: boo
     return record
 
 
-def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list[str]) -> dict[str, Any]:
+def decide_model_dir(model_dir: Path, splits: dict[str, Arrays], normal_class: str | None,
+                     max_escape_rate: float, review_fraction: float) -> dict[str, Any]:
+    """Choose the line's reject threshold (escape target) and the review threshold (review budget)
+    on the validation rows' calibrated probabilities; write them into ``model.json`` extra.decision,
+    where Serve, ``predict`` and ``evaluate`` read them."""
+    from ase_ray.models.decision import choose_decision
+    from ase_ray.models.io import load_model, save_model
+
+    module, meta = load_model(model_dir)
+    val = splits["val"]
+    probs = predict_proba(module, val.features) if len(val) else np.zeros((0, len(meta["classes"])))
+    decision = choose_decision(probs, val.labels, meta["classes"], normal_class, max_escape_rate, review_fraction)
+    save_model(module, model_dir, module.settings, module.dims, meta["classes"], {**meta["extra"], "decision": decision})
+    return decision
+
+
+def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list[str],
+                       decision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per split (val, test): classification metrics, and with a decision record the line's escape and
+    overkill rates at its reject threshold and the review figures at its review threshold."""
+    from ase_ray.models.decision import split_line_figures
     from ase_ray.models.io import load_model
 
     module, _ = load_model(model_dir)
@@ -279,7 +325,17 @@ def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list
         arrays = splits[split]
         probs = predict_proba(module, arrays.features) if len(arrays) else np.zeros((0, len(classes)))
         out[split] = classification_metrics(arrays.labels, probs.argmax(1), classes)
+        if decision:
+            out[split].update(split_line_figures(probs, arrays.labels, classes, decision))
     return out
+
+
+def _line_summary(metrics: dict[str, Any]) -> str:
+    line = metrics.get("line")
+    if not line:
+        return ""
+    return (f", escape {line['escape_rate']:.3f} / overkill {line['overkill_rate']:.3f} at P(defect) >= "
+            f"{line['threshold']:.3f}")
 
 
 def _open_run(config: AppConfig, plan, tags: dict[str, str] | None, parent_run_id: str | None) -> str:
@@ -314,14 +370,40 @@ def _end_run(config: AppConfig, run_id: str, status: str) -> None:
     setup_mlflow(config).tracking.MlflowClient().set_terminated(run_id, status)
 
 
-def _write_results(config, run_id, train_run, model_dir, metrics, classes, best, dropped=(), calibration=None) -> Path:
+def _log_reliability(mlflow, config: AppConfig, model_dir: Path, splits: dict[str, Arrays],
+                     calibration: dict[str, Any]) -> None:
+    """The validation split's reliability diagram, before and after temperature scaling."""
+    import matplotlib.pyplot as plt
+
+    from ase_ray.models.calibration import softmax
+    from ase_ray.models.inference import predict_logits
+    from ase_ray.models.io import load_model
+    from ase_ray.train.metrics import reliability_figure
+
+    val = splits["val"]
+    if not len(val):
+        return
+    module, _ = load_model(model_dir)
+    temperature = float(calibration.get("temperature", 1.0))
+    raw = predict_logits(module, val.features) * temperature  # the saved model divides by T already
+    curves = {"uncalibrated": softmax(raw)}
+    if "temperature" in calibration:
+        curves[f"calibrated (T={temperature:.2f})"] = softmax(raw, temperature)
+    fig = reliability_figure(curves, val.labels, f"{config.train.task} validation reliability")
+    mlflow.log_figure(fig, "reliability_val.png")
+    plt.close(fig)
+
+
+def _write_results(config, run_id, train_run, model_dir, metrics, classes, best, dropped=(), calibration=None,
+                   decision=None, corrections=None) -> Path:
     out = Path(config.project.work_dir).resolve() / "results" / f"train_{run_id or train_run}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"run_id": run_id, "train_run": train_run, "model_dir": str(model_dir),
                                "classes": classes, "task": config.train.task, "kind": config.train.model.kind,
                                "text_sources": config.train.model.text_sources,
                                "dropped_text_sources": list(dropped), "best_epoch": best, "metrics": metrics,
-                               "calibration": calibration or {}},
+                               "calibration": calibration or {}, "decision": decision or {},
+                               "corrections": corrections},
                               indent=2))
     return out
 
@@ -341,6 +423,7 @@ def _log_final(config, run_id, model_dir, metrics, splits, results_path, best, c
                             if isinstance(v, float)})
         mlflow.set_tag("ase_ray.temperature", f"{calibration['temperature']:.4f}" if "temperature" in calibration
                        else f"not calibrated: {calibration.get('skipped', 'no record')}")
+        _log_reliability(mlflow, config, model_dir, splits, calibration)
         for split in ("val", "test"):
             mlflow.log_metrics(flat_metrics(metrics[split], f"final_{split}_"))
             mlflow.log_text(report_text(metrics[split]), f"classification_report_{split}.txt")

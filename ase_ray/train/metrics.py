@@ -31,6 +31,13 @@ def flat_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     out = {f"{prefix}macro_f1": metrics["macro_f1"], f"{prefix}accuracy": metrics["accuracy"]}
     for cls, scores in metrics["per_class"].items():
         out[f"{prefix}f1_{_safe(cls)}"] = scores["f1"]
+    line, review = metrics.get("line"), metrics.get("review")
+    if line:
+        out.update({f"{prefix}escape_rate": line["escape_rate"], f"{prefix}overkill_rate": line["overkill_rate"],
+                    f"{prefix}defect_threshold": line["threshold"]})
+    if review:
+        out.update({f"{prefix}review_share": review["review_share"],
+                    f"{prefix}review_error_catch_rate": review["error_catch_rate"]})
     return out
 
 
@@ -40,7 +47,47 @@ def report_text(metrics: dict[str, Any]) -> str:
         lines.append(f"{cls:<14}{s['precision']:>10.3f}{s['recall']:>10.3f}{s['f1']:>10.3f}{s['support']:>10}")
     lines.append(f"{'macro-F1':<14}{metrics['macro_f1']:>30.4f}")
     lines.append(f"{'accuracy':<14}{metrics['accuracy']:>30.4f}")
-    return "\n".join(lines)
+    return "\n".join(lines + line_text(metrics))
+
+
+def line_text(metrics: dict[str, Any]) -> list[str]:
+    """The line's figures as ``escape_rate`` / ``overkill_rate`` / review lines (none without them)."""
+    out = []
+    if line := metrics.get("line"):
+        out.append(f"escape_rate {line['escape_rate']:.4f} ({line['escapes']} of {line['defects']} defective "
+                   f"parts passed; reject at P(defect) >= {line['threshold']:.4f})")
+        out.append(f"overkill_rate {line['overkill_rate']:.4f} ({line['overkills']} of {line['normals']} good parts rejected)")
+    if review := metrics.get("review"):
+        out.append(f"review {review['review_share']:.3f} of parts (confidence < {review['threshold']:.4f}) catch "
+                   f"{review['errors_caught']} of {review['errors']} wrong labels ({review['error_catch_rate']:.3f})")
+    return out
+
+
+def reliability_figure(curves: dict[str, np.ndarray], labels: np.ndarray, title: str, bins: int = 10):
+    """Reliability diagram: accuracy against confidence per equal-width bin, one curve per entry of
+    ``curves`` (name -> probabilities), with the diagonal of perfect calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, probs in curves.items():
+        confidence, correct = probs.max(1), (probs.argmax(1) == labels)
+        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+        xs = [confidence[which == b].mean() for b in range(bins) if (which == b).any()]
+        ys = [correct[which == b].mean() for b in range(bins) if (which == b).any()]
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
 
 
 def confusion_figure(metrics: dict[str, Any], title: str):

@@ -62,6 +62,9 @@ class TrainConfig(StrictModel):
     calibrate: bool = Field(
         True, description="Fit a temperature on the validation split after training (ase_ray.models.calibration): "
         "the served probabilities, and needs_review, then mean what they say.")
+    corrections: bool = Field(
+        False, description="Take the review page's corrections table (serve.corrections_path) into the training "
+        "rows (ase_ray.train.corrections): never into validation or test, nor an image whose group is there.")
     batch_size: int = Field(10, ge=1, description="Per-worker batch size.")
     epochs: int = Field(60, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures survived (restart from the last checkpoint).")

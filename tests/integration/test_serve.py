@@ -176,7 +176,15 @@ def test_batch_health_metadata_and_docs(served):
         assert meta["features_source"] == "model"
         assert meta["batching"]["max_batch_size"] == 4
         assert meta["limits"]["max_batch_images"] == MAX_IMAGES and meta["api_key_required"] is True
-        assert http.get("/docs").status_code == 200
+        for page in ("/docs", "/redoc", "/ui"):  # every asset from this server: no CDN, no web font
+            html = http.get(page).text
+            assert "://" not in html, page
+            for asset in [part.split('"')[0] for part in html.split('="/assets/')[1:]]:
+                got = httpx.get(f"{served.url}/assets/{asset}")  # static: no key needed
+                assert got.status_code == 200 and len(got.content) > 100, asset
+        assert httpx.get(f"{served.url}/assets/..%2Fapp.py").status_code == 404
+        assert http.get("/review/queue").json()["error"] == "no_review_queue"  # none configured
+        assert httpx.get(f"{served.url}/review/queue").status_code == 401  # data need the key
         paths = http.get("/openapi.json").json()["paths"]
         assert {"/predict", "/predict/batch", "/healthz", "/metadata"} <= set(paths)
         assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]

@@ -63,3 +63,23 @@ def test_rows_carry_per_class_f1_and_the_table_names_the_best_rows():
     assert cell["per_class_f1"] == {"ok": 0.55, "crack": 0.25} and abs(cell["mean"] - 0.75) < 1e-9
     table = markdown_table(rows, load_config(), pd.DataFrame({"x": range(4)}), {})
     assert "best multi-class row (image-only)" in table and "crack 0.25" in table
+
+
+def test_rows_carry_escape_and_overkill_rates_and_the_table_shows_them():
+    import numpy as np
+    import pandas as pd
+
+    from ase_ray.train.ablate import _line, markdown_table
+
+    # Labels: 0 = normal. Two defects, one predicted normal (escape); one normal predicted a defect.
+    rates = _line(np.array([0, 1, 2, 0]), np.array([1, 1, 0, 0]), ["ok", "crack", "hole"], "ok")
+    assert rates == {"escape_rate": 0.5, "overkill_rate": 0.5}
+    assert _line(np.array([0]), np.array([0]), ["a", "b"], None) == {}
+    scores = [{**s, "escape_rate": 0.1 * s["fold"], "overkill_rate": 0.2} for s in _scores(["image-only"])]
+    rows = _aggregate(scores, ["image-only"], with_tda=True, tda_note="")
+    cell = rows[1]["binary"]
+    assert abs(cell["escape_rate"] - np.mean([0.1 * s["fold"] for s in scores if s["variant"] == "image-only"
+                                              and s["task"] == "binary"])) < 1e-9
+    assert cell["overkill_rate"] == 0.2
+    table = markdown_table(rows, load_config(), pd.DataFrame({"x": range(4)}), {})
+    assert "Escape / overkill rate" in table and "| image-only | " in table.split("Escape")[1]

@@ -110,7 +110,17 @@ def test_ddp_survives_a_killed_worker_and_keeps_one_mlflow_run(ray_session, tmp_
     assert result.metrics["test"]["macro_f1"] > 0.6
     assert run.data.params["train.strategy"] == "ddp"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"confusion_matrix_test.png", "classification_report_test.txt"} <= artifacts
+    assert {"confusion_matrix_test.png", "classification_report_test.txt", "reliability_val.png"} <= artifacts
+    # The line: the reject threshold chosen on validation for the escape target, and the test figures at it.
+    decision = json.loads((result.model_dir / "model.json").read_text())["extra"]["decision"]
+    assert decision["normal_class"] == "normal" and decision["max_escape_rate"] == cfg.evaluate.max_escape_rate
+    assert decision["val_line"]["escape_rate"] <= cfg.evaluate.max_escape_rate
+    assert run.data.metrics["final_test_defect_threshold"] == pytest.approx(decision["defect_threshold"])
+    line = result.metrics["test"]["line"]
+    assert run.data.metrics["final_test_escape_rate"] == pytest.approx(line["escape_rate"])
+    assert run.data.metrics["final_test_overkill_rate"] == pytest.approx(line["overkill_rate"])
+    assert line["defects"] + line["normals"] == result.metrics["test"]["n"]
+    assert "final_val_review_error_catch_rate" in run.data.metrics
     model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     from ase_ray.serving_model import features_to_frame
     from ase_ray.train.data import load_task_arrays, with_model_numeric

@@ -87,8 +87,8 @@ function renderPrediction(pred, file) {
     bars(pred.probabilities),
     el("h4", { text: "OCR" }), el("pre", { class: "ocr", text: pred.ocr.text || "(no text)" }),
     el("pre", { class: "ocr-fields", text: JSON.stringify(pred.ocr.fields) }),
-    el("h4", { text: "Description" }), el("pre", { class: "description", text: pred.texts.description }),
-    el("h4", { text: "Reasoning" }), el("pre", { class: "reasoning", text: pred.texts.reasoning }),
+    el("h4", { text: "Description" }), el("pre", { class: "description", text: pred.texts.description || "(none)" }),
+    el("h4", { text: "Reasoning" }), el("pre", { class: "reasoning", text: pred.texts.reasoning || "(none: the reasoner runs in forward mode, or said nothing)" }),
   ]);
   const card = el("div", { class: "result" }, [canvas, facts]);
   drawImage(canvas, file, pred.dots).catch(() => canvas.replaceWith(el("span", { class: "muted", text: "(no preview)" })));

@@ -58,6 +58,7 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
         from ase_ray.features.pipeline import extract_features
 
         started = time.perf_counter()
+        echo(f"features: extracting {len(df)} images on Ray Data ...")
         extraction = extract_features(config, train_manifest, echo=echo)
         report["stages"]["features"] = _timed(started, store=str(extraction.out_dir), **extraction.summary)
 
@@ -65,6 +66,8 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
         from ase_ray.train.fit import fit
 
         started = time.perf_counter()
+        echo(f"train: {config.train.task} {config.train.model.kind} on Ray Train "
+             f"({config.train.num_workers} worker(s), {config.train.strategy}) ...")
         trained = fit(config, echo=echo)
         report["stages"]["train"] = _timed(
             started, run_id=trained.run_id, train_run=trained.train_run, model_dir=str(trained.model_dir),
@@ -99,6 +102,7 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
 
     if "serve" in stages:
         started = time.perf_counter()
+        echo("serve: deploying the champion on Ray Serve for one HTTP prediction ...")
         image_path, record = _one_test_image(df)
         served = serve_one_prediction(config, image_path, echo, record)
         report["stages"]["serve"] = _timed(started, **served)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ase_ray.config import AppConfig, apply_overrides, dump_config, load_config
+from ase_ray.console import tune_verbosity
 from ase_ray.errors import ConfigError, DataError, SearchError
 from ase_ray.storage import join, parent
 from ase_ray.tune.space import PIPELINE_SPACE, SearchSpace, load_space, parse_space, plain, trial_config
@@ -272,7 +273,8 @@ def _tuner(base: AppConfig, space: SearchSpace, name: str, parent_run_id: str, n
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(name=f"tune-{name}", storage_path=parent(experiment),
-                                  failure_config=tune.FailureConfig(max_failures=t.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=t.max_failures),
+                                  verbose=tune_verbosity()),
     )
 
 

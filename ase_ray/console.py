@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 log = logging.getLogger(__name__)  # ase_ray.console: its own handler, no propagation
@@ -25,7 +25,7 @@ RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),  # Ray Data's own config, console handler at ERROR
-    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_LOGGING_LEVEL": "ERROR",  # its warnings here are fixed notices (cloudpickle, signatures)
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" bars when a model loads
 }
 # Driver-side loggers that are set when already imported, and again when Ray starts (ensure_ray):
@@ -36,7 +36,7 @@ QUIET_LOGGERS = {
     "ray.train": logging.ERROR,
     "ray.tune": logging.ERROR,
     "ray.serve": logging.ERROR,
-    "mlflow": logging.WARNING,
+    "mlflow": logging.ERROR,
     "alembic": logging.WARNING,  # MLflow's database migrations
 }
 
@@ -47,8 +47,8 @@ _announced: set[str] = set()
 def configure_console(verbose: bool) -> bool:
     """Quiet (``verbose=False``) or full console output for this process; returns whether quiet.
 
-    Quiet: Ray Data progress bars off, Ray Data's console handler and the driver's Ray loggers at
-    ERROR, MLflow's at WARNING and its download bars off, worker output not forwarded
+    Quiet: Ray Data progress bars off, Ray Data's console handler, the driver's Ray loggers and
+    MLflow's at ERROR, MLflow's download bars off, worker output not forwarded
     (``log_to_driver`` follows, unless ``ray.log_to_driver`` is set), Tune's status tables off.
     This module's logger prints its INFO lines (the log folder) as plain lines on stderr either way."""
     global _quiet
@@ -99,6 +99,22 @@ def mlflow_prints_off():
         yield
     finally:
         MLFLOW_LOGGING_STREAM.enabled = was
+
+
+@contextmanager
+def driver_prints_to_log(name: str):
+    """When quiet: what the driver prints to stdout meanwhile (Tune's experiment box and paths, Ray's
+    raylet notices) goes to ``<session logs>/<name>.log``; yields that path (None when verbose)."""
+    if not _quiet:
+        yield None
+        return
+    import tempfile
+
+    import ray
+
+    path = Path(_session_logs(ray) or tempfile.gettempdir()) / f"{name}.log"
+    with open(path, "a") as out, redirect_stdout(out):
+        yield path
 
 
 def quiet_loggers() -> None:

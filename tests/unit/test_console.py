@@ -61,10 +61,9 @@ def test_quiet_console_sets_the_knobs(fresh_console):
     assert fresh_console.enable_progress_bars is False  # ray.data was imported first: set directly
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     assert os.environ["RAY_DATA_LOGGING_CONFIG"] == str(console.RAY_DATA_LOGGING)
-    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
-    for name in ("ray", "ray.train", "ray.tune", "ray.serve"):
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "ERROR"
+    for name in ("ray", "ray.train", "ray.tune", "ray.serve", "mlflow"):
         assert logging.getLogger(name).level == logging.ERROR, name
-    assert logging.getLogger("mlflow").level == logging.WARNING
     ray_data_console = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
     assert ray_data_console and all(h.level == logging.ERROR for h in ray_data_console)
     # the effective ray.init options of the default RayConfig; an explicit setting still wins
@@ -126,7 +125,7 @@ def test_ray_data_and_mlflow_imported_later_read_the_quiet_settings():
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen == {"bars": False, "ray_data": {"file": "NOTSET", "console": "ERROR"}, "mlflow": "WARNING"}
+    assert seen == {"bars": False, "ray_data": {"file": "NOTSET", "console": "ERROR"}, "mlflow": "ERROR"}
 
 
 def test_verbose_is_a_global_option_of_the_cli():
@@ -135,3 +134,40 @@ def test_verbose_is_a_global_option_of_the_cli():
     assert result.returncode == 0, result.stderr
     assert "project.seed=9" in result.stdout.splitlines()
     assert "ray.log_to_driver=null" in result.stdout.splitlines()
+
+
+def test_driver_prints_go_to_a_log_file_when_quiet(fresh_console, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(console, "_session_logs", lambda ray: str(tmp_path))
+    with console.driver_prints_to_log("tune-x") as path:
+        print("verbose passes it through")
+    assert path is None and "verbose passes it through" in capsys.readouterr().out
+    console.configure_console(verbose=False)
+    with console.driver_prints_to_log("tune-x") as path:
+        print("Configuration for experiment")
+    assert path == tmp_path / "tune-x.log" and path.read_text() == "Configuration for experiment\n"
+    assert capsys.readouterr().out == ""
+
+
+def test_mlflow_prints_are_off_only_when_quiet(fresh_console, capsys):
+    from mlflow.utils.logging_utils import eprint
+
+    with console.mlflow_prints_off():
+        eprint("Created version '1'")
+    assert "Created version" in capsys.readouterr().err
+    console.configure_console(verbose=False)
+    with console.mlflow_prints_off():
+        eprint("Created version '2'")
+    eprint("after")
+    assert capsys.readouterr().err == "after\n"
+
+
+def test_the_pipeline_shows_a_stage_table_as_its_first_and_last_lines_when_quiet(fresh_console):
+    from ase_ray.pipeline import _brief
+
+    seen: list[str] = []
+    assert _brief(seen.append) == seen.append
+    console.configure_console(verbose=False)
+    brief = _brief(seen.append)
+    brief("Search s: 2 trial(s).\n\n| trial |\n|---|\n| t0 |\n\nbest: t0\n")
+    brief("one line")
+    assert seen == ["Search s: 2 trial(s).\nbest: t0", "one line"]

@@ -34,6 +34,20 @@ SetOpt = Annotated[
 ClassesOpt = Annotated[Optional[str], typer.Option(help="Comma-separated class list.")]
 
 
+@app.callback()
+def console_options(
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", envvar="ASE_RAY_VERBOSE",
+        help="Show Ray's, Ray Data's, Ray Train's, Tune's and MLflow's own output (progress bars, worker "
+        "logs) as well. Default: our own lines only; the rest goes to Ray's session log folder, named once "
+        "as `logs: ...`. Give it before the command: `ase-ray --verbose train`.")] = False,
+):
+    """ase-ray: multimodal defect classification (PFA + CMAF) as a Ray workflow."""
+    from ase_ray.console import configure_console
+
+    configure_console(verbose)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Print user-facing errors as one line and exit 2, never a traceback."""
 

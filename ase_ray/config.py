@@ -211,7 +211,10 @@ class RayConfig(StrictModel):
     )
     num_cpus: int | None = Field(None, description="CPUs of a local Ray (None: all).")
     temp_dir: Path | None = None
-    log_to_driver: bool = True
+    log_to_driver: bool | None = Field(
+        None, description="Forward the workers' output to the driver's console. None: follow the console, "
+        "i.e. on with `ase-ray --verbose` or as a library, off on the quiet CLI (it is in Ray's session logs).",
+    )
     env_vars: dict[str, str] = Field(default_factory=dict, description="Extra worker environment.")
 
 

@@ -58,13 +58,16 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
         from ase_ray.features.pipeline import extract_features
 
         started = time.perf_counter()
-        extraction = extract_features(config, train_manifest, echo=echo)
+        echo(f"features: extracting {len(df)} images on Ray Data ...")
+        extraction = extract_features(config, train_manifest, echo=_brief(echo))
         report["stages"]["features"] = _timed(started, store=str(extraction.out_dir), **extraction.summary)
 
     if "train" in stages:
         from ase_ray.train.fit import fit
 
         started = time.perf_counter()
+        echo(f"train: {config.train.task} {config.train.model.kind} on Ray Train "
+             f"({config.train.num_workers} worker(s), {config.train.strategy}) ...")
         trained = fit(config, echo=echo)
         report["stages"]["train"] = _timed(
             started, run_id=trained.run_id, train_run=trained.train_run, model_dir=str(trained.model_dir),
@@ -81,7 +84,7 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
 
         started = time.perf_counter()
         space = config.pipeline.tune_space
-        searched = run_search(config, space, echo=echo, space_data=None if space else pipeline_space())
+        searched = run_search(config, space, echo=_brief(echo), space_data=None if space else pipeline_space())
         report["stages"]["tune"] = _timed(
             started, search=searched.name, parent_run_id=searched.parent_run_id, table=str(searched.table_path),
             best_trial=searched.best.trial, best_run_id=searched.best.run_id, best_params=searched.best.params,
@@ -99,6 +102,7 @@ def run_pipeline(config: AppConfig, echo=print) -> dict:
 
     if "serve" in stages:
         started = time.perf_counter()
+        echo("serve: deploying the champion on Ray Serve for one HTTP prediction ...")
         image_path, record = _one_test_image(df)
         served = serve_one_prediction(config, image_path, echo, record)
         report["stages"]["serve"] = _timed(started, **served)
@@ -167,6 +171,21 @@ def release_leftover_placement_groups(echo=print, wait_s: float = 60.0) -> list[
     if left:
         echo(f"serve: removed {len(left)} placement group(s) left reserved by finished training runs")
     return left
+
+
+def _brief(echo):
+    """On a quiet console a stage's result table shows as its first and last lines: the full tables are
+    in pipeline_report.json (features), the search's trials.md (named at the end), and with --verbose."""
+    from ase_ray.console import is_quiet
+
+    if not is_quiet():
+        return echo
+
+    def brief(text="", *args, **kwargs):
+        lines = [line for line in str(text).splitlines() if line.strip()]
+        echo("\n".join(lines if len(lines) <= 2 else [lines[0], lines[-1]]), *args, **kwargs)
+
+    return brief
 
 
 def _api_key_header(config: AppConfig) -> dict[str, str]:

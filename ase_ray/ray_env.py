@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ase_ray import console
 from ase_ray.config import RayConfig
 
 WORKER_ENV = {
@@ -19,32 +20,38 @@ JOB_RUNTIME_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver 
 
 
 def ensure_ray(config: RayConfig):
-    """Connect once per process; returns the ``ray`` module."""
+    """Connect once per process; returns the ``ray`` module. The console options (``log_to_driver``,
+    the driver's log level) follow :mod:`ase_ray.console`; the log folder is named once."""
     address = config.address or os.environ.get("RAY_ADDRESS")
     if not address:
         _keep_on_loopback()
     import ray
 
-    if ray.is_initialized():
-        return ray
+    if not ray.is_initialized():
+        _init(ray, config, address)
+    console.quiet_loggers()  # Ray, Train, Tune and Serve set theirs when imported or started
+    console.announce_logs(ray)
+    return ray
+
+
+def _init(ray, config: RayConfig, address: str | None) -> None:
+    options = console.ray_init_options(config.log_to_driver)
     env = {**WORKER_ENV, **config.env_vars}
     if os.environ.get(JOB_RUNTIME_ENV_VAR):
         # A driver of `ray job submit`: the job's runtime_env (jobs/runtime_env.yaml) is the workers'
         # environment, and Ray refuses a second one that sets the same variables.
-        ray.init(address=address or "auto", log_to_driver=config.log_to_driver)
-        return ray
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=config.log_to_driver)
-        return ray
-    ray.init(
-        num_cpus=config.num_cpus,
-        include_dashboard=True,  # needed to clean up placement groups of stopped trainers
-        dashboard_host="127.0.0.1",
-        runtime_env={"env_vars": env},
-        log_to_driver=config.log_to_driver,
-        _temp_dir=str(config.temp_dir) if config.temp_dir else None,
-    )
-    return ray
+        ray.init(address=address or "auto", **options)
+    elif address:
+        ray.init(address=address, runtime_env={"env_vars": env}, **options)
+    else:
+        ray.init(
+            num_cpus=config.num_cpus,
+            include_dashboard=True,  # needed to clean up placement groups of stopped trainers
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": env},
+            _temp_dir=str(config.temp_dir) if config.temp_dir else None,
+            **options,
+        )
 
 
 def _keep_on_loopback() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ase_ray.config import AppConfig
+from ase_ray.console import mlflow_prints_off
 from ase_ray.errors import ConfigError, DataError
 from ase_ray.tracking import VAL_FINGERPRINT_TAG
 
@@ -216,7 +217,8 @@ def _new_version(client, name: str, run, task: str, score: float, fingerprint: s
     if fingerprint:
         tags[VERSION_FINGERPRINT_TAG] = fingerprint
     try:
-        return mlflow.register_model(_model_uri(client, run), name, tags=tags)
+        with mlflow_prints_off():
+            return mlflow.register_model(_model_uri(client, run), name, tags=tags)
     except MlflowException as exc:
         raise DataError(f"cannot register the model of run {run_id}: {exc}") from None
 

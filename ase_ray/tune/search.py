@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ase_ray.config import AppConfig, apply_overrides, dump_config, load_config
+from ase_ray.console import driver_prints_to_log, tune_verbosity
 from ase_ray.errors import ConfigError, DataError, SearchError
 from ase_ray.storage import join, parent
 from ase_ray.tune.space import PIPELINE_SPACE, SearchSpace, load_space, parse_space, plain, trial_config
@@ -99,7 +100,8 @@ def run_search(config: AppConfig, space_path: str | Path | None = None, resume: 
     echo(f"search {name}: {space.trial_count(num_samples)} trial(s) from {space.source}, {concurrency} at a time, "
          f"ASHA on {t.metric} ({t.mode}); MLflow parent run {parent_run_id}")
     try:
-        grid = _tuner(base, space, name, parent_run_id, num_samples, concurrency, resume).fit()
+        with driver_prints_to_log(f"ase-ray-tune-{name}"):  # Tune's own box and paths, when quiet
+            grid = _tuner(base, space, name, parent_run_id, num_samples, concurrency, resume).fit()
         unfinished = unfinished_trials(grid)
         if unfinished:  # Ctrl-C: Tune saved its state and returned
             _set_status(base, parent_run_id, "KILLED")
@@ -272,7 +274,8 @@ def _tuner(base: AppConfig, space: SearchSpace, name: str, parent_run_id: str, n
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(name=f"tune-{name}", storage_path=parent(experiment),
-                                  failure_config=tune.FailureConfig(max_failures=t.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=t.max_failures),
+                                  verbose=tune_verbosity()),
     )
 
 

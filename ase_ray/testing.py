@@ -37,7 +37,7 @@ def fake_feature_store(
     (what fine-tuning needs)."""
     encoder_settings, stem_shape, pooled_dim = None, None, image_dim
     if image_encoder is not None:
-        from ase_ray.features.base import build_image_encoder
+        from ase_ray.features.backends import build_image_encoder
         from ase_ray.features.settings import ImageEncoderSettings
 
         encoder_settings = ImageEncoderSettings(**{**image_encoder, "stem": True})

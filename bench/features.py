@@ -21,7 +21,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_backends(config) -> dict:
-    from ase_ray.features.base import (
+    from ase_ray.features.backends import (
         build_describer,
         build_image_encoder,
         build_ocr,
@@ -89,7 +89,7 @@ def one_thread_work(config, paths: list[str], images: int = 16) -> dict[str, flo
 
 
 def single_ocr_seconds(config, paths: list[str], repeats: int = 10) -> float:
-    from ase_ray.features.base import build_ocr
+    from ase_ray.features.backends import build_ocr
     from ase_ray.features.stages import load_rgb
 
     ocr = build_ocr(config.features.ocr)

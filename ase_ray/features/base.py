@@ -1,4 +1,6 @@
-"""Shared pieces of the per-item model stages: device choice, the backend error, stage factories."""
+"""Shared pieces of the per-item model stages: device choice, the backend error, result types.
+
+The backends themselves are registered and built in ``ase_ray.features.backends``."""
 
 from __future__ import annotations
 
@@ -13,16 +15,6 @@ from ase_ray.errors import AseRayError
 if TYPE_CHECKING:
     import tokenizers
     import torch
-
-    from ase_ray.features.reason import LlmReasoner, NoReasoner
-    from ase_ray.features.settings import ReasonSettings, TextEncoderSettings
-    from ase_ray.features.text_encoder import TextEncoder
-
-    # per-image stages
-    from ase_ray.features.describe import InstructBlipDescriber, MeasureDescriber
-    from ase_ray.features.image_encoder import EfficientNetLiteEncoder, ResNetEncoder
-    from ase_ray.features.ocr import RapidOcr, TesseractOcr
-    from ase_ray.features.settings import DescribeSettings, ImageEncoderSettings, OcrSettings
 
 
 class BackendUnavailable(AseRayError):
@@ -63,23 +55,6 @@ def build_char_tokenizer(special_tokens: list[str], unk_token: str) -> "tokenize
     return tokenizer
 
 
-def build_reasoner(settings: "ReasonSettings", models_dir: str | None = None) -> "LlmReasoner | NoReasoner":
-    """The LLM reasoning stage for ``settings.backend`` (model loaded here, once; a hub model from
-    ``models_dir`` only, when given)."""
-    from ase_ray.features.reason import LlmReasoner, NoReasoner
-
-    if settings.backend == "none":
-        return NoReasoner(settings)
-    return LlmReasoner(settings, models_dir=models_dir)
-
-
-def build_text_encoder(settings: "TextEncoderSettings", models_dir: str | None = None) -> "TextEncoder":
-    """The text encoder stage for ``settings.backend`` (model loaded here, once)."""
-    from ase_ray.features.text_encoder import TextEncoder
-
-    return TextEncoder(settings, models_dir=models_dir)
-
-
 # ------------------------------------------------------------------ per-image stages (OCR, VLM, image)
 class StageItemError(AseRayError):
     """One item of a batch failed (the batch can go on); ``index`` is its position when known."""
@@ -108,39 +83,6 @@ class ImageFeatures:
     pooled: np.ndarray
     tokens: np.ndarray
     stem: np.ndarray | None = None  # (B, C, H, W): the stride-16 map of the untransformed image, when asked
-
-
-def build_ocr(settings: "OcrSettings") -> "TesseractOcr | RapidOcr":
-    """The OCR backend for ``settings.backend`` (binary checked / models loaded here, once)."""
-    from ase_ray.features.ocr import RapidOcr, TesseractOcr
-
-    if settings.backend == "rapidocr":
-        return RapidOcr(settings)
-    return TesseractOcr(settings)
-
-
-def build_describer(
-    settings: "DescribeSettings", models_dir: str | None = None
-) -> "InstructBlipDescriber | MeasureDescriber":
-    """The image describer for ``settings.backend``: ``instructblip`` and ``tiny`` run the VLM,
-    ``measure`` is the offline stand-in that writes what it measures."""
-    from ase_ray.features.describe import InstructBlipDescriber, MeasureDescriber
-
-    if settings.backend == "measure":
-        return MeasureDescriber(settings)
-    return InstructBlipDescriber(settings, models_dir=models_dir)
-
-
-def build_image_encoder(
-    settings: "ImageEncoderSettings", models_dir: str | None = None
-) -> "ResNetEncoder | EfficientNetLiteEncoder":
-    """The image encoder for ``settings.backend``: ``resnet`` and ``tiny`` (a random tiny ResNet)
-    use transformers' ResNetModel, ``efficientnet-lite0/1/2`` the offline ImageNet weights."""
-    from ase_ray.features.image_encoder import EFFICIENTNET_VARIANTS, EfficientNetLiteEncoder, ResNetEncoder
-
-    if settings.backend in EFFICIENTNET_VARIANTS:
-        return EfficientNetLiteEncoder(settings)
-    return ResNetEncoder(settings, models_dir=models_dir)
 
 
 # ------------------------------------------------------------------ per-text stages (LLM, text encoder)

@@ -1,6 +1,6 @@
 """Zero-shot image descriptions: the paper's VLM (InstructBLIP) and an offline stand-in.
 
-Backends (chosen by :func:`ase_ray.features.base.build_describer` from ``DescribeSettings.backend``):
+Backends (chosen by :func:`ase_ray.features.backends.build_describer` from ``DescribeSettings.backend``):
 
 - ``instructblip``: :class:`InstructBlipDescriber` loads ``settings.model_id`` with transformers
   (needs the hub or a local mirror) and answers ``settings.prompt`` for every image;

@@ -1,6 +1,6 @@
 """Image encoders: a pooled vector and a spatial token map per image.
 
-Backends (chosen by :func:`ase_ray.features.base.build_image_encoder` from
+Backends (chosen by :func:`ase_ray.features.backends.build_image_encoder` from
 ``ImageEncoderSettings.backend``):
 
 - ``resnet``: transformers ``ResNetModel.from_pretrained(settings.model_id)`` (the paper's ResNet50;

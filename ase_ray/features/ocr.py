@@ -1,6 +1,6 @@
 """OCR of the measurement text printed on AOI images, and parsing of its ``KEY value`` pairs.
 
-Backends (chosen by :func:`ase_ray.features.base.build_ocr` from ``OcrSettings.backend``):
+Backends (chosen by :func:`ase_ray.features.backends.build_ocr` from ``OcrSettings.backend``):
 
 - :class:`TesseractOcr`: the Debian ``tesseract`` binary through pytesseract (default);
 - :class:`RapidOcr`: the PyPI ``rapidocr`` package on onnxruntime (PP-OCR models, as the paper's

@@ -24,7 +24,7 @@ from ase_ray.data.metadata import column_kinds, configured_columns, with_metadat
 from ase_ray.errors import DataError
 from ase_ray.features.hub import resolved_models_dir
 from ase_ray.features.inmemory import feature_settings
-from ase_ray.features.model_info import ran_models
+from ase_ray.features.stages import ran_models
 from ase_ray.features.settings import StageResources
 from ase_ray.features.stages import DecodeStage, stage_plan_of
 from ase_ray.features.store import Store, write_store
@@ -56,7 +56,8 @@ def store_dir(config: AppConfig, out_dir: str | Path | None = None) -> Path:
 def check_backends_available(config: AppConfig) -> None:
     """Fail at start-up (not per row) when a stage's backend cannot run here, e.g. no tesseract, or a
     hub model that is not in ``features.models_dir``."""
-    from ase_ray.features.base import BackendUnavailable, build_ocr
+    from ase_ray.features.base import BackendUnavailable
+    from ase_ray.features.backends import build_ocr
     from ase_ray.features.hub import missing_models
 
     build_ocr(config.features.ocr)  # cheap for tesseract: finds the binary or raises BackendUnavailable

@@ -7,11 +7,13 @@ initialised config of the real model class, for tests).
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from ase_ray.config_base import StrictModel
+from ase_ray.features.backends import check_backend
 
 
 REVISION_HELP = (
@@ -74,7 +76,7 @@ class TextEncoderResources(StageResources):
 
 
 class OcrSettings(StrictModel):
-    backend: Literal["tesseract", "rapidocr"] = "tesseract"
+    backend: Annotated[str, AfterValidator(partial(check_backend, "ocr"))] = "tesseract"
     psm: int = Field(6, description="tesseract page segmentation mode.")
     lang: str = "eng"
     timeout_s: float = Field(
@@ -94,7 +96,7 @@ class OcrSettings(StrictModel):
 
 
 class DescribeSettings(StrictModel):
-    backend: Literal["instructblip", "measure", "tiny"] = "measure"
+    backend: Annotated[str, AfterValidator(partial(check_backend, "describe"))] = "measure"
     model_id: str = "Salesforce/instructblip-vicuna-7b"
     revision: str = Field("main", description=REVISION_HELP)
     prompt: str = (
@@ -115,7 +117,7 @@ DEFAULT_DOMAIN = "inspection image"
 
 
 class ReasonSettings(StrictModel):
-    backend: Literal["hf", "smollm2", "tiny", "none"] = "smollm2"
+    backend: Annotated[str, AfterValidator(partial(check_backend, "reason"))] = "smollm2"
     model_id: str = "meta-llama/Llama-2-7b-chat-hf"
     revision: str = Field("main", description=REVISION_HELP)
     mode: Literal["generate", "forward"] = Field(
@@ -150,8 +152,7 @@ class ReasonSettings(StrictModel):
 class ImageEncoderSettings(StrictModel):
     """What an image becomes: see ``ase_ray.features.image_encoder`` for each setting's why."""
 
-    backend: Literal["resnet", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "tiny"] = \
-        "efficientnet-lite0"
+    backend: Annotated[str, AfterValidator(partial(check_backend, "image_encoder"))] = "efficientnet-lite0"
     model_id: str = "microsoft/resnet-50"
     revision: str = Field("main", description=REVISION_HELP)
     image_size: int = Field(224, ge=32, description="Side of the square the encoder sees, in pixels.")
@@ -173,7 +174,7 @@ class ImageEncoderSettings(StrictModel):
 
 
 class TextEncoderSettings(StrictModel):
-    backend: Literal["bert", "minilm", "tiny"] = "minilm"
+    backend: Annotated[str, AfterValidator(partial(check_backend, "text_encoder"))] = "minilm"
     model_id: str = "bert-base-uncased"
     revision: str = Field("main", description=REVISION_HELP)
     max_length: int = Field(

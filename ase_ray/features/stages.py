@@ -227,7 +227,7 @@ class OcrStage(Stage):
     name = "ocr"
 
     def load_backend(self):
-        from ase_ray.features.base import build_ocr
+        from ase_ray.features.backends import build_ocr
 
         return build_ocr(self.settings)
 
@@ -246,7 +246,7 @@ class DescribeStage(Stage):
     name = "describe"
 
     def load_backend(self):
-        from ase_ray.features.base import build_describer
+        from ase_ray.features.backends import build_describer
 
         return build_describer(self.settings, self.models_dir)
 
@@ -265,7 +265,7 @@ class ReasonStage(Stage):
     name = "reason"
 
     def load_backend(self):
-        from ase_ray.features.base import build_reasoner
+        from ase_ray.features.backends import build_reasoner
 
         return build_reasoner(self.settings, self.models_dir)
 
@@ -287,7 +287,7 @@ class ImageEncodeStage(Stage):
     name = "image_encoder"
 
     def load_backend(self):
-        from ase_ray.features.base import build_image_encoder
+        from ase_ray.features.backends import build_image_encoder
 
         return build_image_encoder(self.settings, self.models_dir)
 
@@ -307,7 +307,7 @@ class TextEncodeStage(Stage):
     name = "text_encoder"
 
     def load_backend(self):
-        from ase_ray.features.base import build_text_encoder
+        from ase_ray.features.backends import build_text_encoder
 
         return build_text_encoder(self.settings, self.models_dir)
 
@@ -343,3 +343,15 @@ def stage_plan_of(features: Any) -> list[tuple[type[Stage], Any]]:
         (ImageEncodeStage, features.image_encoder),
         (TextEncodeStage, features.text_encoder),
     ]
+
+
+def ran_models(features) -> dict[str, dict[str, Any]]:
+    """``stage_model`` of every stage of a ``FeaturesConfig``, with each stage's own details: what
+    stores, MLflow runs and Serve's /metadata record."""
+    from ase_ray.features.model_info import stage_details, stage_model
+
+    out = {}
+    for stage_cls, settings in stage_plan_of(features):
+        out[stage_cls.name] = {**stage_model(stage_cls.name, settings, features.models_dir),
+                               **stage_details(stage_cls.name, settings)}
+    return out

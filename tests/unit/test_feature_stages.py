@@ -110,7 +110,7 @@ def test_lookup_never_computes(tmp_path):
 
 def test_each_stage_reports_the_model_that_runs_not_the_unused_model_id():
     from ase_ray.config import load_config
-    from ase_ray.features.model_info import ran_models
+    from ase_ray.features.stages import ran_models
     from ase_ray.features.stages import stage_plan_of
     from tests.conftest import REPO
 

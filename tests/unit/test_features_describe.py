@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ase_ray.features.base import BackendUnavailable, build_describer
+from ase_ray.features.base import BackendUnavailable
+from ase_ray.features.backends import build_describer
 from ase_ray.features.describe import (
     DOT_COLOR,
     InstructBlipDescriber,

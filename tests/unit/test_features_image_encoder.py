@@ -12,7 +12,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ase_ray.features.base import BackendUnavailable, ImageFeatures, build_image_encoder
+from ase_ray.features.base import BackendUnavailable, ImageFeatures
+from ase_ray.features.backends import build_image_encoder
 from ase_ray.features.image_encoder import EfficientNetLiteEncoder, ResNetEncoder, images_to_tensor
 from ase_ray.features.settings import ImageEncoderSettings
 

@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ase_ray.errors import AseRayError
-from ase_ray.features.base import BackendUnavailable, OcrResult, StageItemError, build_ocr
+from ase_ray.features.base import BackendUnavailable, OcrResult, StageItemError
+from ase_ray.features.backends import build_ocr
 from ase_ray.features.ocr import (
     OcrImageError,
     RapidOcr,

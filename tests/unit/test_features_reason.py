@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ase_ray.features import reason
-from ase_ray.features.base import BackendUnavailable, build_reasoner
+from ase_ray.features.base import BackendUnavailable
+from ase_ray.features.backends import build_reasoner
 from ase_ray.features.settings import ReasonSettings
 
 OCR = ["LEN 3.25 AREA 10.4 DIFF 0.82 MEAN 113 STD 7.1", "AREA 0.5"]

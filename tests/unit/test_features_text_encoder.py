@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ase_ray.features import text_encoder
-from ase_ray.features.base import BackendUnavailable, build_text_encoder
+from ase_ray.features.base import BackendUnavailable
+from ase_ray.features.backends import build_text_encoder
 from ase_ray.features.settings import TextEncoderSettings
 
 TEXTS = ["short", "a longer text about a scratch on a copper trace, len 3.25 area 10.4", ""]

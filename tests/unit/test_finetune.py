@@ -9,7 +9,7 @@ from PIL import Image
 
 from ase_ray.config import load_config
 from ase_ray.errors import DataError
-from ase_ray.features.base import build_image_encoder
+from ase_ray.features.backends import build_image_encoder
 from ase_ray.features.settings import ImageEncoderSettings
 from ase_ray.models.augment import augment_batch
 from ase_ray.models.classifier import build_model

@@ -12,7 +12,7 @@ import pytest
 from ase_ray.config import load_config
 from ase_ray.data.manifest import DatasetInfo, read_dataset_info, read_manifest
 from ase_ray.data.synthetic import generate_synthetic
-from ase_ray.features.base import build_text_encoder
+from ase_ray.features.backends import build_text_encoder
 from ase_ray.features.pipeline import (
     _decode_batch,
     _with_row_ids,

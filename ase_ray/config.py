@@ -202,6 +202,10 @@ class FeaturesConfig(StrictModel):
         "folder). Shared on a cluster.",
     )
     sample_texts: int = Field(20, ge=0, description="Generated texts logged to MLflow as a sample.")
+    shard_rows: int = Field(
+        256, ge=1, description="Most rows a worker writes into one store shard (features.parquet/part-*.parquet); "
+        "bounds a writer's memory: about 0.8 MB a row at the cluster's widths.",
+    )
 
 
 # ------------------------------------------------------------------------------------------ ray

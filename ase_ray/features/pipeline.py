@@ -27,7 +27,7 @@ from ase_ray.features.inmemory import feature_settings
 from ase_ray.features.stages import ran_models
 from ase_ray.features.settings import StageResources
 from ase_ray.features.stages import DecodeStage, stage_plan_of
-from ase_ray.features.store import Store, write_store
+from ase_ray.features.store import Store, clear_store, finish_store, write_store, write_store_shard
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,10 @@ def check_backends_available(config: AppConfig) -> None:
                                  f"ase-ray models pull --models-dir {models_dir} (with the same config)")
 
 
-def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
-    """The lazy Ray Dataset of the whole extraction."""
+def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path, target: Path | None = None):
+    """The lazy Ray Dataset of the whole extraction; with ``target``, its last step has the workers
+    write the store's shards there (:func:`ase_ray.features.store.write_store_shard`) and the dataset
+    keeps only each row's id, errors, seconds and cache hits."""
     import ray
 
     rows = _with_row_ids(manifest)
@@ -84,6 +86,9 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path):
     for stage_cls, settings in stage_plan(config):
         ds = ds.map_batches(stage_cls, batch_format="pandas", fn_constructor_args=(settings, str(cache), models_dir),
                             **_actor_args(settings.resources))
+    if target is not None:
+        ds = ds.map_batches(write_store_shard, fn_kwargs={"cache_root": str(cache), "out_dir": str(target)},
+                            batch_format="pandas", batch_size=config.features.shard_rows, num_cpus=0.1)
     return ds
 
 
@@ -136,9 +141,11 @@ def extract_features(
     cache, target = cache_root(config), store_dir(config, out_dir)
     started = time.perf_counter()
     rows = rows_from_cache(config, manifest, cache)
-    if rows is None:
+    written_by_workers = rows is None
+    if written_by_workers:
         ensure_ray(config.ray)
-        rows = build_dataset(config, manifest, cache).to_pandas()
+        clear_store(target)
+        rows = build_dataset(config, manifest, cache, target).to_pandas()
     else:
         echo("every stage output is cached: the store is assembled without starting a Ray job")
     wall = time.perf_counter() - started
@@ -151,7 +158,7 @@ def extract_features(
         "cache_dir": str(cache),
         METADATA_KEY: metadata.to_json(),
     }
-    store = write_store(rows, cache, target, meta)
+    store = finish_store(target, rows, meta) if written_by_workers else write_store(rows, cache, target, meta)
     summary = summarise(rows, wall, store)
     (target / "summary.json").write_text(json.dumps(summary, indent=2))
     echo(format_summary(summary))
@@ -160,6 +167,12 @@ def extract_features(
                        "them out", summary["constant_sources"], summary["stored"], summary["absent_sources"] or "none")
     if track:
         log_extraction_run(config, store, summary, target)
+    if summary["stored"] == 0:
+        first = store.errors.iloc[0] if len(store.errors) else None
+        raise DataError(f"every one of the {summary['rows']} images failed extraction"
+                        + (f" (the first, {first['image_path']}: {first['stage']}: {str(first['message'])[:200]})"
+                           if first is not None else "")
+                        + f"; the errors table is {target / 'errors.parquet'}")
     return ExtractionResult(store=store, out_dir=target, summary=summary)
 
 

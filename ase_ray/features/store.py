@@ -1,5 +1,11 @@
 """The Parquet feature store: ``features.parquet``, ``errors.parquet`` and ``store.json`` in one folder.
 
+``features.parquet`` and ``errors.parquet`` are Parquet datasets: folders of shards
+(``part-<first row_id>.parquet``) that the Ray Data workers write, one pair per batch, straight from
+the stage cache, so the driver never holds a row's arrays (it keeps counts, the conservation check and
+``store.json``). A store written by the driver (every output cached) has one shard. ``pandas.read_parquet``
+and ``pyarrow`` read either as one table; :func:`load_store` puts the rows in ``row_id`` order.
+
 ``features.parquet``, one row per image that passed every stage:
 
 | column | type | meaning |
@@ -79,9 +85,103 @@ def array_columns() -> dict[str, tuple[str, str]]:
     return cols
 
 
-def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path, meta: dict[str, Any]) -> Store:
-    """Split the pipeline's rows into stored and error rows; fill arrays from the cache; write all."""
-    rows = rows.sort_values("row_id").reset_index(drop=True)
+def clear_store(out_dir: str | Path) -> Path:
+    """Remove a previous store's tables (file or shard folder) from ``out_dir``: a rerun writes a new store."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+SHARD_COLUMNS = ("row_id", "error_stage", "error_message")
+
+
+def write_store_shard(batch: pd.DataFrame, cache_root: str, out_dir: str) -> pd.DataFrame:
+    """One batch of the pipeline's rows into the store (a worker's last step): its stored rows with their
+    arrays from the cache into ``features.parquet/part-<first row_id>.parquet``, its failed rows into
+    ``errors.parquet/``. Returns what the driver needs of each row: ``row_id``, the error columns, the
+    per-stage seconds and cache hits, and (first row) the array shapes as JSON."""
+    rows = batch.sort_values("row_id").reset_index(drop=True)
+    if not len(rows):
+        return pd.DataFrame({c: [] for c in (*SHARD_COLUMNS, "shapes")})
+    good, errors = split_rows(rows)
+    name = f"part-{int(rows['row_id'].iloc[0]):09d}.parquet"
+    shapes: dict[str, list[int]] = {}
+    if len(good):
+        good = good.assign(**tokens_cut_from_cache(good, Path(cache_root)))
+        table, shapes = features_table(good, arrays_from_cache(good, Path(cache_root)))
+        (Path(out_dir) / FEATURES_FILE).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, Path(out_dir) / FEATURES_FILE / name)
+    if len(errors):
+        (Path(out_dir) / ERRORS_FILE).mkdir(parents=True, exist_ok=True)
+        errors.to_parquet(Path(out_dir) / ERRORS_FILE / name, index=False)
+    kept = [c for c in rows.columns if c in SHARD_COLUMNS or c.startswith(("t_", "hit_"))]
+    out = rows[kept].copy()
+    out["shapes"] = [json.dumps(shapes)] + [""] * (len(out) - 1)
+    return out
+
+
+def finish_store(out_dir: str | Path, shard_rows: pd.DataFrame, meta: dict[str, Any]) -> Store:
+    """``store.json`` of a store the workers wrote: the counts, the array shapes and the text sources'
+    statistics (read back from the shards: texts, cut counts and pooled text embeddings only). Returns
+    the store without its array columns."""
+    out_dir = Path(out_dir)
+    shapes: dict[str, list[int]] = {}
+    for text in shard_rows.get("shapes", pd.Series(dtype=str)):
+        shapes.update(json.loads(text) if text else {})
+    failed = shard_rows["error_stage"].astype(str) != ""
+    columns = [c for c in (*TEXT_STAT_COLUMNS, *[cut_column(s) for s in TEXT_SOURCES],
+                           *[f"text_{s}_pooled" for s in TEXT_SOURCES])]
+    features = _read_table(out_dir / FEATURES_FILE, columns) if (out_dir / FEATURES_FILE).exists() else pd.DataFrame()
+    errors = _read_table(out_dir / ERRORS_FILE) if (out_dir / ERRORS_FILE).exists() else _empty_errors()
+    pooled = {s: np.stack(features[f"text_{s}_pooled"].to_numpy()) for s in TEXT_SOURCES
+              if f"text_{s}_pooled" in features and len(features)}
+    meta = {**meta, "rows": int((~failed).sum()), "errors": int(failed.sum()), "shapes": shapes,
+            **store_text_meta(features, pooled)}
+    if meta["rows"] == 0:
+        _write_empty_features(out_dir)
+    if not (out_dir / ERRORS_FILE).exists():
+        _empty_errors().to_parquet(out_dir / ERRORS_FILE, index=False)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    return Store(features=features.drop(columns=[c for c in features.columns if c.endswith("_pooled")]),
+                 errors=errors, meta=meta)
+
+
+TEXT_STAT_COLUMNS = ("row_id", "image_path", "ocr_text", "ocr_fields", "description", "reasoning", "metadata_text")
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A store table (a file or a folder of shards), in ``row_id`` order; ``columns`` that exist only."""
+    dataset = pq.ParquetDataset(path)
+    names = set(dataset.schema.names)
+    table = dataset.read(columns=[c for c in columns if c in names] if columns is not None else None)
+    frame = table.to_pandas()
+    return frame.sort_values("row_id").reset_index(drop=True) if "row_id" in frame else frame
+
+
+def _empty_errors() -> pd.DataFrame:
+    return pd.DataFrame({"row_id": pd.Series(dtype="int64"), **{c: pd.Series(dtype=str) for c in ERROR_COLUMNS[1:]}})
+
+
+def _write_empty_features(out_dir: Path) -> None:
+    """A features table with no row (every input failed): readers get an empty table, not a missing file."""
+    path = out_dir / FEATURES_FILE
+    if path.is_dir():
+        import shutil
+
+        shutil.rmtree(path)
+    pq.write_table(pa.table({"row_id": pa.array([], pa.int64()), "image_id": pa.array([], pa.string())}), path)
+
+
+def split_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(stored rows, the errors table) of pipeline rows."""
     failed = rows["error_stage"].astype(str) != ""
     errors = pd.DataFrame(
         {
@@ -92,7 +192,13 @@ def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path,
             "message": rows.loc[failed, "error_message"].astype(str),
         }
     ).reset_index(drop=True)
-    good = rows.loc[~failed].reset_index(drop=True)
+    return rows.loc[~failed].reset_index(drop=True), errors
+
+
+def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path, meta: dict[str, Any]) -> Store:
+    """The store of pipeline rows in one process (every output cached, or a test): stored and error rows,
+    arrays from the cache."""
+    good, errors = split_rows(rows.sort_values("row_id").reset_index(drop=True))
     good = good.assign(**tokens_cut_from_cache(good, Path(cache_root)))
     return write_store_arrays(good, arrays_from_cache(good, Path(cache_root)), errors, out_dir, meta)
 
@@ -128,8 +234,23 @@ def write_store_arrays(
     good: pd.DataFrame, arrays: dict[str, np.ndarray], errors: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]
 ) -> Store:
     """Write a store from row metadata and stacked arrays (rows first); also used to build test stores."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = clear_store(out_dir)
+    if len(good):
+        table, shapes = features_table(good, arrays)
+        pq.write_table(table, out_dir / FEATURES_FILE)
+    else:  # every row failed: an empty table, not a zero-width list column (pyarrow refuses those)
+        _write_empty_features(out_dir)
+        table, shapes, arrays = pq.read_table(out_dir / FEATURES_FILE), {}, {}
+    (errors if len(errors) else _empty_errors()).to_parquet(out_dir / ERRORS_FILE, index=False)
+    pooled = {src: arrays[f"text_{src}_pooled"] for src in TEXT_SOURCES if f"text_{src}_pooled" in arrays}
+    meta = {**meta, "rows": int(len(good)), "errors": int(len(errors)), "shapes": shapes,
+            **store_text_meta(good, pooled)}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    return Store(features=table.to_pandas(), errors=errors, meta=meta)
+
+
+def features_table(good: pd.DataFrame, arrays: dict[str, np.ndarray]) -> tuple[pa.Table, dict[str, list[int]]]:
+    """The features table of stored rows (internal columns dropped) and its array columns' shapes."""
     keep = [c for c in good.columns if not c.startswith(INTERNAL_PREFIXES) and c not in ("error_stage", "error_message")]
     table = pa.Table.from_pandas(good[keep].reset_index(drop=True), preserve_index=False)
     shapes: dict[str, list[int]] = {}
@@ -137,13 +258,7 @@ def write_store_arrays(
         shapes[column] = list(values.shape[1:]) if len(values) else []
         flat = values.reshape(len(values), -1) if len(values) else np.zeros((0, 0), dtype=np.float32)
         table = table.append_column(column, _fixed_list(flat))
-    pq.write_table(table, out_dir / FEATURES_FILE)
-    errors.to_parquet(out_dir / ERRORS_FILE, index=False)
-    pooled = {src: arrays[f"text_{src}_pooled"] for src in TEXT_SOURCES if f"text_{src}_pooled" in arrays}
-    meta = {**meta, "rows": int(len(good)), "errors": int(len(errors)), "shapes": shapes,
-            **store_text_meta(good, pooled)}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    return Store(features=table.to_pandas(), errors=errors, meta=meta)
+    return table, shapes
 
 
 def _fixed_list(matrix: np.ndarray) -> pa.Array:
@@ -155,15 +270,17 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
 def load_store(store_dir: str | Path) -> Store:
     store_dir = Path(store_dir)
     for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
-        if not (store_dir / name).is_file():
+        if not (store_dir / name).exists():
             raise DataError(f"not a feature store: {store_dir / name} is missing (run `ase-ray features`)")
     meta = json.loads((store_dir / META_FILE).read_text())
-    return Store(pd.read_parquet(store_dir / FEATURES_FILE), pd.read_parquet(store_dir / ERRORS_FILE), meta)
+    return Store(_read_table(store_dir / FEATURES_FILE), _read_table(store_dir / ERRORS_FILE), meta)
 
 
 def stack(store: Store, column: str) -> np.ndarray:
     """An array column as one array of shape (rows, *shape) (float32 for float columns)."""
     shape = store.meta["shapes"].get(column)
+    if shape is None and not len(store.features):
+        raise DataError("the feature store has no rows: every image failed extraction (see its errors.parquet)")
     if shape is None:
         raise DataError(f"no array column {column!r} in the store (have {sorted(store.meta['shapes'])})")
     values = store.features[column]

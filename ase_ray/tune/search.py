@@ -156,7 +156,7 @@ def check_store(path: Path) -> None:
     from ase_ray.features.store import ERRORS_FILE, FEATURES_FILE, META_FILE
 
     for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
-        if not (path / name).is_file():
+        if not (path / name).exists():  # the tables are files or folders of shards
             raise DataError(f"not a feature store: {path / name} is missing (run `ase-ray features`, or pass --store)")
 
 

@@ -44,9 +44,12 @@ def _config(root, *extra):
 def test_store_errors_cache_and_mlflow(ray_session, dataset):
     manifest = dataset / "synth" / "manifest.csv"
     n = len(read_manifest(manifest))
-    cfg = _config(dataset)
+    cfg = _config(dataset, "features.shard_rows=4")
     first = extract_features(cfg, manifest, dataset / "store")
     assert first.summary["rows"] == n
+    # The workers wrote the store: shards of at most 4 rows each, read back as one table in row order.
+    shards = sorted((dataset / "store" / "features.parquet").glob("part-*.parquet"))
+    assert len(shards) >= (n - 1 + 3) // 4 and all(pd.read_parquet(s).shape[0] <= 4 for s in shards)
     assert first.summary["stored"] == n - 1 and first.summary["errors"] == 1
     errors = pd.read_parquet(dataset / "store" / "errors.parquet")
     assert errors.loc[0, "stage"] == "decode" and errors.loc[0, "image_path"].endswith("corrupt.png")
@@ -54,6 +57,8 @@ def test_store_errors_cache_and_mlflow(ray_session, dataset):
     store = load_store(dataset / "store")
     features = pd.read_parquet(dataset / "store" / "features.parquet")  # plain pandas reads it
     assert len(features) == n - 1
+    assert list(store.features["row_id"]) == list(range(n - 1))  # the corrupt image was the last row
+    assert list(store.features["image_path"]) == list(read_manifest(manifest)["image_path"][: n - 1])
     assert features["ocr_text"].str.contains("LEN").all()
     fields = json.loads(features.loc[0, "ocr_fields"])
     assert {"LEN", "AREA", "DIFF"} <= set(fields) and isinstance(fields["DIFF"], float)
@@ -113,3 +118,20 @@ def test_missing_tesseract_fails_at_start(ray_session, dataset, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BackendUnavailable, match="tesseract"):
         extract_features(_config(dataset), dataset / "synth" / "manifest.csv", dataset / "store4", track=False)
+
+
+def test_a_manifest_whose_rows_all_fail_gets_an_empty_store_the_errors_and_a_message(ray_session, dataset, tmp_path):
+    from ase_ray.errors import DataError
+
+    moved = tmp_path / "elsewhere" / "manifest.csv"  # relative image paths now point nowhere
+    moved.parent.mkdir()
+    rows = read_manifest(dataset / "synth" / "manifest.csv").head(5)
+    rows.assign(image_path=[f"images/missing_{i}.png" for i in range(5)]).to_csv(moved, index=False)
+    with pytest.raises(DataError, match="every one of the 5 images failed extraction") as err:
+        extract_features(_config(dataset), moved, tmp_path / "store", track=False)
+    assert "errors.parquet" in str(err.value)
+    store = load_store(tmp_path / "store")
+    assert len(store.features) == 0 and len(store.errors) == 5 and store.meta["rows"] == 0
+    assert set(store.errors["stage"]) == {"decode"}
+    with pytest.raises(DataError, match="no rows: every image failed"):
+        stack(store, "image_pooled")

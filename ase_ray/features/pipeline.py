@@ -93,8 +93,9 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path, target
 
 
 def rows_from_cache(config: AppConfig, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame | None:
-    """All rows from the cache on the driver (no Ray, no model), or None when anything must be computed."""
-    batch = _decode_batch(_with_row_ids(manifest))
+    """All rows from the cache on the driver (no Ray, no model), or None when anything must be computed.
+    The driver hashes each image's bytes and reads its header; it decodes none."""
+    batch = DecodeStage(full=False)(_with_row_ids(manifest))
     for stage_cls, settings in stage_plan(config):
         batch = stage_cls(settings, str(cache)).lookup(batch)
         if batch is None:

@@ -180,9 +180,14 @@ def _limit_torch_threads(settings: Any) -> None:
 
 
 class DecodeStage:
-    """Reads the image bytes, hashes them (the content address) and checks they decode."""
+    """Reads the image bytes, hashes them (the content address) and checks they decode. With
+    ``full=False`` only the header is read for the size (the driver's cache lookup: an image that does
+    not decode has no cache entry, so it still goes to the workers, which decode it)."""
 
     name = "decode"
+
+    def __init__(self, full: bool = True) -> None:
+        self.full = full
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return self._run(batch, compute_misses=True)
@@ -199,7 +204,8 @@ class DecodeStage:
             try:
                 data = Path(path).read_bytes()
                 with Image.open(io.BytesIO(data)) as img:
-                    img.load()
+                    if self.full:
+                        img.load()
                     w, h = img.size
                 if w == 0 or h == 0:
                     raise ValueError("image has zero size")

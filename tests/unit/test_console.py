@@ -31,6 +31,7 @@ def fresh_console(monkeypatch):
     own = (list(console.log.handlers), console.log.level, console.log.propagate)
     ctx = DataContext.get_current()
     bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = True  # Ray's default: an earlier in-process CLI call may have turned it off
     monkeypatch.setattr(console, "_quiet", False)
     monkeypatch.setattr(console, "_announced", set())
     yield ctx
@@ -49,7 +50,7 @@ def fresh_console(monkeypatch):
     ctx.enable_progress_bars = bars
 
 
-def test_library_use_keeps_rays_defaults():
+def test_library_use_keeps_rays_defaults(fresh_console):
     assert RayConfig().log_to_driver is None  # "follow the console"
     assert not console.is_quiet()
     assert console.ray_init_options(None) == {"log_to_driver": True}

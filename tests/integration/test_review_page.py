@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +26,7 @@ from ase_ray.features.pipeline import apply_layout_hints, extract_features
 from ase_ray.pipeline import split_dataset
 from ase_ray.testing import register_untrained_model
 from ase_ray.train.corrections import COLUMNS, corrections_path
+from tests.integration.local_cluster import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +47,6 @@ if not (CHROMIUM and DRIVER) and os.environ.get("CI") != "true":  # CI must have
                 allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def page(ray_session, tmp_path_factory):
     from ray import serve
@@ -62,7 +56,7 @@ def page(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ui")
     overrides = [f"project.work_dir={root / 'work'}", *TINY, "data.synth.scale=0.05", "data.synth.seed=11",
-                 f"serve.port={_free_port()}", f"serve.api_key_env={KEY_ENV}", f"serve.review_queue={root / 'queue'}",
+                 f"serve.port={free_port()}", f"serve.api_key_env={KEY_ENV}", f"serve.review_queue={root / 'queue'}",
                  "serve.features.num_cpus=1", f"train.store_dir={root / 'store'}"]
     cfg = load_config(overrides=overrides)
     synth = generate_synthetic(cfg.data.synth, root / "synth")

@@ -54,7 +54,7 @@ def evaluate(config: AppConfig, model_uri: str, store_dir: str | Path, split: st
     model_dir, probs, arrays, classes, task = evaluate_probabilities(config, model_uri, store_dir, split)
     metrics = classification_metrics(arrays.labels, probs.argmax(1), classes)
     metrics.update({"model": model_uri, "model_dir": str(model_dir), "split": split, "task": task})
-    decision = evaluation_decision(config, model_uri, store_dir, task, classes)
+    decision = evaluation_decision(config, str(model_dir), store_dir, task, classes)  # fetched once
     metrics.update(split_line_figures(probs, arrays.labels, classes, decision))
     line = metrics.get("line") or {}
     metrics.update({"escape_rate": line.get("escape_rate"), "overkill_rate": line.get("overkill_rate"),

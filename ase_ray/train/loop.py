@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -139,7 +138,6 @@ def run_epochs(
         if pfa else [n_common] * cfg.epochs
     )
     for epoch in range(start_epoch, cfg.epochs):
-        _maybe_inject_fault(cfg, epoch, rank, start_epoch)
         started = time.perf_counter()
         subset = _epoch_subset(engine, train, sizes[epoch], n_local, pfa, cfg, rng)
         parts = _train_epoch(engine, train, subset, cfg, pfa, rng, weights_t)
@@ -169,12 +167,6 @@ def _score(scorer, val, classes, device, epoch: int, metrics: dict[str, float]) 
     metrics.update(flat_metrics(classification_metrics(val[LABEL_KEY], probs.argmax(1), classes), "val_"))
     metrics["val_log_loss"] = log_loss(val[LABEL_KEY], probs)
     return Best(epoch, metrics["val_macro_f1"], metrics["val_log_loss"])
-
-
-def _maybe_inject_fault(cfg: TrainConfig, epoch: int, rank: int, start_epoch: int) -> None:
-    """Testing hook: kill this process once, on the first attempt, to exercise worker restarts."""
-    if cfg.fault_injection_epoch is not None and rank == 0 and start_epoch == 0 and epoch == cfg.fault_injection_epoch:
-        os._exit(17)
 
 
 def _epoch_subset(engine, train, size, n_local, pfa, cfg, rng) -> np.ndarray:

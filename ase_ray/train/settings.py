@@ -78,9 +78,6 @@ class TrainConfig(StrictModel):
         None, description="Ray Train results, a path or a URI (None: <storage_uri or work_dir>/ray_results)."
     )
     checkpoints_to_keep: int = Field(2, ge=1)
-    fault_injection_epoch: int | None = Field(
-        None, description="Testing only: rank 0 kills its own process once at this epoch."
-    )
 
     @model_validator(mode="after")
     def _check_precision(self) -> "TrainConfig":

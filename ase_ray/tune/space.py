@@ -33,7 +33,7 @@ from ase_ray.errors import ConfigError
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("description", "num_samples", "metric", "mode", "fixed", "params")
-RESERVED = ("train.run_name", "train.storage_path", "train.store_dir", "train.fault_injection_epoch")
+RESERVED = ("train.run_name", "train.storage_path", "train.store_dir")
 NOT_SEARCHABLE = ("train.task",)  # may be fixed, not varied: trials of one search must be comparable
 
 # The small search of `ase-ray pipeline` (pipeline.tune_space unset): 2 trials of 1 worker each.

@@ -91,3 +91,27 @@ class LocalRayHead:
             except psutil.NoSuchProcess:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train workers of the connected cluster (its state API, from outside the run)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=_connected_address(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
+    return sorted(int(a.pid) for a in actors if a.pid)
+
+
+def train_worker_count() -> int:
+    """Ray Train workers this cluster has started, dead ones included (a restart adds a group)."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=_connected_address(), filters=[("class_name", "=", "RayTrainWorker")], limit=1000,
+                           raise_on_missing_output=False))
+
+
+def _connected_address() -> str:
+    """This process's own cluster: with other local Rays on the machine, "auto" would be ambiguous."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address

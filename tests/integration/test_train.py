@@ -4,6 +4,10 @@ that reproduces the uninterrupted run, a worker killed mid-run, the best epoch e
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import mlflow
 import numpy as np
@@ -17,6 +21,8 @@ from ase_ray.config import load_config
 from ase_ray.testing import fake_feature_store
 from ase_ray.tracking import tracking_uri
 from ase_ray.train.fit import fit
+from tests.integration.drill_report import record_drill
+from tests.integration.local_cluster import train_worker_count, train_worker_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,7 +50,38 @@ def _steps(client: MlflowClient, run_id: str) -> list[int]:
 
 
 def _runs(client: MlflowClient) -> list:
-    return client.search_runs([client.get_experiment_by_name("ase-ray").experiment_id], "tags.`ase_ray.stage` = 'train'")
+    experiment = client.get_experiment_by_name("ase-ray")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], "tags.`ase_ray.stage` = 'train'")
+
+
+def _fit_killing_a_worker(cfg, client: MlflowClient, after_step: int, timeout_s: float = 300) -> tuple[dict, int]:
+    """``fit(cfg)`` in a thread; once its run has logged epoch ``after_step``, SIGKILL one Ray Train
+    worker process from here, outside the run. Returns the outcome (``result`` or ``error``) and the pid."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fit(cfg)
+        except Exception as exc:  # the run's own failure, checked by the caller
+            outcome["error"] = exc
+
+    before = {r.info.run_id for r in _runs(client)}
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline, killed = time.monotonic() + timeout_s, None
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        new = [r for r in _runs(client) if r.info.run_id not in before]
+        pids = train_worker_pids() if new and max(_steps(client, new[0].info.run_id), default=-1) >= after_step else []
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.1)
+    thread.join(max(1.0, deadline - time.monotonic()))
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert not thread.is_alive(), "the run did not end in time after its worker was killed"
+    return outcome, killed
 
 
 def _cli(*args: str):
@@ -71,12 +108,12 @@ def test_each_train_is_a_new_run_and_a_resume_matches_the_uninterrupted_run(ray_
         assert run.info.status == "FINISHED"
     assert _history(client, first.info.run_id) != _history(client, second.info.run_id)
 
-    # A run killed at epoch 3 (no restarts allowed), then resumed by the user.
-    killed = _config(tmp_path, tmp_path / "store", "train.fault_injection_epoch=3", "train.max_failures=0")
-    with pytest.raises(Exception):
-        fit(killed)
+    # A run whose worker is killed from outside after epoch 1 (no restarts allowed), then resumed by the user.
+    outcome, _ = _fit_killing_a_worker(_config(tmp_path, tmp_path / "store", "train.max_failures=0"), client, 1)
+    assert "error" in outcome
     interrupted = max(_runs(client), key=lambda r: r.info.start_time)
-    assert interrupted.info.status == "FAILED" and _steps(client, interrupted.info.run_id) == [0, 1, 2]
+    logged = _steps(client, interrupted.info.run_id)
+    assert interrupted.info.status == "FAILED" and logged == list(range(len(logged))) and 2 <= len(logged) < 6
 
     code, out = _cli("train", "--resume", "--set", "train.model.d_model=64", *sets)
     assert code == 2 and "train.model.d_model" in out and "shape" in out
@@ -96,15 +133,25 @@ def test_each_train_is_a_new_run_and_a_resume_matches_the_uninterrupted_run(ray_
     assert resumed.data.tags["ase_ray.best_epoch"] == str(best)
 
 
-def test_ddp_survives_a_killed_worker_and_keeps_one_mlflow_run(ray_session, tmp_path):
+def test_ddp_survives_a_worker_killed_from_outside_and_keeps_one_mlflow_run(ray_session, tmp_path):
     store = fake_feature_store(tmp_path / "store", per_class=15)
-    cfg = _config(tmp_path, tmp_path / "store", "train.strategy=ddp", "train.fault_injection_epoch=3")
-    result = fit(cfg)
+    cfg = _config(tmp_path, tmp_path / "store", "train.strategy=ddp")
     client = MlflowClient(tracking_uri(cfg))
+    groups_before = train_worker_count()
+    outcome, pid = _fit_killing_a_worker(cfg, client, after_step=2)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
     assert [r.info.run_id for r in _runs(client)] == [result.run_id]  # the restart logged into the same run
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert _steps(client, result.run_id) == list(range(6))  # every epoch once, resumed after epoch 2's checkpoint
+    assert _steps(client, result.run_id) == list(range(6))  # every epoch, none lost
+    first_epoch = client.get_metric_history(result.run_id, "train_ce")
+    assert [m.step for m in first_epoch].count(0) == 1  # continued from a checkpoint, not from scratch
+    started = train_worker_count() - groups_before
+    assert started == 2 * cfg.train.num_workers  # one worker group, then its replacement
+    retrained = len(first_epoch) - 6  # epochs trained again: those after the last checkpoint
+    record_drill("train_worker_killed", killed_pid=pid, killed_after_epoch=2, epochs=6, epochs_logged=len(first_epoch),
+                 epochs_retrained=retrained, worker_processes_started=started, mlflow_runs=1, status=run.info.status)
     losses = _history(client, result.run_id)
     assert losses[-1] < losses[0]
     assert result.metrics["test"]["macro_f1"] > 0.6

@@ -24,8 +24,9 @@ class RequestError(AseRayError):
     """A bad HTTP request to the Serve endpoint: answered with ``status`` (4xx) and a JSON body
     ``{"error": code, "detail": message}``, never a stack trace."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # sent as Retry-After (503: try again then)

@@ -42,6 +42,7 @@ from ase_ray.serve.schemas import (
     Metadata,
     ModelSelection,
     Prediction,
+    Readiness,
     upload_body,
 )
 
@@ -60,13 +61,47 @@ api = FastAPI(
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status, headers=headers)
 
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Never a stack trace to the client; the replica log keeps it.
     return JSONResponse({"error": "internal_error", "detail": type(exc).__name__}, status_code=500)
+
+
+RETRY_AFTER_S = 2  # Retry-After of a 503: about one health-check period, by when a lost replica is being replaced
+
+
+def _replica_lost_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a call whose replica died or is not there yet: safe to send again (extraction and
+    classification are idempotent)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return (RayActorError, ActorUnavailableError, BackPressureError, DeploymentUnavailableError)
+
+
+async def call_until(deadline: float, what: str, make_call):
+    """``await make_call()`` (a DeploymentHandle call), sent again while its replica is lost, until
+    ``deadline`` (time.monotonic()); past it, a JSON 503 with Retry-After instead of waiting on."""
+    lost = _replica_lost_errors()
+    delay, attempts = 0.05, 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestError(503, "service_unavailable", f"{what} did not answer within the request timeout "
+                               f"({attempts} attempt(s)); retry", RETRY_AFTER_S)
+        attempts += 1
+        try:
+            return await asyncio.wait_for(make_call(), timeout=remaining)
+        except asyncio.TimeoutError:
+            continue  # the loop's head answers the 503
+        except lost as exc:
+            logger.warning(f"{what}: {type(exc).__name__}; sending the call again (attempt {attempts + 1})")
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
 
 
 def _replica_id() -> str:
@@ -150,6 +185,14 @@ class Features:
             row["batch_size"] = len(ok)
         return rows
 
+    def ping(self) -> str:
+        return "ok"
+
+    def check_health(self) -> None:
+        """Serve's replica health check: a replica whose extractor never loaded is replaced."""
+        if self.extractor is None:
+            raise RuntimeError("feature extractor not loaded")
+
     def describe(self) -> dict[str, Any]:
         batching = self.config.serve.batching
         return {
@@ -212,6 +255,13 @@ class Classifier:
         return {"predictions": classify(model, rows, threshold, ocr_fields, metadata), "model": model.ref.describe(),
                 "review_threshold": threshold}
 
+    def ping(self) -> str:
+        return "ok"
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+
     def describe(self) -> dict[str, Any]:
         return {**self.model.describe(), "review_threshold": self.threshold, "decision": self.model.decision,
                 "swap_error": self.swap_error,
@@ -271,12 +321,24 @@ class Ingress:
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
+        """Liveness of the HTTP front: answers while this replica runs, whatever the others do."""
         return Health()
+
+    @api.get("/readyz", response_model=Readiness, responses={503: ERROR_RESPONSES[503]})
+    async def readyz(self) -> Readiness:
+        """Readiness: the feature and classifier replicas answer a ping within a few seconds; else a
+        JSON 503 with Retry-After (a replica lost and not yet replaced, a model still loading)."""
+        deadline = time.monotonic() + min(3.0, self.config.serve.request_timeout_s)
+        await asyncio.gather(call_until(deadline, FEATURES, self.features.ping.remote),
+                             call_until(deadline, CLASSIFIER, self.classifier.ping.remote))
+        return Readiness(deployments={FEATURES: "ok", CLASSIFIER: "ok"})
 
     @api.get("/metadata", response_model=Metadata, responses={401: ERROR_RESPONSES[401]})
     async def metadata(self, request: Request) -> Metadata:
         inputs.check_api_key(self.api_key_sha256, request.headers)
-        model, features = await asyncio.gather(self.classifier.describe.remote(), self.features.describe.remote())
+        deadline = time.monotonic() + self.config.serve.request_timeout_s
+        model, features = await asyncio.gather(call_until(deadline, CLASSIFIER, self.classifier.describe.remote),
+                                               call_until(deadline, FEATURES, self.features.describe.remote))
         return Metadata(
             model=_model_info(model), task=model["task"], classes=model["classes"],
             review_threshold=model["review_threshold"], decision=model.get("decision") or {}, loaded_at=model["loaded_at"],
@@ -384,8 +446,10 @@ class Ingress:
         from ase_ray.data.metadata import MetadataColumns
         from ase_ray.serve.predictor import missing_metadata_message
 
-        rows = await asyncio.gather(*(self.features.extract.remote((image.decoded, record))
-                                      for image, record in zip(images, metadata)))
+        deadline = time.monotonic() + self.config.serve.request_timeout_s
+        rows = await asyncio.gather(*(
+            call_until(deadline, FEATURES, lambda item=(image.decoded, record): self.features.extract.remote(item))
+            for image, record in zip(images, metadata)))
         for i, row in enumerate(rows):
             if row.get("missing_metadata"):
                 columns = MetadataColumns.from_json(row["metadata_columns"])
@@ -394,11 +458,13 @@ class Ingress:
         for i, row in enumerate(rows):
             if row["error"]:
                 raise RequestError(422, "unprocessable_image", f"image {i}: feature extraction failed at {row['error'][:300]}")
-        result = await self.classifier.classify.remote([row["arrays"] for row in rows], [row["features_key"] for row in rows],
-                                                       [row["texts"].get("ocr_fields", {}) for row in rows], metadata)
+        args = ([row["arrays"] for row in rows], [row["features_key"] for row in rows],
+                [row["texts"].get("ocr_fields", {}) for row in rows], metadata)
+        result = await call_until(deadline, CLASSIFIER, lambda: self.classifier.classify.remote(*args))
         if result.get("swap_in_progress"):
             raise RequestError(503, "model_swap_in_progress",
-                               "the feature and classifier replicas serve different models for a moment; retry")
+                               "the feature and classifier replicas serve different models for a moment; retry",
+                               RETRY_AFTER_S)
         return result, rows
 
 
@@ -411,20 +477,25 @@ def build_app(config: AppConfig, api_key_sha256: str | None = None):
     body = config.model_dump(mode="json")
     features = Features.options(
         num_replicas=s.features.num_replicas, max_ongoing_requests=s.features.max_ongoing_requests,
-        ray_actor_options=_actor_options(s.features), user_config=selection,
+        ray_actor_options=_actor_options(s.features), **_health_options(s.features), user_config=selection,
     ).bind(body)
     classifier = Classifier.options(
         num_replicas=s.classifier.num_replicas, max_ongoing_requests=s.classifier.max_ongoing_requests,
-        ray_actor_options=_actor_options(s.classifier), user_config=selection,
+        ray_actor_options=_actor_options(s.classifier), **_health_options(s.classifier), user_config=selection,
     ).bind(body)
     return Ingress.options(
         num_replicas=s.ingress.num_replicas, max_ongoing_requests=s.ingress.max_ongoing_requests,
-        ray_actor_options=_actor_options(s.ingress),
+        ray_actor_options=_actor_options(s.ingress), **_health_options(s.ingress),
     ).bind(features, classifier, body, api_key_sha256)
 
 
 def _actor_options(settings) -> dict[str, Any]:
     return {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+
+
+def _health_options(settings) -> dict[str, Any]:
+    return {"health_check_period_s": settings.health_check_period_s,
+            "health_check_timeout_s": settings.health_check_timeout_s}
 
 
 def app_builder(args: dict[str, Any]):

@@ -97,7 +97,8 @@ def deploy_schema(config: AppConfig, api_key_sha256: str | None = None) -> dict[
     selection = model_selection(config)
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": s.host, "port": s.port},
+        # The proxy's own limit is a backstop: the ingress answers a JSON 503 at request_timeout_s first.
+        "http_options": {"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s + 5},
         "applications": [{
             "name": s.app_name,
             "route_prefix": "/",

@@ -81,6 +81,11 @@ class Health(BaseModel):
     status: str = "ok"
 
 
+class Readiness(BaseModel):
+    status: str = "ready"
+    deployments: dict[str, str]
+
+
 class Limits(BaseModel):
     max_upload_bytes: int
     max_pixels: int
@@ -127,7 +132,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "Too large: upload bytes, pixel count (decompression bomb) or images per batch."),
         (415, "Not multipart/form-data, or an image format that is not accepted."),
         (422, "The image could not be turned into features (a stage failed on it)."),
-        (503, "A model swap is in progress (features and classifier disagree); retry."),
+        (503, "Retry after the Retry-After header's seconds: a model swap is in progress "
+              "(model_swap_in_progress), or a replica was lost and its replacement did not answer within "
+              "serve.request_timeout_s (service_unavailable)."),
     )
 }
 NOT_FOUND = {"model": ErrorResponse, "description": "No review queue is configured, or the row is not in it "

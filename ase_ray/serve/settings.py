@@ -19,6 +19,10 @@ class DeploymentSettings(StrictModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="How often Serve checks each replica (Ray's default is 10 s): a dead replica is "
+        "found and replaced about this soon.")
+    health_check_timeout_s: float = Field(10.0, gt=0, description="A replica that does not answer a check in time is replaced.")
     max_ongoing_requests: int = Field(
         32, ge=1, description="Requests one replica holds at once (>= max_batch_size for batching to fill)."
     )
@@ -82,6 +86,9 @@ class ServeConfig(StrictModel):
     host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean to expose it.")
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "ase-ray"
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="No request waits longer: past it (a replica lost and not yet replaced, say) the "
+        "answer is a JSON 503 with Retry-After. Calls to a dead replica are retried on its replacement meanwhile.")
     model_uri: str | None = Field(
         None, description="models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model; "
         "None: models:/ase-ray-<train.task>@champion."

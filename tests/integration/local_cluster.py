@@ -97,7 +97,7 @@ def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train workers of the connected cluster (its state API, from outside the run)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=_connected_address(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    actors = list_actors(address=connected_address(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                          raise_on_missing_output=False)
     return sorted(int(a.pid) for a in actors if a.pid)
 
@@ -106,11 +106,11 @@ def train_worker_count() -> int:
     """Ray Train workers this cluster has started, dead ones included (a restart adds a group)."""
     from ray.util.state import list_actors
 
-    return len(list_actors(address=_connected_address(), filters=[("class_name", "=", "RayTrainWorker")], limit=1000,
+    return len(list_actors(address=connected_address(), filters=[("class_name", "=", "RayTrainWorker")], limit=1000,
                            raise_on_missing_output=False))
 
 
-def _connected_address() -> str:
+def connected_address() -> str:
     """This process's own cluster: with other local Rays on the machine, "auto" would be ambiguous."""
     import ray
 

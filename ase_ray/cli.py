@@ -9,10 +9,42 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ase_ray.errors import AseRayError
 
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (unknown option, missing argument, a value of the wrong type) as one
+    ``error:`` line and exit 2, like every other user error, instead of a boxed panel; the same
+    for ``ase-ray`` and the ``jobs/*.py`` entry points, which call the app with their arguments."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's exceptions (typer vendors click)
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+                typer.echo(ctx.get_help(), err=True)  # a bare `ase-ray data`: its help, as before
+            else:
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                typer.secho(f"error: {one_line(exc.format_message())}{hint}", err=True, fg=typer.colors.RED)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        # Without standalone mode an Exit's code comes back, or the command's value (None here).
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="ase-ray: multimodal defect classification (PFA + CMAF) as a Ray workflow.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -56,7 +88,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except AseRayError as exc:
-            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            typer.secho(f"error: {one_line(exc)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -213,8 +245,15 @@ def data_split(
     from ase_ray.data.manifest import read_manifest, write_manifest
     from ase_ray.data.splits import assign_splits, kfold_indices, leaking_groups, split_summary
 
+    from ase_ray.outputs import check_output_file
+
+    from ase_ray.errors import DataError
+
+    if folds is not None and folds < 2:
+        raise DataError(f"k-fold needs at least 2 folds, got --folds {folds}")
     cfg = _config(config, set_)
     s = cfg.data.split
+    check_output_file(out or manifest, "data split --out")
     df = read_manifest(manifest)
     df = assign_splits(df, s.val_fraction, s.test_fraction, cfg.project.seed, s.label_column)
     if folds:
@@ -342,8 +381,11 @@ def evaluate_cmd(
     set_: SetOpt = None,
 ):
     """Macro-F1, accuracy, per-class scores and the confusion matrix of a model on a split."""
+    from ase_ray.outputs import check_output_file
     from ase_ray.train.evaluate import evaluate, evaluation_text, write_evaluation
 
+    if out is not None:
+        check_output_file(out, "evaluate --out")
     metrics = evaluate(_config(config, set_), model, store, split)
     typer.echo(evaluation_text(metrics))
     if out is not None:

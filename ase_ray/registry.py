@@ -94,8 +94,13 @@ def register_run(config: AppConfig, run_id: str, task: str | None = None, store:
     """Register ``runs:/<run_id>/model`` and set ``champion`` or ``challenger`` (see the module docstring)."""
     from mlflow.exceptions import MlflowException
 
+    from ase_ray.tracking import lookup_tracking_uri
+
     if task is not None and task not in TASKS:
         raise ConfigError(f"unknown task {task!r} (valid: {', '.join(TASKS)})")
+    if not run_id.strip() or "/" in run_id:
+        raise ConfigError(f"--run-id {run_id!r} is not an MLflow run id (the hex id `ase-ray train` prints)")
+    lookup_tracking_uri(config)  # nothing to register from a store that does not exist or answer
     client = _client(config)
     try:
         run = client.get_run(run_id)

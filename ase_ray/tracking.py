@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ase_ray.config import AppConfig, flatten_config
+from ase_ray.errors import DataError
 
 _SECRET = re.compile(r"(password|secret|token|api_key|apikey|credential)", re.IGNORECASE)
 MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value
@@ -17,7 +20,7 @@ VAL_FINGERPRINT_TAG = "ase_ray.val_fingerprint"  # run tag: which validation row
 TRACKING_URI_ENV = "ASE_RAY_TRACKING_URI"
 
 
-def tracking_uri(config: AppConfig) -> str:
+def tracking_uri(config: AppConfig, create_dir: bool = True) -> str:
     """``mlflow.tracking_uri``, else $ASE_RAY_TRACKING_URI (a cluster's server, set on its nodes by
     cluster.yaml), else a SQLite file in the work dir. Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri
     writes that one, so it would pin every later config of a process to the first one's store."""
@@ -25,8 +28,34 @@ def tracking_uri(config: AppConfig) -> str:
     if configured:
         return configured
     db = (Path(config.project.work_dir) / "mlflow.db").resolve()
-    db.parent.mkdir(parents=True, exist_ok=True)
+    if create_dir:
+        db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def lookup_tracking_uri(config: AppConfig) -> str:
+    """The tracking URI for reading a run or a model (evaluate, register, serve, predict): nothing is
+    created, and a store that cannot hold it is a one-line error at once (:func:`check_tracking_store`)."""
+    uri = tracking_uri(config, create_dir=False)
+    check_tracking_store(uri)
+    return uri
+
+
+def check_tracking_store(uri: str, timeout_s: float = 3.0) -> None:
+    """A SQLite store must exist (MLflow would create an empty one, with its migrations, only to find
+    nothing in it); a server must accept a connection (MLflow retries a dead one for minutes)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise DataError(f"no MLflow tracking database at {db}: nothing was trained or registered with this "
+                            "project.work_dir (or set mlflow.tracking_uri)")
+    elif uri.startswith(("http://", "https://")):
+        parsed = urlparse(uri)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+        except OSError as exc:
+            raise DataError(f"the MLflow tracking server {uri} is unreachable ({exc.strerror or exc})") from None
 
 
 def artifact_root(config: AppConfig) -> str:

@@ -13,11 +13,13 @@ from ase_ray.data.manifest import (
     LABEL,
     DatasetInfo,
     add_binary_labels,
+    read_table,
     resolve_image_path,
     write_dataset_info,
     write_manifest,
 )
 from ase_ray.errors import DataError, ManifestError
+from ase_ray.outputs import check_output_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -40,12 +42,8 @@ def import_csv(
 ) -> ImportResult:
     """Copy a CSV of image paths and labels into the manifest format (paths made absolute)."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"CSV not found: {csv_path}")
-    try:
-        df = pd.read_csv(csv_path, dtype={path_column: str, label_column: str})
-    except Exception as exc:
-        raise ManifestError(f"cannot read CSV {csv_path}: {exc}") from None
+    check_output_dir(out_dir)
+    df = read_table(csv_path, "CSV", {path_column: str, label_column: str})
     missing = [c for c in (path_column, label_column) if c not in df.columns]
     if missing:
         raise ManifestError(f"CSV {csv_path} misses column(s) {missing}; it has {list(df.columns)}")
@@ -60,6 +58,7 @@ def import_folder(root: str | Path, out_dir: str | Path, normal_class: str | Non
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"folder not found: {root}")
+    check_output_dir(out_dir)
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise DataError(f"no class sub-folders in {root} (want {root}/<class>/<images>)")

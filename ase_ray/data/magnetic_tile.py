@@ -28,6 +28,7 @@ from ase_ray.data.manifest import (
     write_manifest,
 )
 from ase_ray.errors import DataError
+from ase_ray.outputs import check_output_dir
 
 CLASSES = ("Free", "Blowhole", "Break", "Crack", "Fray", "Uneven")
 NORMAL_CLASS = "Free"
@@ -86,7 +87,7 @@ def build_magnetic_tile_manifest(root: str | Path, max_gap: int) -> pd.DataFrame
 
 def import_magnetic_tile(root: str | Path, out_dir: str | Path, max_gap: int) -> pd.DataFrame:
     """Write ``out_dir/manifest.csv`` and ``dataset.yaml``; images stay where they are."""
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(Path(out_dir))
     df = build_magnetic_tile_manifest(root, max_gap)
     write_manifest(df, out_dir / "manifest.csv")
     info = DatasetInfo(

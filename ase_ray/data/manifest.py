@@ -55,23 +55,55 @@ class DatasetInfo:
 def read_manifest(path: str | Path, resolve_paths: bool = True) -> pd.DataFrame:
     """Read a CSV or Parquet manifest; image paths come back absolute when ``resolve_paths``."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
-        else:
-            df = pd.read_csv(path, dtype={IMAGE_PATH: str, LABEL: str, GROUP: str})
-    except Exception as exc:  # pandas raises many types for a broken file
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+    df = read_table(path, "manifest", {IMAGE_PATH: str, LABEL: str, GROUP: str})
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(
             f"manifest {path} misses required column(s) {missing}; it has {list(df.columns)}"
         )
+    if len(df) == 0:
+        raise ManifestError(f"manifest {path} has no rows (only a header)")
     if resolve_paths:
         df[IMAGE_PATH] = [resolve_image_path(p, path.parent) for p in df[IMAGE_PATH]]
     return df
+
+
+def read_table(path: Path, what: str, dtype=None) -> pd.DataFrame:
+    """A CSV (UTF-8) or Parquet table by suffix; every way it can fail is a :class:`ManifestError`."""
+    if path.is_dir():
+        raise ManifestError(f"{what} {path} is a folder, not a CSV or Parquet file")
+    if not path.is_file():
+        raise ManifestError(f"{what} not found: {path}")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path, dtype=dtype)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position "
+                            f"{exc.start}): save it as UTF-8 CSV, or as Parquet") from None
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{what} {path} is empty: it needs a header line and one row per image") from None
+    except Exception as exc:  # pandas and pyarrow raise many types for a broken file
+        raise ManifestError(f"cannot read {what} {path}: {one_line(exc)}") from None
+
+
+def one_line(exc: Exception) -> str:
+    """An exception's text on one line (pandas' parser messages end with a newline)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def missing_images(df: pd.DataFrame) -> list[str]:
+    """The image paths (already resolved) that name no file."""
+    return [p for p in df[IMAGE_PATH] if not (isinstance(p, str) and p and Path(p).is_file())]
+
+
+def check_some_images_exist(df: pd.DataFrame, path: Path) -> None:
+    """Fail before any work when no row of a manifest names an existing image (wrong folder, paths
+    relative to another place); rows with some images missing are the pipeline's per-row errors."""
+    missing = missing_images(df)
+    if len(missing) == len(df):
+        raise ManifestError(f"none of the {len(df)} image(s) of manifest {path} exists (e.g. {missing[0]!r}); "
+                            "relative paths are read from the manifest's folder")
 
 
 def resolve_image_path(value, base: Path) -> str:

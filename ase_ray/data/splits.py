@@ -6,9 +6,8 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
-from ase_ray.data.manifest import AUGMENTED, GROUP, LABEL, SPLIT
+from ase_ray.data.manifest import AUGMENTED, GROUP, IMAGE_PATH, LABEL, SPLIT
 from ase_ray.errors import DataError
 
 
@@ -22,10 +21,24 @@ def groups_of(df: pd.DataFrame) -> np.ndarray:
     return values.astype(str)
 
 
+def check_unique_images(df: pd.DataFrame) -> None:
+    """One row per image: a repeated image could land on both sides of a split (a leak)."""
+    if IMAGE_PATH not in df.columns:
+        return
+    paths = df[IMAGE_PATH].astype(str)
+    repeated = paths[paths.duplicated(keep=False)]
+    if len(repeated):
+        rows = [int(i) for i in np.flatnonzero(paths.duplicated(keep=False).to_numpy())[:2]]
+        raise DataError(f"{paths.duplicated().sum()} duplicate image path(s) in the manifest, e.g. rows {rows[0]} and "
+                        f"{rows[1]} both name {repeated.iloc[0]!r}: a repeated image could land in train and test; "
+                        "`ase-ray data validate` lists them all")
+
+
 def kfold_indices(
     df: pd.DataFrame, folds: int, seed: int, label_column: str = LABEL
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``folds`` pairs of (train positions, test positions), stratified by label, grouped by group."""
+    check_unique_images(df)
     groups = groups_of(df)
     n_groups = len(set(groups))
     if folds < 2:
@@ -33,6 +46,8 @@ def kfold_indices(
     if n_groups < folds:
         raise DataError(f"cannot make {folds} folds from {n_groups} group(s)")
     labels = df[label_column].astype(str).to_numpy()
+    from sklearn.model_selection import StratifiedGroupKFold  # here: scikit-learn takes a second to import
+
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # sklearn warns when a class has fewer groups than folds; the split is still group-safe.
@@ -52,6 +67,7 @@ def assign_splits(
         raise DataError("this manifest holds TDA-augmented rows: split the original manifest, then augment")
     if not 0 < test_fraction < 0.5 or not 0 <= val_fraction < 0.5:
         raise DataError(f"fractions out of range: val={val_fraction}, test={test_fraction}")
+    check_unique_images(df)
     out = df.copy()
     split = np.full(len(df), "train", dtype=object)
     test_folds = max(2, round(1 / test_fraction))

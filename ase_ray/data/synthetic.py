@@ -62,6 +62,7 @@ from ase_ray.data.manifest import (
     write_manifest,
 )
 from ase_ray.errors import DataError
+from ase_ray.outputs import check_output_dir
 
 MANIFEST_NAME = "manifest.csv"
 TRUTH_NAME = "truth.csv"
@@ -411,7 +412,7 @@ def plan_boards(config: SynthConfig, rng: np.random.Generator) -> list[BoardPlan
 
 def generate_synthetic(config: SynthConfig, out_dir: Path, progress: bool = False) -> pd.DataFrame:
     """Write the dataset under ``out_dir`` and return its manifest (absolute image paths)."""
-    out_dir = Path(out_dir).resolve()
+    out_dir = check_output_dir(Path(out_dir).resolve(), "data synth --out")
     rng = np.random.default_rng(config.seed)
     classes = {cls.name: cls for cls in config.classes}
     boards = plan_boards(config, rng)

@@ -38,6 +38,7 @@ from ase_ray.data.manifest import (
     write_manifest,
 )
 from ase_ray.errors import DataError
+from ase_ray.outputs import check_output_dir
 
 TRAIN = "train"
 FIT_FILE = "tda_fit.json"
@@ -410,7 +411,7 @@ def augment_manifest(
     ``out_dir/tda_fit.json`` and, when given, ``out_dir/dataset.yaml``. ``config.enabled`` is the
     caller's switch: this function always augments.
     """
-    out_dir = Path(out_dir).absolute()
+    out_dir = check_output_dir(Path(out_dir).absolute(), "data augment --out")
     _check_augmentable(manifest)
     originals = _with_groups(_with_absolute_paths(manifest))
     train = _rows_of_split(originals, TRAIN)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ase_ray.config import AppConfig
-from ase_ray.data.manifest import DatasetInfo, chunks, read_dataset_info, read_manifest
+from ase_ray.data.manifest import DatasetInfo, check_some_images_exist, chunks, read_dataset_info, read_manifest
 from ase_ray.data.metadata import STORE_KEY as METADATA_KEY
 from ase_ray.data.metadata import column_kinds, configured_columns, with_metadata_text
 from ase_ray.errors import DataError
@@ -28,6 +28,7 @@ from ase_ray.features.stages import ran_models
 from ase_ray.features.settings import StageResources
 from ase_ray.features.stages import DecodeStage, stage_plan_of
 from ase_ray.features.store import Store, clear_store, finish_store, write_store, write_store_shard
+from ase_ray.outputs import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +134,13 @@ def extract_features(
     from ase_ray.ray_env import ensure_ray
 
     manifest = read_manifest(manifest_path)
-    if len(manifest) == 0:
-        raise DataError(f"manifest {manifest_path} has no rows")
+    check_some_images_exist(manifest, Path(manifest_path))  # before any backend, cache or Ray
+    cache, target = cache_root(config), store_dir(config, out_dir)
+    check_output_dir(target, "feature store folder")
     info = read_dataset_info(manifest_path)
     manifest, metadata = with_metadata(config, manifest, info)
     config = apply_layout_hints(config, info)
     check_backends_available(config)
-    cache, target = cache_root(config), store_dir(config, out_dir)
     started = time.perf_counter()
     rows = rows_from_cache(config, manifest, cache)
     written_by_workers = rows is None

@@ -49,6 +49,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ase_ray.data.manifest import LABEL
 from ase_ray.errors import DataError
 from ase_ray.features.cache import StageCache
 from ase_ray.features.stages import TEXT_SOURCES
@@ -267,13 +268,34 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, width)
 
 
-def load_store(store_dir: str | Path) -> Store:
+def check_store(store_dir: str | Path) -> Path:
+    """The store's three parts exist (cheap: nothing is read)."""
     store_dir = Path(store_dir)
     for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
         if not (store_dir / name).exists():
             raise DataError(f"not a feature store: {store_dir / name} is missing (run `ase-ray features`)")
-    meta = json.loads((store_dir / META_FILE).read_text())
-    return Store(_read_table(store_dir / FEATURES_FILE), _read_table(store_dir / ERRORS_FILE), meta)
+    return store_dir
+
+
+def load_store(store_dir: str | Path) -> Store:
+    store_dir = check_store(store_dir)
+    try:
+        meta = json.loads((store_dir / META_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"broken feature store: {store_dir / META_FILE} is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shapes"), dict):
+        raise DataError(f"broken feature store: {store_dir / META_FILE} has no 'shapes' record of its array columns")
+    tables = []
+    for name in (FEATURES_FILE, ERRORS_FILE):
+        try:
+            tables.append(_read_table(store_dir / name))
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise DataError(f"broken feature store: cannot read {store_dir / name}: {' '.join(str(exc).split())}") from None
+    features, errors = tables
+    if len(features) and LABEL not in features.columns:
+        raise DataError(f"broken feature store: {store_dir / FEATURES_FILE} has no {LABEL!r} column "
+                        f"(it has {sorted(features.columns)[:8]})")
+    return Store(features, errors, meta)
 
 
 def stack(store: Store, column: str) -> np.ndarray:

@@ -433,13 +433,7 @@ class Ingress:
         return await asyncio.to_thread(append_correction, corrections_path(self.config), record)
 
     async def _read(self, request: Request, batch: bool) -> tuple[list[inputs.ValidImage], list[dict[str, Any]]]:
-        inputs.check_api_key(self.api_key_sha256, request.headers)
-        limit = self.limits.body_limit(self.limits.max_batch_images if batch else 1)
-        body = await inputs.read_body(request.headers, request.stream(), limit)
-        upload = await inputs.parse_upload(request.headers, body, self.limits.max_batch_images)
-        files = inputs.require_files(upload, self.limits, batch)
-        metadata = inputs.parse_metadata(upload, len(files))
-        return [inputs.validate_image(f, self.limits, i) for i, f in enumerate(files)], metadata
+        return await inputs.read_request(request.headers, request.stream(), self.limits, self.api_key_sha256, batch)
 
     async def _run(self, images: list[inputs.ValidImage],
                    metadata: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

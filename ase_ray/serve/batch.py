@@ -23,11 +23,14 @@ import pandas as pd
 from ase_ray.config import AppConfig
 from ase_ray.data.manifest import (
     IMAGE_PATH,
+    check_some_images_exist,
     chunks,
     read_dataset_info,
+    read_table,
     resolve_image_path,
 )
 from ase_ray.errors import DataError, ManifestError
+from ase_ray.outputs import check_output_dir
 
 PREDICTIONS_PARQUET = "predictions.parquet"
 PREDICTIONS_CSV = "predictions.csv"
@@ -44,18 +47,14 @@ class PredictResult:
 def read_inputs(path: str | Path) -> pd.DataFrame:
     """A manifest for prediction: only ``image_path`` is required (labels are optional)."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    try:
-        df = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path, dtype=str)
-    except Exception as exc:  # pandas raises many types for a broken file
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+    df = read_table(path, "manifest", dtype=str)
     if IMAGE_PATH not in df.columns:
         raise ManifestError(f"manifest {path} has no {IMAGE_PATH!r} column; it has {list(df.columns)}")
     if len(df) == 0:
         raise DataError(f"manifest {path} has no rows")
     df = df.reset_index(drop=True)
     df[IMAGE_PATH] = [resolve_image_path(p, path.parent) for p in df[IMAGE_PATH]]
+    check_some_images_exist(df, path)
     df.insert(0, "row_id", np.arange(len(df), dtype=np.int64))
     return df
 
@@ -124,10 +123,11 @@ def predict_manifest(config: AppConfig, manifest_path: str | Path, out_dir: str 
     from ase_ray.ray_env import ensure_ray
     from ase_ray.serve.deploy import check_model, serving_config
 
+    check_output_dir(out_dir, "predict --out")
     rows = read_inputs(manifest_path)
+    ref = check_model(config, model_uri)  # before serving_config, which makes the work dir for MLflow
     # The model's recorded feature settings win; the layout hint only matters for older models.
     config = serving_config(apply_layout_hints(config, read_dataset_info(manifest_path)))
-    ref = check_model(config, model_uri)
     check_metadata_columns(config, ref, rows, manifest_path)
     ensure_ray(config.ray)
     s = config.serve.predict

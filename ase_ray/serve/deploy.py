@@ -117,10 +117,19 @@ def base_url(config: AppConfig) -> str:
 
 def check_model(config: AppConfig, model_uri: str | None = None):
     """Resolve the model in this process first: a wrong URI is a one-line error, not a failed deploy."""
-    from ase_ray.serve.predictor import resolve_model_ref
-    from ase_ray.tracking import tracking_uri
+    from ase_ray.serve.predictor import check_model_uri_form, resolve_model_ref
+    from ase_ray.tracking import lookup_tracking_uri, tracking_uri
 
-    return resolve_model_ref(model_uri or served_model_uri(config), tracking_uri(config))
+    uri = model_uri or served_model_uri(config)
+    check_model_uri_form(uri)
+    # A registry or run URI is looked up: its store must exist and answer. A local folder is not.
+    if not uri.startswith(("models:/", "runs:/")):
+        return resolve_model_ref(uri, tracking_uri(config, create_dir=False))
+    try:
+        tracking = lookup_tracking_uri(config)
+    except DataError as exc:
+        raise DataError(f"cannot resolve model {uri}: {exc}") from None
+    return resolve_model_ref(uri, tracking)
 
 
 def deploy(config: AppConfig, timeout_s: float = 600, api_key_sha256: str | None = None) -> str:
@@ -210,6 +219,8 @@ def run_until_stopped(config: AppConfig, echo=print, detach: bool = False) -> No
     if detach and not external:
         raise ConfigError("--detach needs a running cluster (ray.address or RAY_ADDRESS); a local Ray "
                           "stops with this process")
+    if not external:
+        check_port_free(config.serve.host, config.serve.port)
     ref = check_model(config)
     ray = ensure_ray(config.ray)
     if detach:
@@ -234,6 +245,25 @@ def run_until_stopped(config: AppConfig, echo=print, detach: bool = False) -> No
         else:
             serve.shutdown()
             ray.shutdown()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Serve binds ``host:port`` on this machine after Ray has started: try it first, so a port in use
+    or an address this machine does not have is a one-line error, not a proxy that never comes up."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"serve.host {host!r} does not resolve: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror} (serve.port / --port, serve.host / "
+                              "--host)") from None
 
 
 def _raise_interrupt(signum, frame):

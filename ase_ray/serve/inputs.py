@@ -199,6 +199,19 @@ def require_files(upload: Upload, limits: Limits, batch: bool) -> list[UploadedF
     return upload.files
 
 
+async def read_request(headers, stream: AsyncIterator[bytes], limits: Limits, api_key_sha256: str | None,
+                       batch: bool) -> tuple[list[ValidImage], list[dict[str, Any]]]:
+    """Every check of a ``/predict`` (``batch=False``) or ``/predict/batch`` request, in order: the
+    images and their metadata records, or the first :class:`RequestError`. The endpoint runs this;
+    tests and the bad-input catalogue run it without Serve."""
+    check_api_key(api_key_sha256, headers)
+    body = await read_body(headers, stream, limits.body_limit(limits.max_batch_images if batch else 1))
+    upload = await parse_upload(headers, body, limits.max_batch_images)
+    files = require_files(upload, limits, batch)
+    metadata = parse_metadata(upload, len(files))
+    return [validate_image(f, limits, i) for i, f in enumerate(files)], metadata
+
+
 # ------------------------------------------------------------------------------------------ image
 def png_header_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from a PNG's IHDR (the first 24 bytes), or None for other formats."""

@@ -66,11 +66,30 @@ def set_tracking(tracking_uri: str) -> None:
     mlflow.set_registry_uri(tracking_uri)
 
 
+def check_model_uri_form(model_uri: str) -> None:
+    """A registry URI names a model, a run URI a run; anything else must be a local MLflow model folder."""
+    forms = "models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model or a local model folder"
+    if model_uri.startswith("models:/"):
+        if not model_uri[len("models:/"):].strip("/") or model_uri.endswith("@"):
+            raise DataError(f"model URI {model_uri!r} names no model (valid: {forms})")
+    elif model_uri.startswith("runs:/"):
+        if not _RUN.match(model_uri):
+            raise DataError(f"model URI {model_uri!r} names no run (valid: {forms})")
+    elif "://" in model_uri:
+        return  # file://, s3://...: MLflow's artifact layer reads it
+    elif not Path(model_uri).is_dir():
+        raise DataError(f"model {model_uri!r} is not a models:/ or runs:/ URI and no such folder exists "
+                        f"(valid: {forms})")
+    elif not (Path(model_uri) / "MLmodel").is_file():
+        raise DataError(f"model folder {model_uri} is not an MLflow model (no MLmodel file in it)")
+
+
 def resolve_model_ref(model_uri: str, tracking_uri: str) -> ModelRef:
     """Pin ``model_uri``: an alias resolves to its current version; raises :class:`DataError` when the
     registry does not know it."""
     from mlflow.tracking import MlflowClient
 
+    check_model_uri_form(model_uri)
     set_tracking(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:

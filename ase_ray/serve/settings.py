@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from ase_ray.config_base import StrictModel
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 # Stages with a torch model (and so a ``device`` setting) that a Features replica can place.
 DeviceStage = Literal["describe", "reason", "image_encoder", "text_encoder"]
@@ -129,6 +141,13 @@ class ServeConfig(StrictModel):
     features: FeaturesSettings = Field(default_factory=FeaturesSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     predict: BatchPredictSettings = Field(default_factory=BatchPredictSettings)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v and not (_is_ip_address(v) or _HOSTNAME.match(v)):
+            raise ValueError(f"{v!r} is neither an IP address nor a host name")
+        return v
 
     @field_validator("allowed_formats")
     @classmethod

@@ -31,6 +31,7 @@ from ase_ray.config import AppConfig
 from ase_ray.data.manifest import (
     AUGMENTED,
     SPLIT,
+    check_some_images_exist,
     read_dataset_info,
     read_manifest,
     write_dataset_info,
@@ -38,6 +39,7 @@ from ase_ray.data.manifest import (
 )
 from ase_ray.data.splits import kfold_indices
 from ase_ray.errors import DataError
+from ase_ray.outputs import check_output_dir
 
 FOLD = "ablate_fold"  # test fold of an original row; training fold of a TDA row
 LOGREG = "logreg (frozen image features)"
@@ -86,8 +88,9 @@ def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Pa
     if finetuned and not config.features.image_encoder.stem:
         raise DataError(f"variant(s) {finetuned} fine-tune the image encoder from its stored stride-16 maps: "
                         "add --set features.image_encoder.stem=true")
-    out_dir = Path(out_dir).resolve()
+    out_dir = check_output_dir(Path(out_dir).resolve(), "ablate --out")
     manifest = _original_rows(read_manifest(manifest_path))
+    check_some_images_exist(manifest, Path(manifest_path))
     info = read_dataset_info(manifest_path)
     folds = kfold_indices(manifest, a.folds, config.project.seed, config.data.split.label_column)
     manifest[FOLD] = -1

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ase_ray.config import AppConfig
+from ase_ray.data.manifest import SPLITS
 from ase_ray.errors import DataError
 from ase_ray.models.io import META_FILE
 from ase_ray.train.data import load_task_arrays, with_model_numeric
@@ -24,8 +25,12 @@ def resolve_model_dir(config: AppConfig, model_uri: str) -> Path:
         return found
     if not model_uri.startswith(("runs:/", "models:/")):
         raise DataError(f"model {model_uri!r} is neither a folder nor a runs:/ or models:/ URI")
-    from ase_ray.tracking import setup_mlflow
+    from ase_ray.tracking import lookup_tracking_uri, setup_mlflow
 
+    try:
+        lookup_tracking_uri(config)  # a missing store or a dead server: one line now, not after retries
+    except DataError as exc:
+        raise DataError(f"cannot fetch model {model_uri}: {exc}") from None
     mlflow = setup_mlflow(config)
     try:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
@@ -49,8 +54,12 @@ def evaluate(config: AppConfig, model_uri: str, store_dir: str | Path, split: st
     ``overkill_rate`` at the model's reject threshold (chosen again on the store's validation split
     when ``evaluate.max_escape_rate`` differs from the target the model was trained for, or when the
     model has no threshold), and the review figures at its review threshold."""
+    from ase_ray.features.store import check_store
     from ase_ray.models.decision import split_line_figures
 
+    if split not in SPLITS:  # the cheap checks first: a model may have to be fetched from MLflow
+        raise DataError(f"unknown split {split!r} (valid: {', '.join(SPLITS)})")
+    check_store(store_dir)
     model_dir, probs, arrays, classes, task = evaluate_probabilities(config, model_uri, store_dir, split)
     metrics = classification_metrics(arrays.labels, probs.argmax(1), classes)
     metrics.update({"model": model_uri, "model_dir": str(model_dir), "split": split, "task": task})

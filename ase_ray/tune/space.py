@@ -111,11 +111,15 @@ def load_space(path: str | Path, base: AppConfig) -> SearchSpace:
     if not path.is_file():
         raise ConfigError(f"search space not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"search space {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"search space {path} is not valid YAML{where}") from None
+    if data is None:
+        raise ConfigError(f"search space {path} is empty: it needs at least 'params' (see tune_spaces/)")
     return parse_space(data, str(path), base)
 
 

@@ -123,10 +123,14 @@ def test_missing_tesseract_fails_at_start(ray_session, dataset, monkeypatch):
 def test_a_manifest_whose_rows_all_fail_gets_an_empty_store_the_errors_and_a_message(ray_session, dataset, tmp_path):
     from ase_ray.errors import DataError
 
-    moved = tmp_path / "elsewhere" / "manifest.csv"  # relative image paths now point nowhere
-    moved.parent.mkdir()
+    # Files that exist but are no images: a manifest whose every image is missing is refused before
+    # any work (tests/unit/bad_input_cases.py), this one fails row by row at decode.
+    moved = tmp_path / "elsewhere" / "manifest.csv"
+    (moved.parent / "images").mkdir(parents=True)
+    for i in range(5):
+        (moved.parent / "images" / f"broken_{i}.png").write_bytes(b"not a png %d" % i)
     rows = read_manifest(dataset / "synth" / "manifest.csv").head(5)
-    rows.assign(image_path=[f"images/missing_{i}.png" for i in range(5)]).to_csv(moved, index=False)
+    rows.assign(image_path=[f"images/broken_{i}.png" for i in range(5)]).to_csv(moved, index=False)
     with pytest.raises(DataError, match="every one of the 5 images failed extraction") as err:
         extract_features(_config(dataset), moved, tmp_path / "store", track=False)
     assert "errors.parquet" in str(err.value)

@@ -132,7 +132,8 @@ def test_serve_and_predict_with_an_unknown_model_are_one_line_errors(tmp_path):
     assert last.startswith("error: cannot resolve model models:/ase-ray-multiclass@champion"), result.stderr
     assert "Traceback" not in result.stderr
     manifest = tmp_path / "m.csv"
-    manifest.write_text("image_path\nnone.png\n")
+    write_png(tmp_path / "a.png")  # a good manifest: the model is what is wrong
+    manifest.write_text("image_path\na.png\n")
     result = run("predict", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--set", work)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resolve model"), result.stderr

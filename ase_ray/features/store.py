@@ -290,9 +290,10 @@ def load_store(store_dir: str | Path) -> Store:
     """The store in ``store_dir``; a DataError when it is unfinished (tables without ``store.json``: an
     extraction that was interrupted, or is still running), incomplete or damaged."""
     store_dir = Path(store_dir)
-    if not (store_dir / META_FILE).exists() and any((store_dir / n).exists() for n in (FEATURES_FILE, ERRORS_FILE)):
-        raise DataError(f"unfinished feature store: {store_dir} has tables but no {META_FILE}, which an extraction "
-                        "writes last (it was interrupted, or is still running); run `ase-ray features` again")
+    begun = [n for n in (FEATURES_FILE, ERRORS_FILE, ATTEMPTS_DIR) if (store_dir / n).exists()]
+    if not (store_dir / META_FILE).exists() and begun:
+        raise DataError(f"unfinished feature store: {store_dir} has {', '.join(begun)} but no {META_FILE}, which an "
+                        "extraction writes last (it was interrupted, or is still running); run `ase-ray features` again")
     for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
         if not (store_dir / name).exists():
             raise DataError(f"not a feature store: {store_dir / name} is missing (run `ase-ray features`)")

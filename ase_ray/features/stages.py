@@ -200,7 +200,7 @@ def retried_rows(directory: str | Path) -> dict[str, int]:
             if line.strip():
                 seen[(stage, int(line))] = seen.get((stage, int(line)), 0) + 1
     again = [(stage, row) for (stage, row), n in seen.items() if n > 1]
-    out = {stage.name: sum(1 for s, _ in again if s == stage.name) for stage in STAGES}
+    out = {stage: sum(1 for s, _ in again if s == stage) for stage in sorted({s for s, _ in seen})}
     return {**out, "rows": len({row for _, row in again})}
 
 

@@ -35,6 +35,9 @@ model that ran (``backends``: ``ase_ray.features.model_info.ran_models``), the s
 spread, or absent: training drops them) and ``absent_sources``; ``metadata_columns`` (``{"text": [...],
 "numeric": [...]}``: the records beside the image that extraction read, ``ase_ray.data.metadata``). ``errors.parquet``: ``row_id``,
 ``image_path``, ``label``, ``stage``, ``message``; every input row is in exactly one of the two tables. :func:`load_store` and :func:`stack` read it back.
+``store.json`` is written last, after every shard: a folder with tables (or the run's ``.attempts``
+log) and no ``store.json`` is an extraction that was interrupted or is still running, and
+:func:`load_store` refuses it; a shard that is not readable Parquet is an error naming the file.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ figures with ``record_drill`` (rows in / out, lost, retried, recomputed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -441,6 +442,7 @@ def test_drill_6_two_runs_at_once_on_one_cache_write_the_lone_runs_store(dataset
                  rows_out=[len(s.features) + len(s.errors) for s in stores],
                  rows_lost=[n - len(s.features) - len(s.errors) for s in stores],
                  wall_s=round(time.monotonic() - started, 1),
-                 computed=[line for out in outputs for line in out.splitlines() if line.startswith("rows:")])
+                 **{key: [json.loads((tmp_path / f"store{i}" / "summary.json").read_text())[key] for i in (0, 1)]
+                    for key in ("from_cache", "computed", "retried")})
     for i in (0, 1):
         assert_same_store(tmp_path / f"store{i}", lone / "store")

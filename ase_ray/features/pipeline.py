@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,17 @@ from ase_ray.data.metadata import column_kinds, configured_columns, with_metadat
 from ase_ray.errors import DataError
 from ase_ray.features.hub import resolved_models_dir
 from ase_ray.features.inmemory import feature_settings
-from ase_ray.features.stages import ran_models
+from ase_ray.features.stages import ran_models, retried_rows
 from ase_ray.features.settings import StageResources
 from ase_ray.features.stages import DecodeStage, stage_plan_of
-from ase_ray.features.store import Store, clear_store, finish_store, write_store, write_store_shard
+from ase_ray.features.store import (
+    ATTEMPTS_DIR,
+    Store,
+    clear_store,
+    finish_store,
+    write_store,
+    write_store_shard,
+)
 from ase_ray.outputs import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -84,9 +92,10 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path, target
         _decode_batch, batch_format="pandas", batch_size=decode.batch_size, num_cpus=decode.num_cpus
     )
     models_dir = resolved_models_dir(config.features)
+    attempts = str(target / ATTEMPTS_DIR) if target is not None else None  # the summary's `retried`
     for stage_cls, settings in stage_plan(config):
         ds = ds.map_batches(stage_cls, batch_format="pandas", fn_constructor_args=(settings, str(cache), models_dir),
-                            **_actor_args(settings.resources))
+                            fn_constructor_kwargs={"attempts_dir": attempts}, **_actor_args(settings.resources))
     if target is not None:
         ds = ds.map_batches(write_store_shard, fn_kwargs={"cache_root": str(cache), "out_dir": str(target)},
                             batch_format="pandas", batch_size=config.features.shard_rows, num_cpus=0.1)
@@ -115,6 +124,10 @@ def _decode_batch(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def _actor_args(res: StageResources) -> dict[str, Any]:
+    """A stage's actor pool. An actor that dies (killed, OOM, its node lost) is restarted and the
+    batches it held are run again on an actor of the pool (``max_restarts``/``max_task_retries``
+    unbounded: Ray Data's defaults, set here because extraction relies on them to lose no row; the
+    cache keeps what the dead actor finished, and the summary's ``retried`` counts the rows run again)."""
     import ray
 
     return {
@@ -123,6 +136,8 @@ def _actor_args(res: StageResources) -> dict[str, Any]:
         "batch_size": res.batch_size,
         "num_cpus": res.num_cpus,
         "num_gpus": res.num_gpus,
+        "max_restarts": -1,
+        "max_task_retries": -1,
     }
 
 
@@ -144,10 +159,13 @@ def extract_features(
     started = time.perf_counter()
     rows = rows_from_cache(config, manifest, cache)
     written_by_workers = rows is None
+    retried = {}
     if written_by_workers:
         ensure_ray(config.ray)
         clear_store(target)
         rows = build_dataset(config, manifest, cache, target).to_pandas()
+        retried = retried_rows(target / ATTEMPTS_DIR)
+        shutil.rmtree(target / ATTEMPTS_DIR, ignore_errors=True)
     else:
         echo("every stage output is cached: the store is assembled without starting a Ray job")
     wall = time.perf_counter() - started
@@ -161,7 +179,7 @@ def extract_features(
         METADATA_KEY: metadata.to_json(),
     }
     store = finish_store(target, rows, meta) if written_by_workers else write_store(rows, cache, target, meta)
-    summary = summarise(rows, wall, store)
+    summary = summarise(rows, wall, store, retried)
     (target / "summary.json").write_text(json.dumps(summary, indent=2))
     echo(format_summary(summary))
     if summary["constant_sources"]:
@@ -216,8 +234,17 @@ def backend_description(config: AppConfig) -> dict[str, Any]:
     return ran_models(config.features)
 
 
-def summarise(rows: pd.DataFrame, wall_s: float, store: Store) -> dict[str, Any]:
-    """Rows, errors, seconds and images/s per stage; the conservation check."""
+def summarise(rows: pd.DataFrame, wall_s: float, store: Store, retried: dict[str, int] | None = None) -> dict[str, Any]:
+    """Rows, errors, seconds and images/s per stage; the conservation check. What the run did per row:
+    ``from_cache``, rows every model stage served from the cache (nothing ran for them but decoding);
+    ``computed``, the others (at least one stage ran its model, or the row failed); ``retried``, rows a
+    model stage began more than once, i.e. Ray ran their batch again after its actor died (the
+    :class:`ase_ray.features.stages.AttemptLog` of the run; per stage in ``stages.<name>.retried``)."""
+    retried = retried or {}
+    model_hits = [f"hit_{name}" for name in STAGE_NAMES[1:]]
+    cached = rows[model_hits].astype(bool).all(axis=1) if set(model_hits) <= set(rows.columns) else pd.Series(False, index=rows.index)
+    if "error_stage" in rows:
+        cached &= rows["error_stage"].astype(str) == ""
     stages = {}
     for name in STAGE_NAMES:
         seconds = float(rows[f"t_{name}"].sum()) if f"t_{name}" in rows else 0.0
@@ -228,6 +255,7 @@ def summarise(rows: pd.DataFrame, wall_s: float, store: Store) -> dict[str, Any]
             "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
             "cache_hits": hits,
             "errors": errors,
+            "retried": int(retried.get(name, 0)),
         }
     stored, failed = store.meta["rows"], store.meta["errors"]
     if stored + failed != len(rows):
@@ -236,6 +264,9 @@ def summarise(rows: pd.DataFrame, wall_s: float, store: Store) -> dict[str, Any]
         "rows": len(rows),
         "stored": stored,
         "errors": failed,
+        "from_cache": int(cached.sum()),
+        "computed": int(len(rows) - cached.sum()),
+        "retried": int(retried.get("rows", 0)),
         "wall_s": round(wall_s, 2),
         "images_per_s": round(len(rows) / wall_s, 2) if wall_s > 0 else None,
         "stages": stages,
@@ -250,6 +281,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"features: {summary['rows']} rows in -> {summary['stored']} stored + {summary['errors']} errors "
         f"(checked), {summary['wall_s']} s, {summary['images_per_s']} images/s",
+        f"rows: {summary['from_cache']} from the cache, {summary['computed']} computed, "
+        f"{summary['retried']} retried (run again after a worker died)",
         f"{'stage':<14}{'seconds':>10}{'images/s':>10}{'cache hits':>12}{'errors':>8}",
     ]
     for name, s in summary["stages"].items():
@@ -290,7 +323,8 @@ def log_extraction_run(config: AppConfig, store: Store, summary: dict[str, Any],
         mlflow.log_params(ran_model_params(models))
         mlflow.set_tags({f"ase_ray.model.{stage}": info["model"] for stage, info in models.items()})
         mlflow.log_param("store_dir", str(target))
-        metrics = {k: summary[k] for k in ("rows", "stored", "errors", "wall_s", "images_per_s") if summary[k] is not None}
+        metrics = {k: summary[k] for k in ("rows", "stored", "errors", "from_cache", "computed", "retried", "wall_s",
+                                           "images_per_s") if summary[k] is not None}
         for name, s in summary["stages"].items():
             if s["images_per_s"] is not None:
                 metrics[f"{name}_images_per_s"] = s["images_per_s"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,11 @@ class Stage:
 
     name = "stage"
 
-    def __init__(self, settings: Any, cache_root: str | None, models_dir: str | None = None):
+    def __init__(self, settings: Any, cache_root: str | None, models_dir: str | None = None,
+                 attempts_dir: str | None = None):
         self.settings = settings
         self.models_dir = models_dir  # hub models load from here only (features.models_dir), when set
+        self.attempts = None if attempts_dir is None else AttemptLog(attempts_dir, self.name)
         key = fingerprint(self.name, settings)
         self.cache = NoCache(self.name, key) if cache_root is None else StageCache(cache_root, self.name, key)
         self._backend: Any = None
@@ -96,6 +99,8 @@ class Stage:
 
     # -- the shared call ----------------------------------------------------------------------
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.attempts is not None and "row_id" in batch:
+            self.attempts.note(batch["row_id"])
         return self._run(batch, compute_misses=True)[0]
 
     def lookup(self, batch: pd.DataFrame) -> pd.DataFrame | None:
@@ -166,6 +171,37 @@ class Stage:
             return self.compute([row])[0]
         except Exception as exc:  # becomes an error row
             return exc
+
+
+class AttemptLog:
+    """The rows each model stage began, for the run summary's ``retried`` count: before a batch, the
+    stage appends its ``row_id``s, one a line, to ``<dir>/<stage>.<pid>.log`` (its own file per
+    process; appended, never rewritten, so a line survives the process being killed). A batch that
+    Ray runs again after its actor died (``max_task_retries``) is written again by the restarted
+    actor, so a row seen twice for one stage was begun twice. The folder must be one the workers and
+    the driver share (the store's folder is: the workers write its shards)."""
+
+    def __init__(self, directory: str | Path, stage: str) -> None:
+        self.path = Path(directory) / f"{stage}.{os.getpid()}.log"
+
+    def note(self, row_ids: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write("".join(f"{int(i)}\n" for i in row_ids))
+
+
+def retried_rows(directory: str | Path) -> dict[str, int]:
+    """Per stage, how many rows an :class:`AttemptLog` folder shows begun more than once; ``"rows"``:
+    the distinct rows any stage began more than once (0 when the folder is absent)."""
+    seen: dict[tuple[str, int], int] = {}
+    for log in sorted(Path(directory).glob("*.log")) if Path(directory).is_dir() else []:
+        stage = log.name.split(".")[0]
+        for line in log.read_text().splitlines():
+            if line.strip():
+                seen[(stage, int(line))] = seen.get((stage, int(line)), 0) + 1
+    again = [(stage, row) for (stage, row), n in seen.items() if n > 1]
+    out = {stage: sum(1 for s, _ in again if s == stage) for stage in sorted({s for s, _ in seen})}
+    return {**out, "rows": len({row for _, row in again})}
 
 
 def _limit_torch_threads(settings: Any) -> None:

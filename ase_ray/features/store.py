@@ -35,6 +35,9 @@ model that ran (``backends``: ``ase_ray.features.model_info.ran_models``), the s
 spread, or absent: training drops them) and ``absent_sources``; ``metadata_columns`` (``{"text": [...],
 "numeric": [...]}``: the records beside the image that extraction read, ``ase_ray.data.metadata``). ``errors.parquet``: ``row_id``,
 ``image_path``, ``label``, ``stage``, ``message``; every input row is in exactly one of the two tables. :func:`load_store` and :func:`stack` read it back.
+``store.json`` is written last, after every shard: a folder with tables (or the run's ``.attempts``
+log) and no ``store.json`` is an extraction that was interrupted or is still running, and
+:func:`load_store` refuses it; a shard that is not readable Parquet is an error naming the file.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ from ase_ray.features.text_stats import cut_column, store_text_meta
 
 FEATURES_FILE = "features.parquet"
 ERRORS_FILE = "errors.parquet"
-META_FILE = "store.json"
+META_FILE = "store.json"  # written last: a folder without it is not (yet) a store
+SUMMARY_FILE = "summary.json"  # the extraction's summary (ase_ray.features.pipeline), beside the store
+ATTEMPTS_DIR = ".attempts"  # the run's AttemptLog (ase_ray.features.stages), removed when it finishes
 INTERNAL_PREFIXES = ("t_", "hit_", "key_")
 ERROR_COLUMNS = ("row_id", "image_path", "label", "stage", "message")
 
@@ -91,7 +96,7 @@ def clear_store(out_dir: str | Path) -> Path:
     import shutil
 
     out_dir = Path(out_dir)
-    for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
+    for name in (META_FILE, SUMMARY_FILE, FEATURES_FILE, ERRORS_FILE, ATTEMPTS_DIR):  # the marker first
         path = out_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -159,12 +164,29 @@ TEXT_STAT_COLUMNS = ("row_id", "image_path", "ocr_text", "ocr_fields", "descript
 
 
 def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """A store table (a file or a folder of shards), in ``row_id`` order; ``columns`` that exist only."""
-    dataset = pq.ParquetDataset(path)
-    names = set(dataset.schema.names)
-    table = dataset.read(columns=[c for c in columns if c in names] if columns is not None else None)
+    """A store table (a file or a folder of shards), in ``row_id`` order; ``columns`` that exist only.
+    A shard that is not readable Parquet (truncated, overwritten) is a DataError naming the file."""
+    try:
+        dataset = pq.ParquetDataset(path)
+        names = set(dataset.schema.names)
+        table = dataset.read(columns=[c for c in columns if c in names] if columns is not None else None)
+    except (pa.ArrowException, OSError) as exc:
+        bad = _unreadable_file(path) or path
+        why = (str(exc).splitlines() or [""])[0].replace(f"'{bad}'", "").replace(str(bad), "")[:160]
+        raise DataError(f"damaged feature store: {bad} is not readable Parquet ({type(exc).__name__}: {why}); "
+                        "extract the store again (`ase-ray features`: the cache keeps the outputs)") from None
     frame = table.to_pandas()
     return frame.sort_values("row_id").reset_index(drop=True) if "row_id" in frame else frame
+
+
+def _unreadable_file(path: Path) -> Path | None:
+    """The first file of a store table (itself, or a shard of its folder) whose Parquet footer is unreadable."""
+    for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+        try:
+            pq.read_metadata(file)
+        except Exception:
+            return file
+    return None
 
 
 def _empty_errors() -> pd.DataFrame:
@@ -269,8 +291,13 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
 
 
 def check_store(store_dir: str | Path) -> Path:
-    """The store's three parts exist (cheap: nothing is read)."""
+    """The store's three parts exist (cheap: nothing is read); a DataError when it is unfinished (tables
+    without ``store.json``: an extraction that was interrupted, or is still running) or incomplete."""
     store_dir = Path(store_dir)
+    begun = [n for n in (FEATURES_FILE, ERRORS_FILE, ATTEMPTS_DIR) if (store_dir / n).exists()]
+    if not (store_dir / META_FILE).exists() and begun:
+        raise DataError(f"unfinished feature store: {store_dir} has {', '.join(begun)} but no {META_FILE}, which an "
+                        "extraction writes last (it was interrupted, or is still running); run `ase-ray features` again")
     for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
         if not (store_dir / name).exists():
             raise DataError(f"not a feature store: {store_dir / name} is missing (run `ase-ray features`)")

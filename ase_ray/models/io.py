@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ase_ray.errors import DataError
 from ase_ray.models.classifier import DefectClassifier
 from ase_ray.models.projections import FeatureDims
 from ase_ray.models.settings import ModelSettings
@@ -62,9 +63,16 @@ def load_model(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[DefectClassifier, dict[str, Any]]:
     """Rebuild the classifier from ``model.json``, load ``weights.pt`` (weights_only) and return it in
-    eval mode with the metadata dict."""
+    eval mode with the metadata dict. A missing or unreadable file is a DataError naming it."""
     directory = Path(directory)
-    meta = json.loads((directory / META_FILE).read_text())
+    for name in (META_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise DataError(f"incomplete saved model: {directory / name} is missing (the model folder holds "
+                            f"{sorted(p.name for p in directory.iterdir()) if directory.is_dir() else 'nothing'})")
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (ValueError, OSError) as exc:
+        raise DataError(f"damaged saved model: {directory / META_FILE} is not readable JSON ({exc})") from None
     if meta.get("format", 1) < 2:
         meta["settings"].setdefault("text_pooling", "mean")
     model = DefectClassifier(
@@ -73,7 +81,11 @@ def load_model(
         len(meta["classes"]),
         meta.get("align_dim"),
     )
-    state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated or overwritten: torch raises RuntimeError, EOFError, pickle errors
+        raise DataError(f"damaged saved model: {directory / WEIGHTS_FILE} cannot be loaded "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     state.setdefault("temperature", torch.ones(()))  # saved before models were calibrated
     model.load_state_dict(state)
     model.to(map_location)

@@ -141,3 +141,26 @@ def test_params_leave_out_the_model_ids_that_no_backend_reads():
     cluster = config_params(load_config(REPO / "configs" / "cluster.yaml"), ("features",))
     assert cluster["features.reason.model_id"] == "meta-llama/Llama-2-7b-chat-hf"
     assert cluster["features.reason.revision"] == "main"
+
+
+def test_the_attempt_log_counts_the_rows_a_stage_began_again(tmp_path):
+    from ase_ray.features.stages import retried_rows
+
+    Doubling.calls = []
+    batch = _batch(["aa", "bbb", "cc"]).assign(row_id=[0, 1, 2])
+    Doubling(OcrSettings(), str(tmp_path / "cache"), attempts_dir=str(tmp_path / "attempts"))(batch)
+    assert retried_rows(tmp_path / "attempts") == {"double": 0, "rows": 0}
+    # Another process (the actor Ray restarted) begins rows 1 and 2 again: its own file, appended to.
+    (tmp_path / "attempts" / "double.99999.log").write_text("1\n2\n")
+    assert retried_rows(tmp_path / "attempts") == {"double": 2, "rows": 2}
+    assert retried_rows(tmp_path / "absent") == {"rows": 0}
+    Doubling(OcrSettings(), str(tmp_path / "cache"))(batch)  # no log asked for: nothing written
+    assert len(list((tmp_path / "attempts").glob("*.log"))) == 2
+
+
+def test_stage_pools_restart_a_dead_actor_and_retry_its_batches():
+    from ase_ray.config import load_config
+    from ase_ray.features.pipeline import _actor_args
+
+    args = _actor_args(load_config().features.ocr.resources)
+    assert args["max_restarts"] == -1 and args["max_task_retries"] == -1

@@ -57,7 +57,9 @@ def run_drills(out: Path, soak_requests: int) -> dict:
 
 
 def rows_lost(drills: list[dict]) -> int:
-    return int(sum(d.get("rows_lost", 0) for d in drills))
+    """Rows lost over all drills (a drill of several runs records one count per run)."""
+    counts = [d.get("rows_lost", 0) for d in drills]
+    return int(sum(sum(c) if isinstance(c, list) else c for c in counts))
 
 
 def markdown(payload: dict) -> str:

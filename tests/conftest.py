@@ -44,3 +44,19 @@ def grouped_frame() -> pd.DataFrame:
         for k in range(3):
             rows.append({"image_path": f"/x/{g}_{k}.png", "label": label, "group": f"g{g}"})
     return pd.DataFrame(rows)
+
+
+def synthetic_with_a_corrupt_image(root: Path, scale: float, seed: int) -> Path:
+    """A synthetic data set under ``root/synth`` plus one image that does not decode (the errors
+    table's row); returns its manifest."""
+    from ase_ray.config import load_config
+    from ase_ray.data.manifest import write_manifest
+    from ase_ray.data.synthetic import generate_synthetic
+
+    cfg = load_config(overrides=[f"data.synth.scale={scale}", f"data.synth.seed={seed}"])
+    df = generate_synthetic(cfg.data.synth, root / "synth")
+    corrupt = root / "synth" / "images" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    df = pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "image_path": str(corrupt)}])], ignore_index=True)
+    write_manifest(df, root / "synth" / "manifest.csv")
+    return root / "synth" / "manifest.csv"

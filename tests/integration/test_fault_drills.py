@@ -32,13 +32,13 @@ import pytest
 
 import ase_ray
 from ase_ray.config import load_config
-from ase_ray.data.manifest import read_dataset_info, read_manifest, write_manifest
-from ase_ray.data.synthetic import generate_synthetic
+from ase_ray.data.manifest import read_dataset_info, read_manifest
 from ase_ray.errors import DataError
 from ase_ray.features.pipeline import apply_layout_hints, extract_features, stage_plan, with_metadata
 from ase_ray.features.stages import DecodeStage
 from ase_ray.features.store import load_store
 
+from tests.conftest import synthetic_with_a_corrupt_image
 from tests.integration.drill_report import record_drill
 
 pytestmark = pytest.mark.integration
@@ -57,14 +57,7 @@ CHEAP = [
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """~16 synthetic images and one that does not decode (the errors table's row); returns the manifest."""
-    root = tmp_path_factory.mktemp("drills")
-    cfg = load_config(overrides=["data.synth.scale=0.035", "data.synth.seed=11"])
-    df = generate_synthetic(cfg.data.synth, root / "synth")
-    corrupt = root / "synth" / "images" / "corrupt.png"
-    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    df = pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "image_path": str(corrupt)}])], ignore_index=True)
-    write_manifest(df, root / "synth" / "manifest.csv")
-    return root / "synth" / "manifest.csv"
+    return synthetic_with_a_corrupt_image(tmp_path_factory.mktemp("drills"), scale=0.035, seed=11)
 
 
 def overrides(work: Path, cache: Path) -> list[str]:

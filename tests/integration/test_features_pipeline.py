@@ -9,11 +9,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ase_ray.config import load_config
-from ase_ray.data.manifest import read_manifest, write_manifest
-from ase_ray.data.synthetic import generate_synthetic
+from ase_ray.data.manifest import read_manifest
 from ase_ray.features.pipeline import extract_features
 from ase_ray.features.store import load_store, stack
 from ase_ray.tracking import tracking_uri
+from tests.conftest import synthetic_with_a_corrupt_image
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +28,7 @@ RAN = {"ocr": "tesseract", "describe": "tiny-random-instructblip", "reason": "ti
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("feat")
-    cfg = load_config(overrides=["data.synth.scale=0.02", "data.synth.seed=5"])
-    df = generate_synthetic(cfg.data.synth, root / "synth")
-    corrupt = root / "synth" / "images" / "corrupt.png"
-    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    df = pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "image_path": str(corrupt)}])], ignore_index=True)
-    write_manifest(df, root / "synth" / "manifest.csv")
+    synthetic_with_a_corrupt_image(root, scale=0.02, seed=5)
     return root
 
 

@@ -194,14 +194,25 @@ class FeaturesConfig(StrictModel):
         default_factory=DecodeResources,
         description="Resources of the decode/hash step (Ray tasks; actors is unused).",
     )
-    cache_dir: Path | None = Field(None, description="Stage cache (None: <work_dir>/cache). Shared on a cluster.")
-    out_dir: Path | None = Field(None, description="Feature store folder (None: <work_dir>/features).")
+    cache_dir: str | None = Field(
+        None, description="Stage cache, a path or a URI (s3://...): Parquet shards any node can read. None: "
+        "<storage_uri>/cache when project.storage_uri is a URI, else <work_dir>/cache.",
+    )
+    out_dir: str | None = Field(
+        None, description="Feature store folder, a path or a URI (s3://...). None: <storage_uri>/features when "
+        "project.storage_uri is a URI, else <work_dir>/features.",
+    )
     models_dir: Path | None = Field(
         None, description="Hub models pulled by `ase-ray models pull` (the Hugging Face cache layout). Set: the hub "
         "backends load from it only (local_files_only, at their revision). None: the hub (or a local model_id "
         "folder). Shared on a cluster.",
     )
     sample_texts: int = Field(20, ge=0, description="Generated texts logged to MLflow as a sample.")
+    fuse_cpu_stages: bool = Field(
+        True, description="Decode and the cheap CPU stages (OCR, describer, image encoder) share one actor pool "
+        "(fewer processes on a small machine; the pixels never leave the actor). False: each stage its own pool "
+        "(a cluster, where OCR scales on CPUs and the VLM takes GPUs).",
+    )
     shard_rows: int = Field(
         256, ge=1, description="Most rows a worker writes into one store shard (features.parquet/part-*.parquet); "
         "bounds a writer's memory: about 0.8 MB a row at the cluster's widths.",

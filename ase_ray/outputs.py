@@ -17,6 +17,13 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def check_output_location(location: str | Path, what: str = "output folder") -> str:
+    """Like :func:`check_output_dir` for a path; a URI (s3://...) is checked when it is written."""
+    from ase_ray.storage import is_uri
+
+    return str(location) if is_uri(location) else str(check_output_dir(location, what))
+
+
 def check_output_file(path: str | Path, what: str = "output file") -> Path:
     """``path`` can be a file to write: it is not a folder, and its folder can be made."""
     path = Path(path)

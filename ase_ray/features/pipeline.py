@@ -1,15 +1,16 @@
-"""Feature extraction on Ray Data: decode -> OCR -> describe -> reason -> encode -> Parquet store.
+"""Feature extraction on Ray Data: decode -> OCR -> describe -> image encoder -> LLM -> text encoder -> store.
 
-Each model stage runs on its own actor pool with the resources from its config section (on a cluster
-the VLM and LLM pools take GPUs, OCR stays on CPUs). Rows move through Ray with their texts only;
-arrays go to the content-addressed cache and the store is assembled from it (see ``stages.py``).
+Everything per row happens in Ray Data workers: they read and decode each image once, run the stages
+(each on its own actor pool with the resources of its config section, or the cheap CPU stages together
+with ``features.fuse_cpu_stages``), look every output up in the stage cache first and write what they
+compute to it, and write the store's Parquet shards (``ase_ray.features.store``). Store and cache are
+paths or URIs (``s3://...``). The driver keeps counts, the conservation check and ``store.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +26,28 @@ from ase_ray.data.metadata import column_kinds, configured_columns, with_metadat
 from ase_ray.errors import DataError
 from ase_ray.features.hub import resolved_models_dir
 from ase_ray.features.inmemory import feature_settings
-from ase_ray.features.stages import ran_models, retried_rows
+from ase_ray import storage
 from ase_ray.features.settings import StageResources
-from ase_ray.features.stages import DecodeStage, stage_plan_of
+from ase_ray.features.stages import IMAGE_STAGES, StageGroup, loaded_models, ran_models, retried_rows, stage_plan_of
 from ase_ray.features.store import (
     ATTEMPTS_DIR,
+    SUMMARY_FILE,
     Store,
     clear_store,
     finish_store,
-    write_store,
     write_store_shard,
 )
-from ase_ray.outputs import check_output_dir
+from ase_ray.outputs import check_output_location
 
 logger = logging.getLogger(__name__)
 
-STAGE_NAMES = ("decode", "ocr", "describe", "reason", "image_encoder", "text_encoder")
+STAGE_NAMES = ("decode", "ocr", "describe", "image_encoder", "reason", "text_encoder")
 
 
 @dataclass
 class ExtractionResult:
     store: Store
-    out_dir: Path
+    out_dir: str  # a path or a URI
     summary: dict[str, Any]
 
 
@@ -54,12 +55,21 @@ def stage_plan(config: AppConfig) -> list[tuple[type, Any]]:
     return stage_plan_of(config.features)
 
 
-def cache_root(config: AppConfig) -> Path:
-    return Path(config.features.cache_dir or Path(config.project.work_dir) / "cache").resolve()
+def cache_root(config: AppConfig) -> str:
+    """The stage cache: ``features.cache_dir``, else ``<storage_uri>/cache`` for a URI storage, else
+    ``<work_dir>/cache``."""
+    return storage.resolved(config.features.cache_dir or _default_location(config, "cache"))
 
 
-def store_dir(config: AppConfig, out_dir: str | Path | None = None) -> Path:
-    return Path(out_dir or config.features.out_dir or Path(config.project.work_dir) / "features").resolve()
+def store_dir(config: AppConfig, out_dir: str | Path | None = None) -> str:
+    """The store's folder (a path or a URI): ``out_dir``, else ``features.out_dir``, else
+    ``<storage_uri>/features`` for a URI storage, else ``<work_dir>/features``."""
+    return storage.resolved(out_dir or config.features.out_dir or _default_location(config, "features"))
+
+
+def _default_location(config: AppConfig, name: str) -> str:
+    base = config.project.storage_uri
+    return storage.join(base, name) if base and storage.is_uri(base) else str(Path(config.project.work_dir) / name)
 
 
 def check_backends_available(config: AppConfig) -> None:
@@ -78,49 +88,46 @@ def check_backends_available(config: AppConfig) -> None:
                                  f"ase-ray models pull --models-dir {models_dir} (with the same config)")
 
 
-def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: Path, target: Path | None = None):
-    """The lazy Ray Dataset of the whole extraction; with ``target``, its last step has the workers
-    write the store's shards there (:func:`ase_ray.features.store.write_store_shard`) and the dataset
-    keeps only each row's id, errors, seconds and cache hits."""
+def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target: str):
+    """The lazy Ray Dataset of the whole extraction: decode and the stages (in :func:`stage_groups`),
+    then the workers write the store's shards into ``target``
+    (:func:`ase_ray.features.store.write_store_shard`); the dataset keeps only each row's id, errors,
+    seconds and cache hits."""
     import ray
 
     rows = _with_row_ids(manifest)
     smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
     ds = ray.data.from_pandas(chunks(rows, smallest_batch))
-    decode = config.features.decode
-    ds = ds.map_batches(
-        _decode_batch, batch_format="pandas", batch_size=decode.batch_size, num_cpus=decode.num_cpus
-    )
     models_dir = resolved_models_dir(config.features)
-    attempts = str(target / ATTEMPTS_DIR) if target is not None else None  # the summary's `retried`
-    for stage_cls, settings in stage_plan(config):
-        ds = ds.map_batches(stage_cls, batch_format="pandas", fn_constructor_args=(settings, str(cache), models_dir),
-                            fn_constructor_kwargs={"attempts_dir": attempts}, **_actor_args(settings.resources))
-    if target is not None:
-        ds = ds.map_batches(write_store_shard, fn_kwargs={"cache_root": str(cache), "out_dir": str(target)},
-                            batch_format="pandas", batch_size=config.features.shard_rows, num_cpus=0.1)
-    return ds
+    attempts = storage.join(target, ATTEMPTS_DIR)  # the summary's `retried` and models loaded
+    for stages, decode, resources in stage_groups(config):
+        ds = ds.map_batches(StageGroup, batch_format="pandas", fn_constructor_args=(stages, cache, models_dir),
+                            fn_constructor_kwargs={"attempts_dir": attempts, "decode": decode},
+                            **_actor_args(resources))
+    return ds.map_batches(write_store_shard, fn_kwargs={"out_dir": target}, batch_format="pandas",
+                          batch_size=config.features.shard_rows, num_cpus=0.1)
 
 
-def rows_from_cache(config: AppConfig, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame | None:
-    """All rows from the cache on the driver (no Ray, no model), or None when anything must be computed.
-    The driver hashes each image's bytes and reads its header; it decodes none."""
-    batch = DecodeStage(full=False)(_with_row_ids(manifest))
-    for stage_cls, settings in stage_plan(config):
-        batch = stage_cls(settings, str(cache)).lookup(batch)
-        if batch is None:
-            return None
-    return batch
+def stage_groups(config: AppConfig) -> list[tuple[list[tuple[type, Any]], bool, StageResources]]:
+    """The pipeline's actor pools, in order: (stages, decodes first, resources). With
+    ``features.fuse_cpu_stages``: one pool decodes and runs OCR, the describer and the image encoder
+    (their CPUs added up, the OCR's batch size and pool size), then the LLM and the text encoder on
+    their own. Without: decode alone (its ``features.decode`` resources), then every stage alone."""
+    plan = stage_plan(config)
+    decode = config.features.decode
+    if not config.features.fuse_cpu_stages:
+        return [([], True, decode), *[([(cls, s)], False, s.resources) for cls, s in plan]]
+    fused = [(cls, s) for cls, s in plan if cls.name in IMAGE_STAGES]
+    first = fused[0][1].resources
+    resources = first.model_copy(update={"num_cpus": round(decode.num_cpus + sum(s.resources.num_cpus for _, s in fused), 3),
+                                         "actors": max(s.resources.actors for _, s in fused)})
+    return [(fused, True, resources), *[([(cls, s)], False, s.resources) for cls, s in plan if cls.name not in IMAGE_STAGES]]
 
 
 def _with_row_ids(manifest: pd.DataFrame) -> pd.DataFrame:
     rows = manifest.reset_index(drop=True).copy()
     rows.insert(0, "row_id", np.arange(len(rows), dtype=np.int64))
     return rows.astype({c: str for c in rows.columns if rows[c].dtype == object})
-
-
-def _decode_batch(batch: pd.DataFrame) -> pd.DataFrame:
-    return DecodeStage()(batch)
 
 
 def _actor_args(res: StageResources) -> dict[str, Any]:
@@ -145,29 +152,26 @@ def extract_features(
     config: AppConfig, manifest_path: str | Path, out_dir: str | Path | None = None, echo=print,
     track: bool = True,
 ) -> ExtractionResult:
-    """Run the pipeline over a manifest and write the store; log an MLflow run when ``track``."""
+    """Run the pipeline over a manifest and write the store (a path or a URI); log an MLflow run when
+    ``track``. Every row is looked up in the cache by the workers: a run served wholly from it loads no
+    model (the summary's ``models_loaded``)."""
     from ase_ray.ray_env import ensure_ray
 
     manifest = read_manifest(manifest_path)
     check_some_images_exist(manifest, Path(manifest_path))  # before any backend, cache or Ray
     cache, target = cache_root(config), store_dir(config, out_dir)
-    check_output_dir(target, "feature store folder")
+    check_output_location(target, "feature store folder")
     info = read_dataset_info(manifest_path)
     manifest, metadata = with_metadata(config, manifest, info)
     config = apply_layout_hints(config, info)
     check_backends_available(config)
     started = time.perf_counter()
-    rows = rows_from_cache(config, manifest, cache)
-    written_by_workers = rows is None
-    retried = {}
-    if written_by_workers:
-        ensure_ray(config.ray)
-        clear_store(target)
-        rows = build_dataset(config, manifest, cache, target).to_pandas()
-        retried = retried_rows(target / ATTEMPTS_DIR)
-        shutil.rmtree(target / ATTEMPTS_DIR, ignore_errors=True)
-    else:
-        echo("every stage output is cached: the store is assembled without starting a Ray job")
+    ensure_ray(config.ray)
+    clear_store(target)
+    rows = build_dataset(config, manifest, cache, target).to_pandas()
+    attempts = storage.join(target, ATTEMPTS_DIR)
+    retried, loaded = retried_rows(attempts), loaded_models(attempts)
+    storage.remove(attempts)
     wall = time.perf_counter() - started
     if len(rows) != len(manifest):
         raise DataError(f"pipeline returned {len(rows)} rows for {len(manifest)} inputs")
@@ -175,12 +179,12 @@ def extract_features(
         "manifest": str(Path(manifest_path).resolve()),
         "backends": backend_description(config),
         "features": feature_settings(config.features),  # what serving must extract for a model
-        "cache_dir": str(cache),
+        "cache_dir": cache,
         METADATA_KEY: metadata.to_json(),
     }
-    store = finish_store(target, rows, meta) if written_by_workers else write_store(rows, cache, target, meta)
-    summary = summarise(rows, wall, store, retried)
-    (target / "summary.json").write_text(json.dumps(summary, indent=2))
+    store = finish_store(target, rows, meta)
+    summary = summarise(rows, wall, store, retried, loaded)
+    storage.write_text(storage.join(target, SUMMARY_FILE), json.dumps(summary, indent=2))
     echo(format_summary(summary))
     if summary["constant_sources"]:
         logger.warning("text sources %s do not vary across the %d stored rows (absent: %s); training leaves "
@@ -192,7 +196,7 @@ def extract_features(
         raise DataError(f"every one of the {summary['rows']} images failed extraction"
                         + (f" (the first, {first['image_path']}: {first['stage']}: {str(first['message'])[:200]})"
                            if first is not None else "")
-                        + f"; the errors table is {target / 'errors.parquet'}")
+                        + f"; the errors table is {storage.join(target, 'errors.parquet')}")
     return ExtractionResult(store=store, out_dir=target, summary=summary)
 
 
@@ -234,12 +238,14 @@ def backend_description(config: AppConfig) -> dict[str, Any]:
     return ran_models(config.features)
 
 
-def summarise(rows: pd.DataFrame, wall_s: float, store: Store, retried: dict[str, int] | None = None) -> dict[str, Any]:
+def summarise(rows: pd.DataFrame, wall_s: float, store: Store, retried: dict[str, int] | None = None,
+              loaded: dict[str, int] | None = None) -> dict[str, Any]:
     """Rows, errors, seconds and images/s per stage; the conservation check. What the run did per row:
     ``from_cache``, rows every model stage served from the cache (nothing ran for them but decoding);
     ``computed``, the others (at least one stage ran its model, or the row failed); ``retried``, rows a
     model stage began more than once, i.e. Ray ran their batch again after its actor died (the
-    :class:`ase_ray.features.stages.AttemptLog` of the run; per stage in ``stages.<name>.retried``)."""
+    :class:`ase_ray.features.stages.AttemptLog` of the run; per stage in ``stages.<name>.retried``);
+    ``models_loaded``, per model stage, how many actors loaded its model (0: all served from the cache)."""
     retried = retried or {}
     model_hits = [f"hit_{name}" for name in STAGE_NAMES[1:]]
     cached = rows[model_hits].astype(bool).all(axis=1) if set(model_hits) <= set(rows.columns) else pd.Series(False, index=rows.index)
@@ -267,6 +273,7 @@ def summarise(rows: pd.DataFrame, wall_s: float, store: Store, retried: dict[str
         "from_cache": int(cached.sum()),
         "computed": int(len(rows) - cached.sum()),
         "retried": int(retried.get("rows", 0)),
+        "models_loaded": {name: int((loaded or {}).get(name, 0)) for name in STAGE_NAMES[1:]},
         "wall_s": round(wall_s, 2),
         "images_per_s": round(len(rows) / wall_s, 2) if wall_s > 0 else None,
         "stages": stages,
@@ -282,7 +289,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"features: {summary['rows']} rows in -> {summary['stored']} stored + {summary['errors']} errors "
         f"(checked), {summary['wall_s']} s, {summary['images_per_s']} images/s",
         f"rows: {summary['from_cache']} from the cache, {summary['computed']} computed, "
-        f"{summary['retried']} retried (run again after a worker died)",
+        f"{summary['retried']} retried (run again after a worker died); models loaded: "
+        + (", ".join(f"{k} {v}" for k, v in summary.get("models_loaded", {}).items() if v) or "none"),
         f"{'stage':<14}{'seconds':>10}{'images/s':>10}{'cache hits':>12}{'errors':>8}",
     ]
     for name, s in summary["stages"].items():

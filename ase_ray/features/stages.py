@@ -1,9 +1,14 @@
 """The extraction stages as Ray Data callables: cache lookup, batched compute, errors as rows.
 
-Every stage is a callable class (one per actor): the backend model is loaded once in ``__init__``.
-A call takes a pandas batch and returns it with the stage's *text* outputs added as columns; arrays
-(hidden states, pooled vectors, token maps) go to the content-addressed cache only, and the store
-is assembled from the cache at the end, so Ray moves small rows and a re-run recomputes nothing.
+Every stage is a callable class (one per actor): the backend model is loaded on the first cache miss,
+once. A call takes a pandas batch and returns it with the stage's *text* outputs added as columns; a
+stage whose outputs hold arrays (the LLM's hidden state, the image and text encoders) also adds them,
+packed, in ``arrays_<stage>``, which the store's writer unpacks (``ase_ray.features.store``). Every
+output also goes to the content-addressed cache (``cache.py``), so a re-run recomputes nothing.
+
+Images are decoded once, by :class:`DecodeStage`, into raw RGB ``pixels`` that the image stages read;
+the pixels are dropped after the last image stage (the image encoder), before the LLM and the text
+encoder, which read texts only.
 
 Columns every stage maintains: ``error_stage`` / ``error_message`` (empty when fine; a row with an
 error is passed through untouched by later stages), ``t_<stage>`` (seconds spent on the row),
@@ -11,7 +16,7 @@ error is passed through untouched by later stages), ``t_<stage>`` (seconds spent
 
 The same stages serve images held in memory (Ray Serve, batch prediction): a batch may carry the
 decoded image in an ``image`` column instead of reading ``image_path``, ``cache_root=None`` keeps
-nothing on disk, and :meth:`Stage.run_with_outputs` also returns the arrays (see ``inmemory.py``).
+nothing, and :meth:`Stage.run_with_outputs` also returns the arrays (see ``inmemory.py``).
 """
 
 from __future__ import annotations
@@ -28,12 +33,19 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ase_ray.features.cache import NoCache, StageCache, fingerprint
+from ase_ray import storage
+from ase_ray.features.cache import NoCache, StageCache, fingerprint, pack, unpack
 
 TEXT_SOURCES = ("ocr", "description", "reasoning", "metadata")
 # The metadata source is the row's record columns as text (ase_ray.data.metadata.TEXT_COLUMN).
 TEXT_COLUMNS = {"ocr": "ocr_text", "description": "description", "reasoning": "reasoning", "metadata": "metadata_text"}
 IMAGE_COLUMN = "image"  # optional: the decoded RGB image, used instead of reading image_path
+PIXELS_COLUMN = "pixels"  # the pipeline's decoded image: raw RGB bytes (height x width x 3), see DecodeStage
+
+
+def arrays_column(stage: str) -> str:
+    """The batch column that carries a stage's packed outputs (arrays) on to the store's writer."""
+    return f"arrays_{stage}"
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -42,15 +54,22 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def row_image(row: pd.Series) -> Image.Image:
-    """The row's image: the in-memory one when the batch carries it, else read from ``image_path``."""
+    """The row's image: the in-memory one or the decoded pixels when the batch carries them, else read
+    from ``image_path``."""
     image = row.get(IMAGE_COLUMN) if IMAGE_COLUMN in row.index else None
-    return image if image is not None else load_rgb(row["image_path"])
+    if image is not None:
+        return image
+    pixels = row.get(PIXELS_COLUMN) if PIXELS_COLUMN in row.index else None
+    if pixels is not None and len(pixels):
+        return Image.frombuffer("RGB", (int(row["width"]), int(row["height"])), bytes(pixels), "raw", "RGB", 0, 1)
+    return load_rgb(row["image_path"])
 
 
 class Stage:
     """Template: subclasses set ``name`` and implement ``inputs``, ``compute`` and ``row_outputs``."""
 
     name = "stage"
+    carries_arrays = False  # its outputs hold arrays that the store keeps
 
     def __init__(self, settings: Any, cache_root: str | None, models_dir: str | None = None,
                  attempts_dir: str | None = None):
@@ -68,6 +87,8 @@ class Stage:
         if self._backend is None:
             _limit_torch_threads(self.settings)
             self._backend = self.load_backend()
+            if self.attempts is not None:
+                self.attempts.note_model_loaded()
         return self._backend
 
     @property
@@ -116,28 +137,26 @@ class Stage:
         batch = batch.reset_index(drop=True)
         started = time.perf_counter()
         todo = [i for i in range(len(batch)) if not batch.at[i, "error_stage"]]
-        results: dict[int, dict[str, Any]] = {}
-        misses: list[tuple[int, str]] = []
-        hits = np.zeros(len(batch), dtype=bool)
         keys = [""] * len(batch)
         for i in todo:
-            key = keys[i] = self.cache.key(*self.inputs(batch.iloc[i]))
-            cached = self.cache.get(key)
-            if cached is None:
-                misses.append((i, key))
-            else:
-                results[i] = cached
-                hits[i] = True
+            keys[i] = self.cache.key(*self.inputs(batch.iloc[i]))
+        packed = self.cache.get_many([keys[i] for i in todo])
+        hits = np.array([bool(keys[i]) and keys[i] in packed for i in range(len(batch))], dtype=bool)
+        misses = [i for i in todo if not hits[i]]
         if misses and not compute_misses:
             return None
-        for (i, key), outputs in zip(misses, self._compute_isolating_errors(batch, [i for i, _ in misses])):
+        results: dict[int, dict[str, Any]] = {i: unpack(packed[keys[i]]) for i in todo if hits[i]}
+        row_packed: dict[int, bytes] = {i: packed[keys[i]] for i in results}
+        fresh: dict[str, bytes] = {}
+        for i, outputs in zip(misses, self._compute_isolating_errors(batch, misses)):
             if isinstance(outputs, Exception):
                 keys[i] = ""
                 batch.at[i, "error_stage"] = self.name
                 batch.at[i, "error_message"] = f"{type(outputs).__name__}: {outputs}"[:2000]
                 continue
-            self.cache.put(key, outputs)
             results[i] = outputs
+            row_packed[i] = fresh[keys[i]] = pack(outputs)
+        self.cache.put_many(fresh)
         for i, outputs in results.items():
             for column, value in self.row_outputs(outputs).items():
                 if column not in batch.columns:
@@ -146,6 +165,8 @@ class Stage:
         for column in self.row_outputs_columns():
             if column not in batch.columns:
                 batch[column] = ""
+        if self.carries_arrays:  # the store's writer takes them from here, not from the cache
+            batch[arrays_column(self.name)] = [row_packed.get(i, b"") for i in range(len(batch))]
         elapsed = time.perf_counter() - started
         batch[f"t_{self.name}"] = elapsed / max(1, len(batch))
         batch[f"hit_{self.name}"] = hits
@@ -174,34 +195,48 @@ class Stage:
 
 
 class AttemptLog:
-    """The rows each model stage began, for the run summary's ``retried`` count: before a batch, the
-    stage appends its ``row_id``s, one a line, to ``<dir>/<stage>.<pid>.log`` (its own file per
-    process; appended, never rewritten, so a line survives the process being killed). A batch that
-    Ray runs again after its actor died (``max_task_retries``) is written again by the restarted
-    actor, so a row seen twice for one stage was begun twice. The folder must be one the workers and
-    the driver share (the store's folder is: the workers write its shards)."""
+    """What the model stages of one run did, for its summary: before a batch, a stage writes the batch's
+    ``row_id``s as a new file ``<dir>/<stage>.<pid>.<n>.log`` (a file per batch, never appended to, so it
+    works on object storage and survives the process being killed); loading its model, a stage writes
+    ``<dir>/<stage>.<pid>.model``. A batch that Ray runs again after its actor died (``max_task_retries``)
+    is written again by the restarted actor, so a row seen twice for one stage was begun twice. The folder
+    must be one the workers and the driver share (the store's folder is: the workers write its shards)."""
 
     def __init__(self, directory: str | Path, stage: str) -> None:
-        self.path = Path(directory) / f"{stage}.{os.getpid()}.log"
+        self.directory = str(directory)
+        self.prefix = f"{stage}.{os.getpid()}"
+        self.batches = 0
 
     def note(self, row_ids: Any) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
-            fh.write("".join(f"{int(i)}\n" for i in row_ids))
+        self.batches += 1
+        storage.write_text(storage.join(self.directory, f"{self.prefix}.{self.batches}.log"),
+                           "".join(f"{int(i)}\n" for i in row_ids))
+
+    def note_model_loaded(self) -> None:
+        storage.write_text(storage.join(self.directory, f"{self.prefix}.model"), "")
 
 
 def retried_rows(directory: str | Path) -> dict[str, int]:
     """Per stage, how many rows an :class:`AttemptLog` folder shows begun more than once; ``"rows"``:
     the distinct rows any stage began more than once (0 when the folder is absent)."""
     seen: dict[tuple[str, int], int] = {}
-    for log in sorted(Path(directory).glob("*.log")) if Path(directory).is_dir() else []:
-        stage = log.name.split(".")[0]
-        for line in log.read_text().splitlines():
+    for log in storage.list_files(directory, ".log"):
+        stage = storage.name(log).split(".")[0]
+        for line in storage.read_text(log).splitlines():
             if line.strip():
                 seen[(stage, int(line))] = seen.get((stage, int(line)), 0) + 1
     again = [(stage, row) for (stage, row), n in seen.items() if n > 1]
     out = {stage: sum(1 for s, _ in again if s == stage) for stage in sorted({s for s, _ in seen})}
     return {**out, "rows": len({row for _, row in again})}
+
+
+def loaded_models(directory: str | Path) -> dict[str, int]:
+    """Per stage, how many actors of the run loaded its model (an :class:`AttemptLog` folder)."""
+    out: dict[str, int] = {}
+    for marker in storage.list_files(directory, ".model"):
+        stage = storage.name(marker).split(".")[0]
+        out[stage] = out.get(stage, 0) + 1
+    return out
 
 
 def _limit_torch_threads(settings: Any) -> None:
@@ -216,53 +251,49 @@ def _limit_torch_threads(settings: Any) -> None:
 
 
 class DecodeStage:
-    """Reads the image bytes, hashes them (the content address) and checks they decode. With
-    ``full=False`` only the header is read for the size (the driver's cache lookup: an image that does
-    not decode has no cache entry, so it still goes to the workers, which decode it)."""
+    """Reads each image's bytes (a path or a URI), hashes them (the content address) and decodes them,
+    once: the batch gains ``image_id``, ``width``, ``height`` and ``pixels`` (raw RGB bytes, which the
+    image stages read instead of the file; :func:`drop_pixels` removes them after the last image stage)."""
 
     name = "decode"
 
-    def __init__(self, full: bool = True) -> None:
-        self.full = full
-
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self._run(batch, compute_misses=True)
-
-    def lookup(self, batch: pd.DataFrame) -> pd.DataFrame | None:
-        """The batch completed from the cache alone, or None when any row would need the model."""
-        return self._run(batch, compute_misses=False)
-
-    def _run(self, batch: pd.DataFrame, compute_misses: bool) -> pd.DataFrame | None:
         batch = batch.reset_index(drop=True)
         started = time.perf_counter()
-        ids, widths, heights, stages, messages = [], [], [], [], []
+        ids, widths, heights, pixels, stages, messages = [], [], [], [], [], []
         for path in batch["image_path"]:
             try:
-                data = Path(path).read_bytes()
+                data = storage.read_bytes(path)
                 with Image.open(io.BytesIO(data)) as img:
-                    if self.full:
-                        img.load()
-                    w, h = img.size
+                    rgb = img.convert("RGB")
+                w, h = rgb.size
                 if w == 0 or h == 0:
                     raise ValueError("image has zero size")
                 ids.append(hashlib.sha256(data).hexdigest())
                 widths.append(w)
                 heights.append(h)
+                pixels.append(rgb.tobytes())
                 stages.append("")
                 messages.append("")
             except Exception as exc:
                 ids.append("")
                 widths.append(0)
                 heights.append(0)
+                pixels.append(b"")
                 stages.append(self.name)
                 messages.append(f"{type(exc).__name__}: {exc}"[:2000])
         batch["image_id"] = ids
         batch["width"] = widths
         batch["height"] = heights
+        batch[PIXELS_COLUMN] = pixels
         batch["error_stage"] = stages
         batch["error_message"] = messages
         batch["t_decode"] = (time.perf_counter() - started) / max(1, len(batch))
         return batch
+
+
+def drop_pixels(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch.drop(columns=[PIXELS_COLUMN], errors="ignore")
 
 
 class OcrStage(Stage):
@@ -305,6 +336,7 @@ class DescribeStage(Stage):
 
 class ReasonStage(Stage):
     name = "reason"
+    carries_arrays = True
 
     def load_backend(self):
         from ase_ray.features.backends import build_reasoner
@@ -327,6 +359,7 @@ class ReasonStage(Stage):
 
 class ImageEncodeStage(Stage):
     name = "image_encoder"
+    carries_arrays = True
 
     def load_backend(self):
         from ase_ray.features.backends import build_image_encoder
@@ -347,6 +380,7 @@ class TextEncodeStage(Stage):
     ``metadata_text`` column has an empty metadata text."""
 
     name = "text_encoder"
+    carries_arrays = True
 
     def load_backend(self):
         from ase_ray.features.backends import build_text_encoder
@@ -373,7 +407,29 @@ def _text(row, column: str) -> str:
     return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
-STAGES = (OcrStage, DescribeStage, ReasonStage, ImageEncodeStage, TextEncodeStage)
+STAGES = (OcrStage, DescribeStage, ImageEncodeStage, ReasonStage, TextEncodeStage)
+IMAGE_STAGES = ("ocr", "describe", "image_encoder")  # read the pixels; the others read texts only
+
+
+class StageGroup:
+    """Several steps run one after another in one Ray Data actor: optionally decoding first (the
+    images then never leave the actor as pixels), then the given stages; the pixels are dropped after
+    the last image stage. ``features.fuse_cpu_stages`` puts decode and the cheap CPU stages (OCR, the
+    describer, the image encoder) in one group, so a small machine runs fewer processes; on a cluster
+    each stage is its own group with its own pool."""
+
+    def __init__(self, stages: list[tuple[type[Stage], Any]], cache_root: str | None, models_dir: str | None = None,
+                 attempts_dir: str | None = None, decode: bool = False) -> None:
+        self.decode = DecodeStage() if decode else None
+        self.stages = [cls(settings, cache_root, models_dir, attempts_dir=attempts_dir) for cls, settings in stages]
+        self.drops_pixels = any(stage.name == IMAGE_STAGES[-1] for stage in self.stages)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.decode is not None:
+            batch = self.decode(batch)
+        for stage in self.stages:
+            batch = stage(batch)
+        return drop_pixels(batch) if self.drops_pixels else batch
 
 
 def stage_plan_of(features: Any) -> list[tuple[type[Stage], Any]]:
@@ -381,8 +437,8 @@ def stage_plan_of(features: Any) -> list[tuple[type[Stage], Any]]:
     return [
         (OcrStage, features.ocr),
         (DescribeStage, features.describe),
+        (ImageEncodeStage, features.image_encoder),  # the last image stage: the pixels stop here
         (ReasonStage, features.reason),
-        (ImageEncodeStage, features.image_encoder),
         (TextEncodeStage, features.text_encoder),
     ]
 

@@ -1,10 +1,12 @@
-"""The Parquet feature store: ``features.parquet``, ``errors.parquet`` and ``store.json`` in one folder.
+"""The Parquet feature store: ``features.parquet``, ``errors.parquet`` and ``store.json`` in one folder,
+which is a path or a URI (``s3://bucket/...``: every read and write goes through ``ase_ray.storage``).
 
 ``features.parquet`` and ``errors.parquet`` are Parquet datasets: folders of shards
-(``part-<first row_id>.parquet``) that the Ray Data workers write, one pair per batch, straight from
-the stage cache, so the driver never holds a row's arrays (it keeps counts, the conservation check and
-``store.json``). A store written by the driver (every output cached) has one shard. ``pandas.read_parquet``
-and ``pyarrow`` read either as one table; :func:`load_store` puts the rows in ``row_id`` order.
+(``part-<first row_id>.parquet``) that the Ray Data workers write, one pair per batch of at most
+``features.shard_rows`` rows, from the arrays the stages pass on in the batch, so the driver never holds
+a row's arrays (it keeps counts, the conservation check and ``store.json``). A store written in one
+process (tests) has one file. ``ray.data.read_parquet``, ``pandas.read_parquet`` and ``pyarrow`` read
+either as one table; :func:`load_store` puts the rows in ``row_id`` order.
 
 ``features.parquet``, one row per image that passed every stage:
 
@@ -52,10 +54,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ase_ray import storage
 from ase_ray.data.manifest import LABEL
 from ase_ray.errors import DataError
-from ase_ray.features.cache import StageCache
-from ase_ray.features.stages import TEXT_SOURCES
+from ase_ray.features.cache import unpack
+from ase_ray.features.stages import TEXT_SOURCES, arrays_column
 from ase_ray.features.text_stats import cut_column, store_text_meta
 
 FEATURES_FILE = "features.parquet"
@@ -63,7 +66,7 @@ ERRORS_FILE = "errors.parquet"
 META_FILE = "store.json"  # written last: a folder without it is not (yet) a store
 SUMMARY_FILE = "summary.json"  # the extraction's summary (ase_ray.features.pipeline), beside the store
 ATTEMPTS_DIR = ".attempts"  # the run's AttemptLog (ase_ray.features.stages), removed when it finishes
-INTERNAL_PREFIXES = ("t_", "hit_", "key_")
+INTERNAL_PREFIXES = ("t_", "hit_", "key_", "arrays_")
 ERROR_COLUMNS = ("row_id", "image_path", "label", "stage", "message")
 
 
@@ -91,29 +94,23 @@ def array_columns() -> dict[str, tuple[str, str]]:
     return cols
 
 
-def clear_store(out_dir: str | Path) -> Path:
+def clear_store(out_dir: str | Path) -> str:
     """Remove a previous store's tables (file or shard folder) from ``out_dir``: a rerun writes a new store."""
-    import shutil
-
-    out_dir = Path(out_dir)
+    out_dir = storage.resolved(out_dir)
     for name in (META_FILE, SUMMARY_FILE, FEATURES_FILE, ERRORS_FILE, ATTEMPTS_DIR):  # the marker first
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+        storage.remove(storage.join(out_dir, name))
+    storage.make_dirs(out_dir)
     return out_dir
 
 
 SHARD_COLUMNS = ("row_id", "error_stage", "error_message")
 
 
-def write_store_shard(batch: pd.DataFrame, cache_root: str, out_dir: str) -> pd.DataFrame:
+def write_store_shard(batch: pd.DataFrame, out_dir: str) -> pd.DataFrame:
     """One batch of the pipeline's rows into the store (a worker's last step): its stored rows with their
-    arrays from the cache into ``features.parquet/part-<first row_id>.parquet``, its failed rows into
-    ``errors.parquet/``. Returns what the driver needs of each row: ``row_id``, the error columns, the
-    per-stage seconds and cache hits, and (first row) the array shapes as JSON."""
+    arrays (the stages' ``arrays_<stage>`` columns) into ``features.parquet/part-<first row_id>.parquet``,
+    its failed rows into ``errors.parquet/``. Returns what the driver needs of each row: ``row_id``, the
+    error columns, the per-stage seconds and cache hits, and (first row) the array shapes as JSON."""
     rows = batch.sort_values("row_id").reset_index(drop=True)
     if not len(rows):
         return pd.DataFrame({c: [] for c in (*SHARD_COLUMNS, "shapes")})
@@ -121,41 +118,47 @@ def write_store_shard(batch: pd.DataFrame, cache_root: str, out_dir: str) -> pd.
     name = f"part-{int(rows['row_id'].iloc[0]):09d}.parquet"
     shapes: dict[str, list[int]] = {}
     if len(good):
-        good = good.assign(**tokens_cut_from_cache(good, Path(cache_root)))
-        table, shapes = features_table(good, arrays_from_cache(good, Path(cache_root)))
-        (Path(out_dir) / FEATURES_FILE).mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, Path(out_dir) / FEATURES_FILE / name)
+        entries = batch_entries(good)
+        good = good.assign(**tokens_cut(entries))
+        table, shapes = features_table(good, stacked_arrays(entries))
+        _write_parquet(table, storage.join(out_dir, FEATURES_FILE, name))
     if len(errors):
-        (Path(out_dir) / ERRORS_FILE).mkdir(parents=True, exist_ok=True)
-        errors.to_parquet(Path(out_dir) / ERRORS_FILE / name, index=False)
+        _write_parquet(pa.Table.from_pandas(errors, preserve_index=False), storage.join(out_dir, ERRORS_FILE, name))
     kept = [c for c in rows.columns if c in SHARD_COLUMNS or c.startswith(("t_", "hit_"))]
     out = rows[kept].copy()
     out["shapes"] = [json.dumps(shapes)] + [""] * (len(out) - 1)
     return out
 
 
+def _write_parquet(table: pa.Table, location: str) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(location, sink.getvalue().to_pybytes())
+
+
 def finish_store(out_dir: str | Path, shard_rows: pd.DataFrame, meta: dict[str, Any]) -> Store:
     """``store.json`` of a store the workers wrote: the counts, the array shapes and the text sources'
     statistics (read back from the shards: texts, cut counts and pooled text embeddings only). Returns
     the store without its array columns."""
-    out_dir = Path(out_dir)
+    out_dir = storage.resolved(out_dir)
     shapes: dict[str, list[int]] = {}
     for text in shard_rows.get("shapes", pd.Series(dtype=str)):
         shapes.update(json.loads(text) if text else {})
     failed = shard_rows["error_stage"].astype(str) != ""
     columns = [c for c in (*TEXT_STAT_COLUMNS, *[cut_column(s) for s in TEXT_SOURCES],
                            *[f"text_{s}_pooled" for s in TEXT_SOURCES])]
-    features = _read_table(out_dir / FEATURES_FILE, columns) if (out_dir / FEATURES_FILE).exists() else pd.DataFrame()
-    errors = _read_table(out_dir / ERRORS_FILE) if (out_dir / ERRORS_FILE).exists() else _empty_errors()
+    features_at, errors_at = storage.join(out_dir, FEATURES_FILE), storage.join(out_dir, ERRORS_FILE)
+    features = _read_table(features_at, columns) if storage.exists(features_at) else pd.DataFrame()
+    errors = _read_table(errors_at) if storage.exists(errors_at) else _empty_errors()
     pooled = {s: np.stack(features[f"text_{s}_pooled"].to_numpy()) for s in TEXT_SOURCES
               if f"text_{s}_pooled" in features and len(features)}
     meta = {**meta, "rows": int((~failed).sum()), "errors": int(failed.sum()), "shapes": shapes,
             **store_text_meta(features, pooled)}
     if meta["rows"] == 0:
         _write_empty_features(out_dir)
-    if not (out_dir / ERRORS_FILE).exists():
-        _empty_errors().to_parquet(out_dir / ERRORS_FILE, index=False)
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    if not storage.exists(errors_at):
+        _write_parquet(pa.Table.from_pandas(_empty_errors(), preserve_index=False), errors_at)
+    storage.write_text(storage.join(out_dir, META_FILE), json.dumps(meta, indent=2))
     return Store(features=features.drop(columns=[c for c in features.columns if c.endswith("_pooled")]),
                  errors=errors, meta=meta)
 
@@ -163,15 +166,16 @@ def finish_store(out_dir: str | Path, shard_rows: pd.DataFrame, meta: dict[str, 
 TEXT_STAT_COLUMNS = ("row_id", "image_path", "ocr_text", "ocr_fields", "description", "reasoning", "metadata_text")
 
 
-def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+def _read_table(location: str, columns: list[str] | None = None) -> pd.DataFrame:
     """A store table (a file or a folder of shards), in ``row_id`` order; ``columns`` that exist only.
     A shard that is not readable Parquet (truncated, overwritten) is a DataError naming the file."""
+    fs, path = storage.filesystem(location)
     try:
-        dataset = pq.ParquetDataset(path)
+        dataset = pq.ParquetDataset(path, filesystem=fs)
         names = set(dataset.schema.names)
         table = dataset.read(columns=[c for c in columns if c in names] if columns is not None else None)
     except (pa.ArrowException, OSError) as exc:
-        bad = _unreadable_file(path) or path
+        bad = _unreadable_file(location) or location
         why = (str(exc).splitlines() or [""])[0].replace(f"'{bad}'", "").replace(str(bad), "")[:160]
         raise DataError(f"damaged feature store: {bad} is not readable Parquet ({type(exc).__name__}: {why}); "
                         "extract the store again (`ase-ray features`: the cache keeps the outputs)") from None
@@ -179,11 +183,12 @@ def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return frame.sort_values("row_id").reset_index(drop=True) if "row_id" in frame else frame
 
 
-def _unreadable_file(path: Path) -> Path | None:
+def _unreadable_file(location: str) -> str | None:
     """The first file of a store table (itself, or a shard of its folder) whose Parquet footer is unreadable."""
-    for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+    for file in ([location] if storage.is_file(location) else storage.list_files(location)):
         try:
-            pq.read_metadata(file)
+            fs, path = storage.filesystem(file)
+            pq.read_metadata(path, filesystem=fs)
         except Exception:
             return file
     return None
@@ -193,14 +198,11 @@ def _empty_errors() -> pd.DataFrame:
     return pd.DataFrame({"row_id": pd.Series(dtype="int64"), **{c: pd.Series(dtype=str) for c in ERROR_COLUMNS[1:]}})
 
 
-def _write_empty_features(out_dir: Path) -> None:
+def _write_empty_features(out_dir: str) -> None:
     """A features table with no row (every input failed): readers get an empty table, not a missing file."""
-    path = out_dir / FEATURES_FILE
-    if path.is_dir():
-        import shutil
-
-        shutil.rmtree(path)
-    pq.write_table(pa.table({"row_id": pa.array([], pa.int64()), "image_id": pa.array([], pa.string())}), path)
+    path = storage.join(out_dir, FEATURES_FILE)
+    storage.remove(path)
+    _write_parquet(pa.table({"row_id": pa.array([], pa.int64()), "image_id": pa.array([], pa.string())}), path)
 
 
 def split_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -218,38 +220,40 @@ def split_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return rows.loc[~failed].reset_index(drop=True), errors
 
 
-def write_store(rows: pd.DataFrame, cache_root: str | Path, out_dir: str | Path, meta: dict[str, Any]) -> Store:
-    """The store of pipeline rows in one process (every output cached, or a test): stored and error rows,
-    arrays from the cache."""
+def write_store(rows: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]) -> Store:
+    """The store of pipeline rows (with their ``arrays_<stage>`` columns) in one process (a test)."""
     good, errors = split_rows(rows.sort_values("row_id").reset_index(drop=True))
-    good = good.assign(**tokens_cut_from_cache(good, Path(cache_root)))
-    return write_store_arrays(good, arrays_from_cache(good, Path(cache_root)), errors, out_dir, meta)
+    entries = batch_entries(good)
+    return write_store_arrays(good.assign(**tokens_cut(entries)), stacked_arrays(entries), errors, out_dir, meta)
 
 
-def tokens_cut_from_cache(good: pd.DataFrame, cache_root: Path) -> dict[str, np.ndarray]:
+def batch_entries(good: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    """Per stage that carries arrays, each stored row's unpacked outputs (from ``arrays_<stage>``)."""
+    stages = sorted({stage for stage, _ in array_columns().values()})
+    out = {}
+    for stage in stages:
+        column = arrays_column(stage)
+        if column not in good.columns:
+            raise DataError(f"the pipeline's rows carry no {column} (the {stage} stage's arrays)")
+        out[stage] = [unpack(bytes(v)) for v in good[column]]
+    return out
+
+
+def tokens_cut(entries: dict[str, list[dict[str, Any]]]) -> dict[str, np.ndarray]:
     """Per text source, the tokens the encoder cut from each row's text (``text_<src>_tokens_cut``)."""
-    cache = StageCache(cache_root, "text_encoder", "")
-    entries = [cache.get(key) or {} for key in good["key_text_encoder"]] if len(good) else []
-    return {cut_column(src): np.asarray([int(e.get(f"{src}_cut", 0)) for e in entries], dtype=np.int64)
+    rows = entries.get("text_encoder", [])
+    return {cut_column(src): np.asarray([int(e.get(f"{src}_cut", 0)) for e in rows], dtype=np.int64)
             for src in TEXT_SOURCES}
 
 
-def arrays_from_cache(good: pd.DataFrame, cache_root: Path) -> dict[str, np.ndarray]:
-    """Every array column, stacked over the rows, from the stage cache entries named in ``key_<stage>``."""
-    caches: dict[str, StageCache] = {}
+def stacked_arrays(entries: dict[str, list[dict[str, Any]]]) -> dict[str, np.ndarray]:
+    """Every array column, stacked over the rows (an optional column only when every row has it)."""
     arrays = {}
     for column, (stage, entry) in array_columns().items():
-        cache = caches.setdefault(stage, StageCache(cache_root, stage, ""))
-        values = []
-        for key in good[f"key_{stage}"]:
-            cached = cache.get(key)
-            if cached is None:
-                raise DataError(f"cache entry {stage}/{key} vanished while the store was written")
-            if entry not in cached and column in OPTIONAL_COLUMNS:
-                break
-            values.append(np.asarray(cached[entry]))
-        else:
-            arrays[column] = np.stack(values) if values else np.zeros((0,), dtype=np.float32)
+        rows = entries.get(stage, [])
+        if column in OPTIONAL_COLUMNS and any(entry not in e for e in rows):
+            continue
+        arrays[column] = np.stack([np.asarray(e[entry]) for e in rows]) if rows else np.zeros((0,), dtype=np.float32)
     return arrays
 
 
@@ -260,15 +264,16 @@ def write_store_arrays(
     out_dir = clear_store(out_dir)
     if len(good):
         table, shapes = features_table(good, arrays)
-        pq.write_table(table, out_dir / FEATURES_FILE)
+        _write_parquet(table, storage.join(out_dir, FEATURES_FILE))
     else:  # every row failed: an empty table, not a zero-width list column (pyarrow refuses those)
         _write_empty_features(out_dir)
-        table, shapes, arrays = pq.read_table(out_dir / FEATURES_FILE), {}, {}
-    (errors if len(errors) else _empty_errors()).to_parquet(out_dir / ERRORS_FILE, index=False)
+        table, shapes, arrays = pa.table({"row_id": pa.array([], pa.int64())}), {}, {}
+    errors_table = pa.Table.from_pandas(errors if len(errors) else _empty_errors(), preserve_index=False)
+    _write_parquet(errors_table, storage.join(out_dir, ERRORS_FILE))
     pooled = {src: arrays[f"text_{src}_pooled"] for src in TEXT_SOURCES if f"text_{src}_pooled" in arrays}
     meta = {**meta, "rows": int(len(good)), "errors": int(len(errors)), "shapes": shapes,
             **store_text_meta(good, pooled)}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    storage.write_text(storage.join(out_dir, META_FILE), json.dumps(meta, indent=2))
     return Store(features=table.to_pandas(), errors=errors, meta=meta)
 
 
@@ -290,37 +295,48 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, width)
 
 
-def check_store(store_dir: str | Path) -> Path:
+def check_store(store_dir: str | Path) -> str:
     """The store's three parts exist (cheap: nothing is read); a DataError when it is unfinished (tables
     without ``store.json``: an extraction that was interrupted, or is still running) or incomplete."""
-    store_dir = Path(store_dir)
-    begun = [n for n in (FEATURES_FILE, ERRORS_FILE, ATTEMPTS_DIR) if (store_dir / n).exists()]
-    if not (store_dir / META_FILE).exists() and begun:
+    store_dir = storage.resolved(store_dir)
+    begun = [n for n in (FEATURES_FILE, ERRORS_FILE, ATTEMPTS_DIR) if storage.exists(storage.join(store_dir, n))]
+    if not storage.exists(storage.join(store_dir, META_FILE)) and begun:
         raise DataError(f"unfinished feature store: {store_dir} has {', '.join(begun)} but no {META_FILE}, which an "
                         "extraction writes last (it was interrupted, or is still running); run `ase-ray features` again")
     for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
-        if not (store_dir / name).exists():
-            raise DataError(f"not a feature store: {store_dir / name} is missing (run `ase-ray features`)")
+        if not storage.exists(storage.join(store_dir, name)):
+            raise DataError(f"not a feature store: {storage.join(store_dir, name)} is missing (run `ase-ray features`)")
     return store_dir
 
 
-def load_store(store_dir: str | Path) -> Store:
+def read_store_meta(store_dir: str | Path) -> dict[str, Any]:
+    """``store.json`` of a finished store (a path or a URI)."""
     store_dir = check_store(store_dir)
+    location = storage.join(store_dir, META_FILE)
     try:
-        meta = json.loads((store_dir / META_FILE).read_text(encoding="utf-8"))
+        meta = json.loads(storage.read_text(location))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"broken feature store: {store_dir / META_FILE} is not JSON ({exc})") from None
+        raise DataError(f"broken feature store: {location} is not JSON ({exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("shapes"), dict):
-        raise DataError(f"broken feature store: {store_dir / META_FILE} has no 'shapes' record of its array columns")
+        raise DataError(f"broken feature store: {location} has no 'shapes' record of its array columns")
+    return meta
+
+
+def load_store(store_dir: str | Path, columns: list[str] | None = None) -> Store:
+    """The whole store in memory (a small store; large ones are read by ``ray.data.read_parquet``);
+    ``columns``: only these feature columns (those that exist)."""
+    store_dir = storage.resolved(store_dir)
+    meta = read_store_meta(store_dir)
     tables = []
-    for name in (FEATURES_FILE, ERRORS_FILE):
+    for name, wanted in ((FEATURES_FILE, columns), (ERRORS_FILE, None)):
+        location = storage.join(store_dir, name)
         try:
-            tables.append(_read_table(store_dir / name))
+            tables.append(_read_table(location, wanted))
         except (OSError, ValueError, pa.ArrowException) as exc:
-            raise DataError(f"broken feature store: cannot read {store_dir / name}: {' '.join(str(exc).split())}") from None
+            raise DataError(f"broken feature store: cannot read {location}: {' '.join(str(exc).split())}") from None
     features, errors = tables
-    if len(features) and LABEL not in features.columns:
-        raise DataError(f"broken feature store: {store_dir / FEATURES_FILE} has no {LABEL!r} column "
+    if len(features) and LABEL not in features.columns and (columns is None or LABEL in columns):
+        raise DataError(f"broken feature store: {storage.join(store_dir, FEATURES_FILE)} has no {LABEL!r} column "
                         f"(it has {sorted(features.columns)[:8]})")
     return Store(features, errors, meta)
 

@@ -72,9 +72,15 @@ def test_store_errors_cache_and_mlflow(ray_session, dataset):
     assert store.meta["text_stats"]["ocr"]["tokens_cut"] == 0 and (features["text_ocr_tokens_cut"] == 0).all()
     assert store.meta["features"]["reason"]["domain"] == "automated optical inspection image"  # dataset.yaml
 
+    assert first.summary["models_loaded"]["text_encoder"] >= 1
     second = extract_features(cfg, manifest, dataset / "store2")
     for stage in ("ocr", "describe", "reason", "image_encoder", "text_encoder"):
         assert second.summary["stages"][stage]["cache_hits"] == n - 1, stage
+    assert second.summary["from_cache"] == n - 1
+    assert second.summary["models_loaded"] == dict.fromkeys(RAN, 0)  # an all-hit run loads no model
+    # The cache is Parquet shards, one per stage batch (no file per entry).
+    describe_shards = list((dataset / "work" / "cache" / "describe").rglob("*.parquet"))
+    assert 1 <= len(describe_shards) < n - 1 and not list((dataset / "work" / "cache").rglob("*.npz"))
     again = load_store(dataset / "store2")
     assert (again.features["ocr_text"] == store.features["ocr_text"]).all()
 
@@ -102,6 +108,7 @@ def test_changed_setting_recomputes_only_that_stage(ray_session, dataset):
     assert stages["ocr"]["cache_hits"] == result.summary["stored"]
     assert stages["image_encoder"]["cache_hits"] == result.summary["stored"]
     assert stages["describe"]["cache_hits"] == 0
+    assert result.summary["models_loaded"]["describe"] >= 1 and result.summary["models_loaded"]["ocr"] == 0
 
 
 def test_missing_tesseract_fails_at_start(ray_session, dataset, monkeypatch):

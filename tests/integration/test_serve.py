@@ -282,16 +282,17 @@ def test_hot_swap_changes_version_without_restarting_replicas(served):
 
 def _store_in_process(config, manifest: Path, tmp_path: Path) -> Path:
     from ase_ray.data.manifest import read_manifest
-    from ase_ray.features.pipeline import _decode_batch, _with_row_ids, stage_plan, with_metadata
+    from ase_ray.features.pipeline import _with_row_ids, stage_plan, with_metadata
+    from ase_ray.features.stages import DecodeStage
     from ase_ray.features.store import write_store
 
     rows, metadata = with_metadata(config, read_manifest(manifest), read_dataset_info(manifest))
-    batch = _decode_batch(_with_row_ids(rows))
+    batch = DecodeStage()(_with_row_ids(rows))
     for stage_cls, settings in stage_plan(config):
         batch = stage_cls(settings, str(tmp_path / "cache"))(batch)
     assert not batch["error_stage"].astype(bool).any()
     meta = {"manifest": str(manifest), "metadata_columns": metadata.to_json()}
-    write_store(batch, tmp_path / "cache", tmp_path / "store", meta)
+    write_store(batch, tmp_path / "store", meta)
     return tmp_path / "store"
 
 

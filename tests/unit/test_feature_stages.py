@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from ase_ray.features.cache import StageCache, content_key, fingerprint
+from ase_ray.features.cache import StageCache, content_key, fingerprint, pack
 from ase_ray.features.settings import OcrSettings
 from ase_ray.features.stages import DecodeStage, Stage
 from tests.conftest import write_png
@@ -75,14 +77,36 @@ def test_fingerprint_changes_with_settings_but_not_resources():
     assert content_key("x", "y") != content_key("xy")
 
 
-def test_cache_round_trip_and_damaged_entry(tmp_path):
-    cache = StageCache(tmp_path, "s", "f")
-    key = cache.key("abc")
-    cache.put(key, {"text": "hello", "vec": np.arange(3, dtype=np.float32)})
-    got = cache.get(key)
+def test_cache_round_trip_and_damaged_shard(tmp_path, caplog):
+    cache = StageCache(str(tmp_path), "s", "f" * 64)
+    key, other = cache.key("abc"), cache.key("def")
+    shard = cache.put_many({key: pack({"text": "hello", "vec": np.arange(3, dtype=np.float32)}),
+                            other: pack({"text": "x", "vec": np.zeros(3, dtype=np.float32)})})
+    got = StageCache(str(tmp_path), "s", "f" * 64).get(key)  # a new reader finds it through its index
     assert got["text"] == "hello" and got["vec"].tolist() == [0, 1, 2]
-    cache.path(key).write_bytes(b"broken")
-    assert cache.get(key) is None
+    assert cache.shards() == [shard] and shard.endswith(".parquet")
+    Path(shard).write_bytes(b"broken")
+    fresh = StageCache(str(tmp_path), "s", "f" * 64)
+    with caplog.at_level("WARNING"):
+        assert fresh.get_many([key, other]) == {}  # a damaged shard: its rows are misses
+    assert "not readable" in caplog.text
+    fresh.put(key, {"text": "again"})
+    assert StageCache(str(tmp_path), "s", "f" * 64).get(key)["text"] == "again"
+
+
+def test_two_writers_never_share_a_shard_and_a_reader_sees_both(tmp_path):
+    a, b = StageCache(str(tmp_path), "s", "f" * 64), StageCache(str(tmp_path), "s", "f" * 64)
+    a.get_many(["x"])  # indexed before b wrote
+    b.put(b.key("1"), {"v": np.ones(2)})
+    a.put(a.key("2"), {"v": np.zeros(2)})
+    assert len(set(a.shards())) == 2
+    assert set(a.get_many([a.key("1"), a.key("2")])) == {a.key("1"), a.key("2")}  # a refreshes on its miss
+
+
+def test_other_settings_have_their_own_entries(tmp_path):
+    a, b = StageCache(str(tmp_path), "s", "a" * 64), StageCache(str(tmp_path), "s", "b" * 64)
+    a.put(a.key("img"), {"v": np.ones(1)})
+    assert b.get_many([b.key("img"), a.key("img")]) == {}
 
 
 def test_decode_hashes_content_and_flags_corrupt_images(tmp_path):
@@ -95,6 +119,44 @@ def test_decode_hashes_content_and_flags_corrupt_images(tmp_path):
     assert out.loc[0, "image_id"] == out.loc[1, "image_id"] != ""
     assert list(out["error_stage"]) == ["", "", "decode", "decode"]
     assert (out.loc[0, "width"], out.loc[0, "height"]) == (32, 24)
+    assert len(out.loc[0, "pixels"]) == 32 * 24 * 3 and out.loc[2, "pixels"] == b""
+
+
+def test_image_stages_read_the_decoded_pixels_not_the_file(tmp_path):
+    from PIL import Image
+
+    from ase_ray.features.stages import load_rgb, row_image
+
+    path = write_png(tmp_path / "a.png")
+    batch = DecodeStage()(pd.DataFrame({"image_path": [str(path)]}))
+    path.unlink()  # decoded once: nothing reads the file again
+    image = row_image(batch.iloc[0])
+    assert isinstance(image, Image.Image) and image.size == (32, 24)
+    assert np.asarray(image).tolist() == np.asarray(Image.frombytes("RGB", (32, 24), batch.loc[0, "pixels"])).tolist()
+
+
+def test_a_stage_group_decodes_runs_its_stages_and_drops_the_pixels_after_the_last_image_stage(tmp_path):
+    from ase_ray.features.stages import StageGroup
+
+    class Sizes(Doubling):
+        name = "image_encoder"
+        carries_arrays = True
+
+        def compute(self, rows):
+            from ase_ray.features.stages import row_image
+
+            return [{"size": np.array(row_image(r).size), "text": "x"} for r in rows]
+
+    paths = [str(write_png(tmp_path / f"{i}.png")) for i in range(3)]
+    group = StageGroup([(Sizes, OcrSettings())], str(tmp_path / "cache"), decode=True)
+    out = group(pd.DataFrame({"row_id": [0, 1, 2], "image_path": paths}))
+    assert "pixels" not in out.columns and out["image_id"].astype(bool).all()
+    from ase_ray.features.cache import unpack
+
+    assert [unpack(v)["size"].tolist() for v in out["arrays_image_encoder"]] == [[32, 24]] * 3
+    again = StageGroup([(Sizes, OcrSettings())], str(tmp_path / "cache"), decode=True)(
+        pd.DataFrame({"row_id": [0, 1, 2], "image_path": paths}))
+    assert again["hit_image_encoder"].all() and list(again["arrays_image_encoder"]) == list(out["arrays_image_encoder"])
 
 
 def test_lookup_never_computes(tmp_path):

@@ -14,7 +14,6 @@ from ase_ray.data.manifest import DatasetInfo, read_dataset_info, read_manifest
 from ase_ray.data.synthetic import generate_synthetic
 from ase_ray.features.backends import build_text_encoder
 from ase_ray.features.pipeline import (
-    _decode_batch,
     _with_row_ids,
     apply_layout_hints,
     format_summary,
@@ -22,7 +21,7 @@ from ase_ray.features.pipeline import (
     with_metadata,
 )
 from ase_ray.features.settings import TextEncoderSettings
-from ase_ray.features.stages import TEXT_SOURCES
+from ase_ray.features.stages import TEXT_SOURCES, DecodeStage
 from ase_ray.features.store import META_FILE, load_store, stack, write_store
 from ase_ray.features.text_stats import MIN_SPREAD, cut_column
 from ase_ray.testing import fake_feature_store
@@ -44,11 +43,11 @@ def synthetic_store(tmp_path_factory):
     info = read_dataset_info(manifest)
     cfg = apply_layout_hints(cfg, info)
     rows, metadata = with_metadata(cfg, read_manifest(manifest), info)
-    batch = _decode_batch(_with_row_ids(rows))
+    batch = DecodeStage()(_with_row_ids(rows))
     for stage_cls, settings in stage_plan(cfg):
         batch = stage_cls(settings, str(root / "cache"))(batch)
     assert not batch["error_stage"].astype(bool).any()
-    return write_store(batch, root / "cache", root / "store", {"manifest": str(manifest),
+    return write_store(batch, root / "store", {"manifest": str(manifest),
                                                                 "metadata_columns": metadata.to_json()})
 
 

@@ -327,7 +327,8 @@ def models_pull(
 @user_errors
 def features_cmd(
     manifest: Annotated[Path, typer.Option(help="Manifest to extract features for.")],
-    out: Annotated[Optional[Path], typer.Option(help="Store folder (default: features.out_dir).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Store folder, a path or a URI such as s3://bucket/store "
+                                                   "(default: features.out_dir).")] = None,
     track: Annotated[bool, typer.Option(help="Log an MLflow run.")] = True,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -482,7 +483,8 @@ def serve_cmd(
 @user_errors
 def predict_cmd(
     manifest: Annotated[Path, typer.Option(help="Manifest of images to classify (image_path; labels optional).")],
-    out: Annotated[Path, typer.Option(help="Output folder: predictions.parquet, predictions.csv, summary.json.")],
+    out: Annotated[str, typer.Option(help="Output folder, a path or a URI (s3://...): predictions.parquet, "
+                                         "predictions.csv, summary.json.")],
     model_uri: ModelUriOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

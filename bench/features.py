@@ -1,18 +1,26 @@
-"""Feature-extraction benchmark: a plain sequential loop vs the Ray Data pipeline vs a warm cache.
+"""Feature-extraction benchmark: a plain sequential loop vs the Ray Data pipeline vs a warm cache, at two
+sizes, and the driver's peak memory at two sizes.
 
-    python bench/features.py [--images 120] [--set features.reason.backend=smollm2 ...]
+    python bench/features.py [--sizes 120 360] [--rss-sizes 200 2000] [--set features.x=y ...]
 
-All three runs use the same N synthetic images and the same backends (the configured defaults:
-tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM). Writes
-bench/results/features.json and bench/results/features.md.
+Per size, the three runs use the same synthetic images and the same backends (the configured defaults:
+tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM), each cold pipeline
+with an empty cache of its own. The overlap bound (``cores / one-thread seconds per image``) is measured
+once. Driver memory: ``ase-ray features``' own process (``ru_maxrss``, the workers are other processes)
+run in a subprocess per size with cheap backends (tesseract, measuring describer, no LLM, tiny random
+encoders): the driver's work per row does not depend on the models. Writes bench/results/features.json
+and bench/results/features.md; the keys without a suffix are the first size's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,56 +108,28 @@ def single_ocr_seconds(config, paths: list[str], repeats: int = 10) -> float:
     return (time.perf_counter() - started) / len(images)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=120)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RSS_BACKENDS = ["features.reason.backend=none", "features.image_encoder.backend=tiny",
+                "features.text_encoder.backend=tiny"]
 
-    from ase_ray.config import load_config
-    from ase_ray.data.manifest import read_manifest, write_manifest
-    from ase_ray.data.synthetic import generate_synthetic
-    from ase_ray.features.pipeline import apply_layout_hints, extract_features
-    from ase_ray.data.manifest import read_dataset_info
 
-    work = Path(tempfile.mkdtemp(prefix="ase-ray-bench-features-"))
-    config = load_config(overrides=[f"project.work_dir={work}", *args.overrides])
-    generate_synthetic(config.data.synth, work / "synth")
-    manifest = read_manifest(work / "synth" / "manifest.csv").sample(n=args.images, random_state=0)
-    manifest_path = write_manifest(manifest, work / "synth" / "bench.csv")
-    config = apply_layout_hints(config, read_dataset_info(manifest_path))
-    paths = manifest["image_path"].tolist()
-    cores = os.cpu_count() or 1
-
-    ocr_s = single_ocr_seconds(config, paths)
-    sequential_s, sequential_load_s, sequential_stages = sequential_loop(config, paths)
-    one_thread = one_thread_work(config, paths)
-    bound = cores / sum(one_thread.values())
-    # Ray is up before the clock starts, as on a cluster (its start-up is reported on its own);
-    # the pipeline's time still includes starting its actors and loading their models.
-    from ase_ray.ray_env import ensure_ray
-
-    started = time.perf_counter()
-    ensure_ray(config.ray)
-    ray_start_s = time.perf_counter() - started
-    started = time.perf_counter()
-    cold = extract_features(config, manifest_path, work / "store1", track=False)
-    pipeline_s = time.perf_counter() - started
-    started = time.perf_counter()
-    cached = extract_features(config, manifest_path, work / "store2", track=False)
-    cached_s = time.perf_counter() - started
+def measure_size(config, manifest_path: Path, paths: list[str], work: Path, bound: float, cores: int) -> dict:
+    """The loop, the cold pipeline (an empty cache) and the warm re-run over ``paths``."""
+    from ase_ray.features.pipeline import extract_features
 
     n = len(paths)
-    result = {
+    sequential_s, sequential_load_s, sequential_stages = sequential_loop(config, paths)
+    config = config.model_copy(update={"features": config.features.model_copy(
+        update={"cache_dir": str(work / f"cache_{n}")})})
+    started = time.perf_counter()
+    cold = extract_features(config, manifest_path, work / f"store_{n}_cold", track=False, echo=lambda *_: None)
+    pipeline_s = time.perf_counter() - started
+    started = time.perf_counter()
+    warm = extract_features(config, manifest_path, work / f"store_{n}_warm", track=False, echo=lambda *_: None)
+    cached_s = time.perf_counter() - started
+    return {
         "images": n,
-        "cores": cores,
-        "backends": {k: v["backend"] for k, v in cached.store.meta["backends"].items()},
-        "single_image_ocr_s": round(ocr_s, 4),
-        "ocr_bound_limit_images_per_s": round(cores / ocr_s, 3),
         "sequential_s": round(sequential_s, 2),
         "sequential_model_load_s": round(sequential_load_s, 2),
-        "ray_start_s": round(ray_start_s, 2),
         "pipeline_s": round(pipeline_s, 2),
         "cached_s": round(cached_s, 2),
         "sequential_images_per_s": round(n / sequential_s, 3),
@@ -157,39 +137,139 @@ def main() -> None:
         "cached_images_per_s": round(n / cached_s, 3),
         "speedup": round(sequential_s / pipeline_s, 3),
         "cache_speedup": round(pipeline_s / cached_s, 3),
-        "pipeline_efficiency_vs_ocr_bound": round((n / pipeline_s) / (cores / ocr_s), 3),
-        "one_thread_seconds_per_image": {k: round(v, 4) for k, v in one_thread.items()},
-        "overlap_bound_images_per_s": round(bound, 3),
         "overlap_bound_speedup": round(bound * sequential_s / n, 3),
         "pipeline_efficiency_vs_overlap_bound": round((n / pipeline_s) / bound, 3),
         "sequential_stage_seconds": {k: round(v, 2) for k, v in sequential_stages.items()},
         "cold_pipeline_stage_seconds": {k: v["seconds"] for k, v in cold.summary["stages"].items()},
-        "warm_pipeline_stage_seconds": {k: v["seconds"] for k, v in cached.summary["stages"].items()},
+        "warm_pipeline_stage_seconds": {k: v["seconds"] for k, v in warm.summary["stages"].items()},
+        "warm_models_loaded": warm.summary["models_loaded"],
+        "backends": {k: v["backend"] for k, v in warm.store.meta["backends"].items()},
     }
+
+
+def driver_peak_rss(manifest: Path, work: Path, overrides: list[str]) -> dict:
+    """``extract_features`` in a fresh process over ``manifest``; that process's peak RSS (MB)."""
+    code = (
+        "import json, resource, sys, time\n"
+        "from ase_ray.config import load_config\n"
+        "from ase_ray.features.pipeline import extract_features\n"
+        "cfg = load_config(overrides=json.loads(sys.argv[3]))\n"
+        "t = time.perf_counter()\n"
+        "r = extract_features(cfg, sys.argv[1], sys.argv[2], track=False, echo=lambda *_: None)\n"
+        "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+        "                  'wall_s': time.perf_counter() - t, 'stored': r.summary['stored']}))\n"
+    )
+    sets = [f"project.work_dir={work}", f"features.cache_dir={work / 'cache'}", *RSS_BACKENDS, *overrides]
+    proc = subprocess.run([sys.executable, "-c", code, str(manifest), str(work / "store"), json.dumps(sets)],
+                          capture_output=True, text=True, check=True, env={**os.environ, "RAY_ADDRESS": ""})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[120, 360])
+    parser.add_argument("--rss-sizes", type=int, nargs="*", default=[200, 2000])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from ase_ray.config import load_config
+    from ase_ray.data.manifest import read_dataset_info, read_manifest, write_manifest
+    from ase_ray.data.synthetic import generate_synthetic
+    from ase_ray.features.pipeline import apply_layout_hints
+
+    work = Path(tempfile.mkdtemp(prefix="ase-ray-bench-features-"))
+    largest = max([*args.sizes, *args.rss_sizes])
+    config = load_config(overrides=[f"project.work_dir={work}", *args.overrides])
+    scale = max(1.0, math.ceil(10 * largest / sum(config.data.synth.counts().values())) / 10 + 0.1)
+    synth = config.data.synth.model_copy(update={"scale": scale})
+    generate_synthetic(synth, work / "synth")
+    everything = read_manifest(work / "synth" / "manifest.csv")
+    manifests = {n: write_manifest(everything.sample(n=n, random_state=0), work / "synth" / f"bench_{n}.csv")
+                 for n in sorted({*args.sizes, *args.rss_sizes})}
+    config = apply_layout_hints(config, read_dataset_info(manifests[args.sizes[0]]))
+    cores = os.cpu_count() or 1
+    first = read_manifest(manifests[args.sizes[0]])["image_path"].tolist()
+
+    ocr_s = single_ocr_seconds(config, first)
+    one_thread = one_thread_work(config, first)
+    bound = cores / sum(one_thread.values())
+    # Ray is up before the clocks start, as on a cluster (its start-up is reported on its own); each
+    # pipeline's time still includes starting its actors and loading their models.
+    from ase_ray.ray_env import ensure_ray
+
+    started = time.perf_counter()
+    ensure_ray(config.ray)
+    ray_start_s = time.perf_counter() - started
+    sizes = {}
+    for n in args.sizes:
+        paths = read_manifest(manifests[n])["image_path"].tolist()
+        sizes[n] = measure_size(config, manifests[n], paths, work, bound, cores)
+        print(json.dumps(sizes[n]), flush=True)
+    import ray
+
+    ray.shutdown()
+    rss = {str(n): driver_peak_rss(manifests[n], work / f"rss_{n}", args.overrides) for n in args.rss_sizes}
+
+    base = sizes[args.sizes[0]]
+    result = {
+        "images": base["images"],
+        "cores": cores,
+        "backends": base["backends"],
+        "single_image_ocr_s": round(ocr_s, 4),
+        "ocr_bound_limit_images_per_s": round(cores / ocr_s, 3),
+        "ray_start_s": round(ray_start_s, 2),
+        **{k: v for k, v in base.items() if k not in ("images", "backends")},
+        "pipeline_efficiency_vs_ocr_bound": round(base["pipeline_images_per_s"] / (cores / ocr_s), 3),
+        "one_thread_seconds_per_image": {k: round(v, 4) for k, v in one_thread.items()},
+        "overlap_bound_images_per_s": round(bound, 3),
+        "fuse_cpu_stages": config.features.fuse_cpu_stages,
+    }
+    for n in args.sizes[1:]:
+        result[f"images_{n}"] = sizes[n]
+        result[f"speedup_{n}"] = sizes[n]["speedup"]
+        result[f"pipeline_efficiency_vs_overlap_bound_{n}"] = sizes[n]["pipeline_efficiency_vs_overlap_bound"]
+    if rss:
+        result["driver_peak_rss_mb"] = {k: round(v["peak_rss_mb"], 1) for k, v in rss.items()}
+        result["driver_peak_rss_runs"] = {k: {"wall_s": round(v["wall_s"], 1), "stored": v["stored"]}
+                                          for k, v in rss.items()}
+        result["driver_rss_backends"] = RSS_BACKENDS
+        sizes_rss = sorted(rss, key=int)
+        result["driver_peak_rss_ratio"] = round(rss[sizes_rss[-1]]["peak_rss_mb"] / rss[sizes_rss[0]]["peak_rss_mb"], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "features.json").write_text(json.dumps(result, indent=2))
-    table = "\n".join([
-        f"Feature extraction, {n} synthetic images, {cores} cores ({', '.join(f'{k}={v}' for k, v in result['backends'].items())})",
+    (RESULTS / "features.md").write_text(markdown(result, sizes, one_thread, cores) + "\n")
+    print(markdown(result, sizes, one_thread, cores))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(result: dict, sizes: dict, one_thread: dict, cores: int) -> str:
+    lines = [
+        f"Feature extraction on synthetic images, {cores} cores "
+        f"({', '.join(f'{k}={v}' for k, v in result['backends'].items())}); "
+        f"features.fuse_cpu_stages={result['fuse_cpu_stages']}",
         "",
-        "| run | seconds | images/s | vs sequential |",
-        "|---|---|---|---|",
-        f"| sequential loop | {result['sequential_s']} | {result['sequential_images_per_s']} | 1.00x |",
-        f"| Ray Data pipeline (cold cache) | {result['pipeline_s']} | {result['pipeline_images_per_s']} | {result['speedup']:.2f}x |",
-        f"| Ray Data pipeline (warm cache) | {result['cached_s']} | {result['cached_images_per_s']} | {sequential_s / cached_s:.2f}x |",
+        "| images | sequential loop s | cold pipeline s | warm re-run s | cold vs loop | of the overlap bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, r in sizes.items():
+        lines.append(f"| {n} | {r['sequential_s']} | {r['pipeline_s']} | {r['cached_s']} | {r['speedup']:.2f}x | "
+                     f"{r['pipeline_efficiency_vs_overlap_bound']:.0%} |")
+    lines += [
         "",
-        f"OCR-bound limit: {cores} cores / {result['single_image_ocr_s']} s per image = "
-        f"{result['ocr_bound_limit_images_per_s']} images/s; pipeline efficiency against it: "
-        f"{result['pipeline_efficiency_vs_ocr_bound']:.2f}. Warm cache vs cold pipeline: {result['cache_speedup']:.1f}x.",
         f"Overlap bound: {cores} cores / {sum(one_thread.values()):.3f} s of one-thread work per image "
         f"({', '.join(f'{k} {v:.3f}' for k, v in one_thread.items())}) = {result['overlap_bound_images_per_s']} "
-        f"images/s, {result['overlap_bound_speedup']:.2f}x the loop: the most any overlap of the pipeline's "
-        f"one-thread work reaches here; the pipeline got {result['pipeline_efficiency_vs_overlap_bound']:.0%} of it.",
-        f"Both cold runs include loading the models ({result['sequential_model_load_s']} s in the loop); "
-        f"Ray was started before the pipeline's clock ({result['ray_start_s']} s), as on a running cluster.",
-    ])
-    (RESULTS / "features.md").write_text(table + "\n")
-    print(table)
-    shutil.rmtree(work, ignore_errors=True)
+        "images/s: the most any overlap of the pipeline's one-thread work reaches here.",
+        f"Both cold runs include loading the models; Ray was started before the pipeline's clock "
+        f"({result['ray_start_s']} s), as on a running cluster. A warm re-run loads no model.",
+    ]
+    if "driver_peak_rss_mb" in result:
+        rss = result["driver_peak_rss_mb"]
+        lines += ["", "| images | driver peak RSS MB | wall s |", "|---|---|---|"]
+        lines += [f"| {k} | {v} | {result['driver_peak_rss_runs'][k]['wall_s']} |" for k, v in rss.items()]
+        lines.append(f"Driver peak RSS ratio, largest / smallest: {result['driver_peak_rss_ratio']:.2f} "
+                     f"(backends {', '.join(result['driver_rss_backends'])}).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from ase_ray.features.hub import resolved_models_dir
 from ase_ray.features.inmemory import feature_settings
 from ase_ray import storage
 from ase_ray.features.settings import StageResources
-from ase_ray.features.stages import IMAGE_STAGES, StageGroup, loaded_models, ran_models, retried_rows, stage_plan_of
+from ase_ray.features.stages import IMAGE_STAGES, group_class, loaded_models, ran_models, retried_rows, stage_plan_of
 from ase_ray.features.store import (
     ATTEMPTS_DIR,
     SUMMARY_FILE,
@@ -101,7 +101,8 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target:
     models_dir = resolved_models_dir(config.features)
     attempts = storage.join(target, ATTEMPTS_DIR)  # the summary's `retried` and models loaded
     for stages, decode, resources in stage_groups(config):
-        ds = ds.map_batches(StageGroup, batch_format="pandas", fn_constructor_args=(stages, cache, models_dir),
+        ds = ds.map_batches(group_class(stages, decode), batch_format="pandas",
+                            fn_constructor_args=(stages, cache, models_dir),
                             fn_constructor_kwargs={"attempts_dir": attempts, "decode": decode},
                             **_actor_args(resources))
     return ds.map_batches(write_store_shard, fn_kwargs={"out_dir": target}, batch_format="pandas",

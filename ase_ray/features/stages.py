@@ -432,6 +432,14 @@ class StageGroup:
         return drop_pixels(batch) if self.drops_pixels else batch
 
 
+def group_class(stages: list[tuple[type[Stage], Any]], decode: bool) -> type[StageGroup]:
+    """A :class:`StageGroup` subclass named after its steps (``DecodeOcrDescribeImageEncoderStages``): Ray
+    names a pool's actors after it, so dashboards, logs and ``ray list actors`` tell the pools apart."""
+    steps = (["decode"] if decode else []) + [cls.name for cls, _ in stages]
+    name = "".join(part.capitalize() for step in steps for part in step.split("_")) + "Stages"
+    return type(name, (StageGroup,), {"__module__": __name__})
+
+
 def stage_plan_of(features: Any) -> list[tuple[type[Stage], Any]]:
     """(stage class, its settings) in pipeline order, from a ``FeaturesConfig``."""
     return [

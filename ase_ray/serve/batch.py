@@ -30,7 +30,8 @@ from ase_ray.data.manifest import (
     resolve_image_path,
 )
 from ase_ray.errors import DataError, ManifestError
-from ase_ray.outputs import check_output_dir
+from ase_ray import storage
+from ase_ray.outputs import check_output_location
 
 PREDICTIONS_PARQUET = "predictions.parquet"
 PREDICTIONS_CSV = "predictions.csv"
@@ -39,7 +40,7 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass
 class PredictResult:
-    out_dir: Path
+    out_dir: str  # a path or a URI
     predictions: pd.DataFrame
     summary: dict[str, Any]
 
@@ -123,7 +124,7 @@ def predict_manifest(config: AppConfig, manifest_path: str | Path, out_dir: str 
     from ase_ray.ray_env import ensure_ray
     from ase_ray.serve.deploy import check_model, serving_config
 
-    check_output_dir(out_dir, "predict --out")
+    out_dir = check_output_location(out_dir, "predict --out")
     rows = read_inputs(manifest_path)
     ref = check_model(config, model_uri)  # before serving_config, which makes the work dir for MLflow
     # The model's recorded feature settings win; the layout hint only matters for older models.
@@ -148,15 +149,13 @@ def predict_manifest(config: AppConfig, manifest_path: str | Path, out_dir: str 
     wall = time.perf_counter() - started
     if len(predictions) != len(rows):
         raise DataError(f"prediction returned {len(predictions)} rows for {len(rows)} inputs")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    predictions.to_parquet(out / PREDICTIONS_PARQUET, index=False)
-    predictions.to_csv(out / PREDICTIONS_CSV, index=False)
+    storage.write_bytes(storage.join(out_dir, PREDICTIONS_PARQUET), predictions.to_parquet(index=False))
+    storage.write_text(storage.join(out_dir, PREDICTIONS_CSV), predictions.to_csv(index=False))
     summary = summarise(predictions, ref.describe(), wall)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    storage.write_text(storage.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
     echo(f"predicted {summary['predicted']} of {summary['rows']} images ({summary['errors']} errors) in "
          f"{summary['wall_s']} s with {ref.uri}" + (f" version {ref.version}" if ref.version else ""))
-    return PredictResult(out, predictions, summary)
+    return PredictResult(out_dir, predictions, summary)
 
 
 def check_metadata_columns(config: AppConfig, ref, rows: pd.DataFrame, manifest_path: str | Path) -> None:

@@ -251,8 +251,9 @@ def test_drill_1_a_killed_stage_actor_loses_no_row_and_its_rows_are_counted_as_r
     wait_for(mid_batch, 300, "OCR batch under way", thread.is_alive, poll_s=0.02)
     alive = list_actors(address=ray_session.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
                         detail=True, raise_on_missing_output=False)  # this session's Ray, not a neighbour's
+    # The pool that runs OCR (with features.fuse_cpu_stages, the one that also decodes and encodes images).
     ocr_actors = [a for a in alive
-                  if "OcrStage" in (a.class_name or "") or "OcrStage" in (getattr(a, "repr_name", "") or "")]
+                  if "OcrDescribe" in (a.class_name or "") or "OcrDescribe" in (getattr(a, "repr_name", "") or "")]
     assert len(ocr_actors) == 1, ocr_actors
     ocr_done_at_kill = cache_entries(cache, "ocr")
     os.kill(ocr_actors[0].pid, signal.SIGKILL)

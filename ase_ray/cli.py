@@ -350,7 +350,7 @@ def train_cmd(
         show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run from its latest checkpoint "
                                          "instead of starting a new one: `--resume [RUN]`.")] = False,
-    store: Annotated[Optional[Path], typer.Option(help="Feature store (default: train.store_dir).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Feature store, a path or a URI (default: train.store_dir).")] = None,
     corrections: Annotated[bool, typer.Option("--corrections", help="Take the review page's corrections table "
                                               "into the training rows (train.corrections).")] = False,
     config: ConfigOpt = None,
@@ -414,7 +414,7 @@ def ablate_cmd(
 @user_errors
 def tune_cmd(
     space: Annotated[Optional[Path], typer.Option(help="Search space YAML (see tune_spaces/).")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Feature store (default: train.store_dir).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Feature store, a path or a URI (default: train.store_dir).")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted search (tune.name, else the latest).")
     ] = False,

@@ -35,7 +35,8 @@ class TrainConfig(StrictModel):
     """Training of PFA/CMAF on Ray Train. Defaults follow the paper (AdamW, batch 10, 60 epochs) except lr."""
 
     task: Literal["binary", "multiclass"] = "multiclass"
-    store_dir: Path | None = Field(None, description="Feature store (None: <work_dir>/features).")
+    store_dir: str | None = Field(None, description="Feature store, a path or a URI (None: where `ase-ray features` "
+                                  "writes by default, features.out_dir).")
     model: ModelSettings = Field(default_factory=ModelSettings)
     pfa: PfaSettings = Field(default_factory=PfaSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)

@@ -10,7 +10,7 @@
   own last checkpoint and logs into the same MLflow run.
 - MLflow: one parent run per search (the space, then the best params and metric), one nested child run
   per trial (``mlflow.parentRunId``); the best completed trial is registered (``ase_ray.registry``).
-- Files: ``<work_dir>/tune/<name>/`` holds ``search.json`` (parent run, space), ``config.yaml`` (the base
+- Files: ``<storage_uri or work_dir>/tune/<name>/`` (a path or a URI: ``ase_ray.storage``) holds ``search.json`` (parent run, space), ``config.yaml`` (the base
   config the trials use), ``trials.md`` and ``trials.json``; Tune's own state is in
   ``<ray_results>/tune-<name>`` and the trials' Ray Train runs in ``<ray_results>/tune-<name>-trials``.
 - ``resume=True`` continues an interrupted search (``tune.name``, else the latest) with the stored base
@@ -26,10 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ase_ray.config import AppConfig, apply_overrides, dump_config, load_config
+import yaml
+
+from ase_ray.config import AppConfig, apply_overrides, dump_config, validate_config
 from ase_ray.console import driver_prints_to_log, tune_verbosity
 from ase_ray.errors import ConfigError, DataError, SearchError
-from ase_ray.storage import join, parent
+from ase_ray import storage
+from ase_ray.storage import join, parent, storage_location
 from ase_ray.tune.space import PIPELINE_SPACE, SearchSpace, load_space, parse_space, plain, trial_config
 
 SEARCH_FILE = "search.json"
@@ -60,8 +63,8 @@ class SearchResult:
     rows: list[TrialRow]
     best: TrialRow
     table: str
-    table_path: Path
-    json_path: Path
+    table_path: str  # a path or a URI
+    json_path: str
     registration: Any = None  # ase_ray.registry.Registration
 
 
@@ -71,23 +74,22 @@ def run_search(config: AppConfig, space_path: str | Path | None = None, resume: 
     """Run (or resume) a search; ``space_data`` gives a space as a mapping instead of a file."""
     from ase_ray.ray_env import ensure_ray
 
-    work_dir = Path(config.project.work_dir).resolve()
-    name = _resume_name(config, work_dir) if resume else _new_name(config, work_dir)
-    out_dir = work_dir / "tune" / name
+    root = tune_root(config)
+    name = _resume_name(config, root) if resume else _new_name(config, root)
+    out_dir = join(root, name)
     if resume:
-        state = json.loads((out_dir / SEARCH_FILE).read_text())
-        base = load_config(out_dir / CONFIG_FILE)
+        state = json.loads(storage.read_text(join(out_dir, SEARCH_FILE)))
+        base = validate_config(yaml.safe_load(storage.read_text(join(out_dir, CONFIG_FILE))))
         space = parse_space(state["space"], state["space_source"], base)
-        check_store(Path(base.train.store_dir))
+        check_store(base.train.store_dir)
     else:
         base = _base_config(config, name)
         space = _load(space_path, space_data, base)
-        check_store(Path(base.train.store_dir))  # every trial reads it: fail once, before anything starts
-        out_dir.mkdir(parents=True)
-        (out_dir / CONFIG_FILE).write_text(dump_config(base))
+        check_store(base.train.store_dir)  # every trial reads it: fail once, before anything starts
+        storage.write_text(join(out_dir, CONFIG_FILE), dump_config(base))
         state = {"name": name, "space_source": space.source, "space": space.raw, "created": time.time()}
         _write_state(out_dir, state)
-    (work_dir / "tune" / LATEST_FILE).write_text(name)
+    storage.write_text(join(root, LATEST_FILE), name)
     base = _with_objective(base, space)
     t = base.tune
     num_samples = t.num_samples or space.num_samples or 1
@@ -127,37 +129,43 @@ def unfinished_trials(grid) -> int:
     return sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
 
 
-def _new_name(config: AppConfig, work_dir: Path) -> str:
+def tune_root(config: AppConfig) -> str:
+    """The searches' files: ``<storage_uri or work_dir>/tune`` (a path or a URI)."""
+    return storage_location(config, "tune")
+
+
+def _new_name(config: AppConfig, root: str) -> str:
     name = config.tune.name or time.strftime("search-%Y%m%d-%H%M%S")
-    if (work_dir / "tune" / name).exists():
-        raise ConfigError(f"search {name!r} already exists in {work_dir / 'tune' / name}: continue it with "
+    if storage.exists(join(root, name)):
+        raise ConfigError(f"search {name!r} already exists in {join(root, name)}: continue it with "
                           "--resume, or give another --set tune.name=...")
     return name
 
 
-def _resume_name(config: AppConfig, work_dir: Path) -> str:
-    latest = work_dir / "tune" / LATEST_FILE
-    name = config.tune.name or (latest.read_text().strip() if latest.is_file() else None)
+def _resume_name(config: AppConfig, root: str) -> str:
+    latest = join(root, LATEST_FILE)
+    name = config.tune.name or (storage.read_text(latest).strip() if storage.is_file(latest) else None)
     if name is None:
-        raise ConfigError(f"no search to resume in {work_dir / 'tune'} (set tune.name or start one without --resume)")
-    if not (work_dir / "tune" / name / SEARCH_FILE).is_file():
-        raise ConfigError(f"no search {name!r} to resume in {work_dir / 'tune'}")
+        raise ConfigError(f"no search to resume in {root} (set tune.name or start one without --resume)")
+    if not storage.is_file(join(root, name, SEARCH_FILE)):
+        raise ConfigError(f"no search {name!r} to resume in {root}")
     return name
 
 
-def _store(config: AppConfig) -> Path:
+def _store(config: AppConfig) -> str:
     from ase_ray.train.fit import store_dir
 
-    return store_dir(config).resolve()
+    return storage.resolved(store_dir(config))
 
 
-def check_store(path: Path) -> None:
-    """A one-line error when ``path`` is not a feature store."""
+def check_store(location: str | Path) -> None:
+    """A one-line error when ``location`` (a path or a URI) is not a feature store."""
     from ase_ray.features.store import ERRORS_FILE, FEATURES_FILE, META_FILE
 
     for name in (FEATURES_FILE, ERRORS_FILE, META_FILE):
-        if not (path / name).exists():  # the tables are files or folders of shards
-            raise DataError(f"not a feature store: {path / name} is missing (run `ase-ray features`, or pass --store)")
+        if not storage.exists(join(location, name)):  # the tables are files or folders of shards
+            raise DataError(f"not a feature store: {join(location, name)} is missing (run `ase-ray features`, or "
+                            "pass --store)")
 
 
 def _base_config(config: AppConfig, name: str) -> AppConfig:
@@ -166,7 +174,7 @@ def _base_config(config: AppConfig, name: str) -> AppConfig:
 
     return apply_overrides(config, {
         "project.work_dir": str(Path(config.project.work_dir).resolve()),
-        "train.store_dir": str(_store(config)),
+        "train.store_dir": _store(config),
         "train.storage_path": join(storage_path(config), f"tune-{name}-trials"),
         "tune.name": name,
     })
@@ -190,8 +198,8 @@ def _with_objective(base: AppConfig, space: SearchSpace) -> AppConfig:
     return apply_overrides(base, values) if values else base
 
 
-def _write_state(out_dir: Path, state: dict[str, Any]) -> None:
-    (out_dir / SEARCH_FILE).write_text(json.dumps(state, indent=2, default=str))
+def _write_state(out_dir: str, state: dict[str, Any]) -> None:
+    storage.write_text(join(out_dir, SEARCH_FILE), json.dumps(state, indent=2, default=str))
 
 
 def trial_cpus(base: AppConfig, space: SearchSpace) -> float:
@@ -325,17 +333,16 @@ def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return (max if mode == "max" else min)(done, key=lambda r: r.metric)
 
 
-def _finish(base: AppConfig, name: str, out_dir: Path, space: SearchSpace, rows: list[TrialRow],
+def _finish(base: AppConfig, name: str, out_dir: str, space: SearchSpace, rows: list[TrialRow],
             parent_run_id: str, echo) -> SearchResult:
     t = base.tune
     best = best_row(rows, t.mode)
     table = results_table(name, rows, best, t.metric, [p.path for p in space.params])
-    table_path = out_dir / "trials.md"
-    json_path = out_dir / "trials.json"
-    table_path.write_text(table)
+    table_path, json_path = join(out_dir, "trials.md"), join(out_dir, "trials.json")
+    storage.write_text(table_path, table)
     payload = {"search": name, "metric": t.metric, "mode": t.mode, "parent_run_id": parent_run_id,
                "space": space.raw, "trials": [asdict(r) for r in rows], "best": asdict(best) if best else None}
-    json_path.write_text(json.dumps(payload, indent=2, default=str))
+    storage.write_text(json_path, json.dumps(payload, indent=2, default=str))
     echo(table)
     if best is None:
         _log_parent(base, parent_run_id, None, [table_path, json_path])
@@ -348,7 +355,7 @@ def _finish(base: AppConfig, name: str, out_dir: Path, space: SearchSpace, rows:
 
         registration = register_run(base, best.run_id, echo=echo)
         payload["registration"] = asdict(registration)
-        json_path.write_text(json.dumps(payload, indent=2, default=str))
+        storage.write_text(json_path, json.dumps(payload, indent=2, default=str))
     _log_parent(base, parent_run_id, best, [table_path, json_path], registration)
     return SearchResult(name, parent_run_id, t.metric, t.mode, rows, best, table, table_path, json_path, registration)
 
@@ -399,15 +406,15 @@ def _open_parent(base: AppConfig, name: str, space: SearchSpace, num_samples: in
     return run.info.run_id
 
 
-def _log_parent(base: AppConfig, parent_run_id: str, best: TrialRow | None, files: list[Path],
+def _log_parent(base: AppConfig, parent_run_id: str, best: TrialRow | None, files: list[str],
                 registration=None) -> None:
     from ase_ray.tracking import safe_params, setup_mlflow
 
     mlflow = setup_mlflow(base)
     client = mlflow.tracking.MlflowClient()
     existing = client.get_run(parent_run_id).data.params
-    for path in files:
-        client.log_artifact(parent_run_id, str(path))
+    for location in files:
+        client.log_text(parent_run_id, storage.read_text(location), storage.name(location))
     if best is None:
         return
     params = safe_params({f"best.{k}": v for k, v in best.params.items()})

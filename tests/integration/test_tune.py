@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -60,11 +61,11 @@ def test_two_trial_search_nests_runs_registers_a_champion_and_writes_the_table(f
     assert float(version.tags["ase_ray.val_macro_f1"]) == pytest.approx(best.metric, abs=1e-6)
     assert resolve_champion_uri(cfg) == "models:/ase-ray-multiclass@champion"
 
-    table = result.table_path.read_text()
+    table = Path(result.table_path).read_text()
     for row in result.rows:
         assert f"| {row.trial}" in table and row.run_id in table
     assert f"| {best.trial} (best) |" in table
-    payload = json.loads(result.json_path.read_text())
+    payload = json.loads(Path(result.json_path).read_text())
     assert [t["trial"] for t in payload["trials"]] == ["trial_000", "trial_001"]
     assert payload["best"]["run_id"] == best.run_id and payload["registration"]["alias"] == "champion"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}

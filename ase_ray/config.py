@@ -209,9 +209,10 @@ class FeaturesConfig(StrictModel):
     )
     sample_texts: int = Field(20, ge=0, description="Generated texts logged to MLflow as a sample.")
     fuse_cpu_stages: bool = Field(
-        True, description="Decode and the cheap CPU stages (OCR, describer, image encoder) share one actor pool "
-        "(fewer processes on a small machine; the pixels never leave the actor). False: each stage its own pool "
-        "(a cluster, where OCR scales on CPUs and the VLM takes GPUs).",
+        True, description="Two actor pools instead of six: decode with the image stages (OCR, describer, image "
+        "encoder; the pixels never leave the actor), and the LLM with the text encoder. Fewer processes share a "
+        "small machine's cores better. False: each stage its own pool (a cluster: OCR scales on CPUs, the VLM "
+        "and LLM take GPUs).",
     )
     shard_rows: int = Field(
         256, ge=1, description="Most rows a worker writes into one store shard (features.parquet/part-*.parquet); "

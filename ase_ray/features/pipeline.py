@@ -111,18 +111,26 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target:
 
 def stage_groups(config: AppConfig) -> list[tuple[list[tuple[type, Any]], bool, StageResources]]:
     """The pipeline's actor pools, in order: (stages, decodes first, resources). With
-    ``features.fuse_cpu_stages``: one pool decodes and runs OCR, the describer and the image encoder
-    (their CPUs added up, the OCR's batch size and pool size), then the LLM and the text encoder on
-    their own. Without: decode alone (its ``features.decode`` resources), then every stage alone."""
+    ``features.fuse_cpu_stages``, two pools: one decodes and runs OCR, the describer and the image
+    encoder (the OCR's batch size), the other runs the LLM and the text encoder (the LLM's batch size
+    and pool size); each pool's CPUs are its stages' added up. Fewer processes share a small machine's
+    cores better: each pool imports torch and holds its models once. Without: decode alone (its
+    ``features.decode`` resources), then every stage alone."""
     plan = stage_plan(config)
     decode = config.features.decode
     if not config.features.fuse_cpu_stages:
         return [([], True, decode), *[([(cls, s)], False, s.resources) for cls, s in plan]]
-    fused = [(cls, s) for cls, s in plan if cls.name in IMAGE_STAGES]
-    first = fused[0][1].resources
-    resources = first.model_copy(update={"num_cpus": round(decode.num_cpus + sum(s.resources.num_cpus for _, s in fused), 3),
-                                         "actors": max(s.resources.actors for _, s in fused)})
-    return [(fused, True, resources), *[([(cls, s)], False, s.resources) for cls, s in plan if cls.name not in IMAGE_STAGES]]
+    images = [(cls, s) for cls, s in plan if cls.name in IMAGE_STAGES]
+    texts = [(cls, s) for cls, s in plan if cls.name not in IMAGE_STAGES]
+    return [(images, True, _fused_resources(images, decode.num_cpus)), (texts, False, _fused_resources(texts))]
+
+
+def _fused_resources(stages: list[tuple[type, Any]], extra_cpus: float = 0.0) -> StageResources:
+    """The first stage's resources, with every stage's CPUs added up and the largest pool of them."""
+    first = stages[0][1].resources
+    return first.model_copy(update={"num_cpus": round(extra_cpus + sum(s.resources.num_cpus for _, s in stages), 3),
+                                    "num_gpus": max(s.resources.num_gpus for _, s in stages),
+                                    "actors": max(s.resources.actors for _, s in stages)})
 
 
 def _with_row_ids(manifest: pd.DataFrame) -> pd.DataFrame:

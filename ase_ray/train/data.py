@@ -377,7 +377,7 @@ def stream_rows(store_dir: str | Path, columns: list[str], parts: list[Arrays], 
             inputs.setdefault(key, []).append(value[stored])
     fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["row_id", *columns],
-                               ray_remote_args={"num_cpus": STREAM_CPUS})
+                               num_cpus=STREAM_CPUS)
     return ds.map_batches(select_rows, batch_format="pyarrow", num_cpus=STREAM_CPUS, fn_kwargs={
         "row_ids": np.concatenate(row_ids), "part": np.concatenate(part), "row_index": np.concatenate(row_index),
         "labels": np.concatenate(labels).astype(np.int64), "inputs": {k: np.concatenate(v) for k, v in inputs.items()},

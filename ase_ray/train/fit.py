@@ -220,7 +220,8 @@ def held_out_scores(model_dir: Path, store: Path, columns: list[str], splits: di
     if any(len(splits[n]) for n in names):
         for batch in stream_rows(store, columns, [splits[n] for n in names], shapes).iter_batches(
                 batch_size=batch_size, batch_format="numpy"):
-            features = {k: v for k, v in batch.items() if k not in (LABEL_KEY, ROW_KEY, PART_KEY)}
+            features = {k: np.require(v, requirements="W") for k, v in batch.items()  # Arrow's are read-only
+                        if k not in (LABEL_KEY, ROW_KEY, PART_KEY)}
             logits = predict_logits(module, features) * temperature
             for code in (0, 1):
                 mine = batch[PART_KEY] == code

@@ -376,8 +376,8 @@ def stream_rows(store_dir: str | Path, columns: list[str], parts: list[Arrays], 
         for key, value in split.features.items():
             inputs.setdefault(key, []).append(value[stored])
     fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["row_id", *columns],
-                               num_cpus=STREAM_CPUS)
+    # select_columns is pushed into the Parquet read: no other column leaves the file.
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=STREAM_CPUS).select_columns(["row_id", *columns])
     return ds.map_batches(select_rows, batch_format="pyarrow", num_cpus=STREAM_CPUS, fn_kwargs={
         "row_ids": np.concatenate(row_ids), "part": np.concatenate(part), "row_index": np.concatenate(row_index),
         "labels": np.concatenate(labels).astype(np.int64), "inputs": {k: np.concatenate(v) for k, v in inputs.items()},

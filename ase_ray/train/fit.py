@@ -83,7 +83,12 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
 
     ``run_name``: a fixed Ray Train run name (a Tune trial), continued when it exists. ``callbacks``: Ray
     Train ``UserCallback``s for the trainer (a Tune trial passes one so that every epoch reaches the
-    scheduler)."""
+    scheduler).
+
+    This process never loads the store's arrays: it reads the small columns (splits, labels, numeric
+    block, fingerprint); the workers stream their shares (:func:`ase_ray.train.data.stream_rows`,
+    :func:`~ase_ray.train.data.take_share`); validation and test rows stream through here afterwards
+    and only their logits are kept (:func:`held_out_scores`)."""
     from ase_ray.ray_env import ensure_ray
     from ase_ray.train.runs import check_same_data, plan_run, write_record
 

@@ -4,6 +4,8 @@ block and a correction's new image (the rows the store lacks) included."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -66,3 +68,42 @@ def test_streamed_shares_are_the_in_memory_split(ray_session, tmp_path, monkeypa
             for key in [*columns, NUMERIC_KEY]:
                 np.testing.assert_array_equal(share[key].astype(np.float32), want.features[key][index].astype(np.float32))
         assert sum(len(s[LABEL_KEY]) for s in shares) == len(want)
+
+
+def test_fit_reads_no_array_column_on_the_driver(ray_session, tmp_path, monkeypatch):
+    """A whole ``fit`` (train, calibrate, decide, evaluate, log): this process asks Parquet for small
+    columns only; the arrays are read in Ray Data's read tasks (other processes)."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from ase_ray.config import load_config
+    from ase_ray.features import store as store_module
+    from ase_ray.features.store import array_columns
+    from ase_ray.train.fit import fit
+
+    fake_feature_store(tmp_path / "store", per_class=10, records={"lot": [float(i % 5) for i in range(30)]})
+    requested: list[list[str] | None] = []
+    read, to_table = pq.ParquetDataset.read, pads.Dataset.to_table
+
+    def spy_read(self, columns=None, **kwargs):
+        requested.append(columns)
+        return read(self, columns=columns, **kwargs)
+
+    def spy_to_table(self, columns=None, **kwargs):
+        requested.append(columns)
+        return to_table(self, columns=columns, **kwargs)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the training driver loaded the whole store")
+
+    monkeypatch.setattr(pq.ParquetDataset, "read", spy_read)
+    monkeypatch.setattr(pads.Dataset, "to_table", spy_to_table)
+    monkeypatch.setattr(store_module, "load_store", no_load)
+    cfg = load_config(overrides=[f"project.work_dir={tmp_path / 'work'}", f"train.store_dir={tmp_path / 'store'}",
+                                 "train.epochs=1", "train.num_workers=1"])
+    result = fit(cfg)
+    assert requested and None not in requested
+    assert not set(array_columns()) & {c for cols in requested for c in cols}
+    model = json.loads((result.model_dir / "model.json").read_text())
+    assert model["extra"]["inputs"]["numeric"]["fields"]  # the numeric block reached the model
+    assert "calibration" in model["extra"] and "decision" in model["extra"]

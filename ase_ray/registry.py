@@ -162,7 +162,7 @@ def _compare(config, version, run_id, score, fingerprint, current, task, store, 
 
 
 def _rescore_champion(config, current, fingerprint, task, store) -> tuple[float | None, str]:
-    from ase_ray.train.data import load_task_arrays, split_fingerprint
+    from ase_ray.train.data import load_task_rows, split_fingerprint
     from ase_ray.train.evaluate import evaluate
     from ase_ray.train.fit import store_dir
 
@@ -170,7 +170,7 @@ def _rescore_champion(config, current, fingerprint, task, store) -> tuple[float 
         return None, "the run records no validation fingerprint"
     store = Path(store) if store is not None else store_dir(config)
     try:
-        splits, classes = load_task_arrays(store, task, use_augmented=False)
+        splits, classes = load_task_rows(store, task, use_augmented=False)  # the rows only: a fingerprint
         if split_fingerprint(splits["val"], classes) != fingerprint:
             return None, f"the validation split of {store} is not the one the run was scored on"
         metrics = evaluate(config, f"models:/{current.name}/{current.version}", store, "val")

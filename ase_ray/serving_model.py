@@ -86,13 +86,14 @@ class DefectClassifierModel(ClassifierPredictor, _pyfunc_base()):
 
 
 def log_pyfunc_model(model_dir: Path, example_arrays) -> None:
-    """Log the model folder as ``model`` of the active run, with an input example of one row."""
+    """Log the model folder as ``model`` of the active run, with an input example of one row
+    (``example_arrays``: ``Arrays``, or its ``features`` dict)."""
     import json
 
     import mlflow
 
     meta = json.loads((Path(model_dir) / "model.json").read_text())
-    example = features_to_frame(example_arrays.features, meta, 1)
+    example = features_to_frame(getattr(example_arrays, "features", example_arrays), meta, 1)
     mlflow.pyfunc.log_model(
         name="model",
         python_model=DefectClassifierModel(),

@@ -129,9 +129,12 @@ def task_label(label: str, task: str, normal_class: str | None) -> str:
 
 
 def with_corrections(splits: dict, classes: list[str], task: str, table_path: Path, store_meta: dict,
-                     features_config, normal_class: str | None = None) -> tuple[dict, dict[str, Any]]:
+                     features_config, normal_class: str | None = None,
+                     columns: list[str] | None = None) -> tuple[dict, dict[str, Any]]:
     """The splits with the corrections taken into the training rows (see the module docstring), and
-    the record of what was used and skipped."""
+    the record of what was used and skipped. ``columns``: the splits carry no store arrays (they stream
+    to the workers, ``ase_ray.train.data.stream_rows``); a new image's arrays of those columns go into
+    the training split's ``added``."""
     from ase_ray.train.data import Arrays
 
     table = read_corrections(table_path)
@@ -145,19 +148,24 @@ def with_corrections(splits: dict, classes: list[str], task: str, table_path: Pa
     for i, image_id in enumerate(rows["image_id"].astype(str)):
         if image_id in plan.relabel:
             labels[i] = index[plan.relabel[image_id]]
-    features = dict(train.features)
+    features, added = dict(train.features), dict(train.added)
     if len(plan.add):
-        new_features, new_rows, failed = _extract_new(plan.add, store_meta, features_config, set(features))
+        wanted = set(columns) if columns is not None else set(features)
+        new_features, new_rows, failed = _extract_new(plan.add, store_meta, features_config, wanted)
         plan.skipped.update(failed)
-        if len(new_rows):
+        if len(new_rows) and columns is not None:
+            added = {k: np.concatenate([added[k], new_features[k]]) if k in added else new_features[k]
+                     for k in columns}
+        elif len(new_rows):
             features = {k: np.concatenate([v, new_features[k].astype(v.dtype)]) for k, v in features.items()}
+        if len(new_rows):
             labels = np.concatenate([labels, new_rows["label"].map(index).to_numpy(np.int64)])
             rows = pd.concat([rows, new_rows], ignore_index=True)
         plan.add = plan.add[~plan.add["image_id"].isin(failed)]
     record = plan.summary(table_path)
     for image_id, why in plan.skipped.items():
         logger.warning("correction of image %s not used: %s", image_id[:12], why)
-    return {**splits, "train": Arrays(features, labels, rows)}, record
+    return {**splits, "train": Arrays(features, labels, rows, added)}, record
 
 
 def _extract_new(add: pd.DataFrame, store_meta: dict, features_config, columns: set[str]):

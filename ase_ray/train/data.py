@@ -1,12 +1,19 @@
-"""From the feature store to model inputs: label maps per task, splits, numpy arrays, Ray Datasets."""
+"""From the feature store to model inputs: label maps per task, splits, numpy arrays, Ray Datasets.
+
+Two ways in. In memory (``load_task_arrays``: every array column of every row; ``evaluate``, ``ablate``,
+tests). Streaming (training, ``ase_ray.train.fit``): the driver reads the small columns only
+(``load_task_rows``), and each Ray Train worker streams the split's array columns from the store's
+Parquet shards (``stream_rows``) and keeps its own share (``take_share``): rows whose index in the
+split is ``rank`` modulo the world size. A worker's memory bound is that share of the split (plus a
+batch in flight), held for the run because PFA rescores the whole share every epoch."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +26,6 @@ from ase_ray.data.manifest import (
     LABEL,
     NORMAL,
     SPLIT,
-    chunks,
     read_dataset_info,
 )
 from ase_ray.data.metadata import STORE_KEY as METADATA_KEY
@@ -53,6 +59,9 @@ class Arrays:
     features: dict[str, np.ndarray]
     labels: np.ndarray
     rows: pd.DataFrame  # the store rows (paths, labels, splits) in the same order
+    # Arrays of the rows the store lacks (a correction's new image: no ``row_id``), in their order; set
+    # when ``features`` holds no store arrays (a split streamed from the store, :func:`stream_rows`).
+    added: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -135,15 +144,25 @@ def load_task_arrays(store_dir: str | Path, task: str, use_augmented: bool = Tru
 
 def constant_text_sources(store_dir: str | Path, train: Arrays) -> list[str]:
     """The text sources that do not vary (or are absent): the store's ``constant_sources`` when its
-    ``store.json`` has it, else judged on the training rows (a store written before it was recorded)."""
+    ``store.json`` has it, else judged on the training rows (a store written before it was recorded).
+    ``train`` may come without arrays (:func:`load_task_rows`): the store's shapes say what is absent, and
+    the old-store fallback reads only the training rows' pooled text embeddings."""
     meta_path = Path(store_dir) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    missing = [src for src in TEXT_SOURCES if f"text_{src}_pooled" not in train.features]
+    have = set(train.features) | set(meta.get("shapes", {}) if not train.features else ())
+    missing = [src for src in TEXT_SOURCES if f"text_{src}_pooled" not in have]
     if "constant_sources" in meta:
         return [*meta["constant_sources"], *[src for src in missing if src not in meta["constant_sources"]]]
-    pooled = {src: train.features[f"text_{src}_pooled"] for src in TEXT_SOURCES
-              if f"text_{src}_pooled" in train.features}
-    return [*flagged(text_source_stats(train.rows, pooled)), *missing]
+    wanted = [f"text_{src}_pooled" for src in TEXT_SOURCES if f"text_{src}_pooled" in have]
+    pooled = {k: train.features[k] for k in wanted if k in train.features}
+    if len(pooled) < len(wanted):  # streamed rows: read those columns of the training rows only
+        ids = train.rows["row_id"].dropna().to_numpy(np.int64)
+        pooled = read_row_arrays(store_dir, wanted, ids)
+        rows = train.rows[train.rows["row_id"].notna()]
+    else:
+        rows = train.rows
+    pooled = {k[len("text_"):-len("_pooled")]: v for k, v in pooled.items()}
+    return [*flagged(text_source_stats(rows, pooled)), *missing]
 
 
 def usable_text_sources(requested: list[str], constant: list[str]) -> tuple[list[str], list[str]]:
@@ -178,7 +197,8 @@ def image_tail_spec(store_meta: dict):
 
 def without_stem(arrays: Arrays) -> Arrays:
     """``arrays`` without ``image_stem`` (a model that does not fine-tune never reads it: ~90 KB a row)."""
-    return Arrays({k: v for k, v in arrays.features.items() if k != STEM}, arrays.labels, arrays.rows)
+    return Arrays({k: v for k, v in arrays.features.items() if k != STEM}, arrays.labels, arrays.rows,
+                  {k: v for k, v in arrays.added.items() if k != STEM})
 
 
 # ------------------------------------------------------------------------ numbers and records
@@ -214,7 +234,7 @@ def with_numeric(arrays: Arrays, block: NumericBlock, metadata: MetadataColumns)
     features = {k: v for k, v in arrays.features.items() if k != NUMERIC_KEY}
     if block.fields:
         features[NUMERIC_KEY] = block.transform(row_ocr_fields(arrays.rows), row_records(arrays.rows, metadata.numeric))
-    return Arrays(features, arrays.labels, arrays.rows)
+    return Arrays(features, arrays.labels, arrays.rows, arrays.added)
 
 
 def with_model_numeric(arrays: Arrays, meta: dict) -> Arrays:
@@ -226,7 +246,7 @@ def with_model_numeric(arrays: Arrays, meta: dict) -> Arrays:
     columns = [f.name for f in block.fields if f.source == "metadata"]
     features = {k: v for k, v in arrays.features.items() if k != NUMERIC_KEY}
     features.update(numeric_features(meta, row_ocr_fields(arrays.rows), row_records(arrays.rows, columns)))
-    return Arrays(features, arrays.labels, arrays.rows)
+    return Arrays(features, arrays.labels, arrays.rows, arrays.added)
 
 
 def model_input_record(block: NumericBlock, metadata: MetadataColumns, text_sources: list[str]) -> dict:
@@ -246,27 +266,174 @@ def split_fingerprint(arrays: Arrays, classes: list[str]) -> str:
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:16]
 
 
-def to_ray_dataset(arrays: Arrays):
-    """A Ray Dataset with one tensor column per feature and ``label_idx``."""
+# --------------------------------------------------------------------- streaming from the store
+PART_KEY = "split_part"  # which of a stream's splits a row belongs to (index into its ``parts``)
+STREAM_CPUS = 0.25  # per read/select task: the Train workers hold most CPUs while their data streams
+SHARE_BATCH = 256
+
+
+def store_columns(store_dir: str | Path) -> list[str]:
+    """The column names of the store's ``features.parquet`` (its footer only)."""
+    import pyarrow.parquet as pq
+
+    from ase_ray.features.store import FEATURES_FILE
+    from ase_ray.storage import filesystem, join
+
+    fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
+    return list(pq.ParquetDataset(path, filesystem=fs).schema.names)
+
+
+def row_columns(names: list[str]) -> list[str]:
+    """The small columns among ``names``: every column but the per-row arrays (``array_columns``)."""
+    from ase_ray.features.store import array_columns
+
+    arrays = set(array_columns())
+    return [c for c in names if c not in arrays]
+
+
+def read_store_rows(store_dir: str | Path) -> Store:
+    """The store without its arrays: ``store.json`` and the small columns of ``features.parquet`` (ids,
+    paths, labels, split, group, texts, OCR fields, metadata), in ``row_id`` order. What the driver of a
+    training run reads; the arrays stream to the Train workers (:func:`stream_rows`)."""
+    from ase_ray.features.store import FEATURES_FILE, _read_table, check_store
+
+    store_dir = check_store(store_dir)
+    meta = json.loads((Path(store_dir) / META_FILE).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("shapes"), dict):
+        raise DataError(f"broken feature store: {Path(store_dir) / META_FILE} has no 'shapes' record of its array columns")
+    features = _read_table(Path(store_dir) / FEATURES_FILE, row_columns(store_columns(store_dir)))
+    if len(features) and LABEL not in features.columns:
+        raise DataError(f"broken feature store: {Path(store_dir) / FEATURES_FILE} has no {LABEL!r} column")
+    return Store(features, pd.DataFrame(), meta)
+
+
+def load_task_rows(store_dir: str | Path, task: str, use_augmented: bool = True) -> tuple[dict[str, Arrays], list[str]]:
+    """:func:`load_task_arrays` without the arrays: per split its rows and labels, ``features`` empty."""
+    store = read_store_rows(store_dir)
+    classes = task_classes(store, task)
+    rows = Arrays({}, task_labels(store.features, task, classes), store.features.reset_index(drop=True))
+    return split_arrays(rows, use_augmented), classes
+
+
+def read_row_arrays(store_dir: str | Path, columns: list[str], row_ids) -> dict[str, np.ndarray]:
+    """Array ``columns`` of the store rows ``row_ids`` (in that order), read with a row filter: for a
+    handful of rows (an input example) or a small column (pooled text embeddings)."""
+    import pyarrow.dataset as pads
+
+    from ase_ray.features.store import FEATURES_FILE
+    from ase_ray.storage import filesystem, join
+
+    ids = np.asarray(row_ids, dtype=np.int64)
+    fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
+    shapes = json.loads((Path(store_dir) / META_FILE).read_text())["shapes"]
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["row_id", *columns], filter=pads.field("row_id").isin(ids.tolist()))
+    where = pd.Index(table.column("row_id").to_numpy()).get_indexer(ids)
+    if (where < 0).any():
+        raise DataError(f"rows {ids[where < 0][:5].tolist()} are not in the feature store {store_dir}")
+    return {c: _as_numpy(table.column(c), shapes[c])[where] for c in columns}
+
+
+def _as_numpy(column, shape: list[int]) -> np.ndarray:
+    """A fixed-size-list Arrow column as an array of shape (rows, *shape), the store's dtype kept."""
+    import pyarrow as pa
+
+    n = len(column)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(n, *shape)
+    return column.to_numpy(zero_copy_only=False).reshape(n, *shape)
+
+
+def select_rows(table, *, row_ids: np.ndarray, part: np.ndarray, row_index: np.ndarray, labels: np.ndarray,
+                inputs: dict[str, np.ndarray], columns: list[str], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """One block of the store (an Arrow table) -> its rows that are in the stream's splits, each with its
+    array ``columns``, ``label_idx``, ``row_index`` (its place in its split), its split's code and the
+    in-memory ``inputs`` (the numeric block) of its split row. Rows of other splits are dropped here, in
+    the read task, so they never reach a worker."""
+    ids = table.column("row_id").to_numpy()
+    where = pd.Index(row_ids).get_indexer(ids) if len(ids) else np.zeros(0, dtype=np.int64)
+    keep = np.flatnonzero(where >= 0)
+    pos = where[keep]
+    out = {c: _as_numpy(table.column(c), shapes[c])[keep] for c in columns}
+    out.update({k: v[pos] for k, v in inputs.items()})
+    out[LABEL_KEY], out[ROW_KEY], out[PART_KEY] = labels[pos], row_index[pos], part[pos]
+    return out
+
+
+def stream_rows(store_dir: str | Path, columns: list[str], parts: list[Arrays], shapes: dict[str, list[int]]):
+    """A Ray Dataset that reads the store's array ``columns`` (and ``row_id``, nothing else) with
+    ``read_parquet`` and keeps the rows of ``parts`` (splits from :func:`load_task_rows`; their rows that
+    the store lacks, ``row_id`` missing, are left out: see :func:`added_rows`). Each row carries its
+    label, its index in its split (``row_index``), its split (``split_part``: index into ``parts``) and
+    the split's in-memory features (the numeric block). Nothing is read on the driver."""
     import ray
-    from ray.data.extensions import TensorArray
 
-    columns = {**arrays.features, LABEL_KEY: arrays.labels, ROW_KEY: np.arange(len(arrays), dtype=np.int64)}
-    frame = pd.DataFrame({k: (TensorArray(v) if v.ndim > 1 else v) for k, v in columns.items()})
-    return ray.data.from_pandas(chunks(frame, max(1, math.ceil(len(frame) / 8))))
+    from ase_ray.features.store import FEATURES_FILE
+    from ase_ray.storage import filesystem, join
+
+    row_ids, part, row_index, labels, inputs = [], [], [], [], {}
+    for code, split in enumerate(parts):
+        stored = _stored_positions(split)
+        row_ids.append(split.rows["row_id"].to_numpy()[stored].astype(np.int64))
+        part.append(np.full(len(stored), code, dtype=np.int64))
+        row_index.append(stored.astype(np.int64))
+        labels.append(split.labels[stored])
+        for key, value in split.features.items():
+            inputs.setdefault(key, []).append(value[stored])
+    fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
+    # select_columns is pushed into the Parquet read: no other column leaves the file.
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=STREAM_CPUS).select_columns(["row_id", *columns])
+    return ds.map_batches(select_rows, batch_format="pyarrow", num_cpus=STREAM_CPUS, fn_kwargs={
+        "row_ids": np.concatenate(row_ids), "part": np.concatenate(part), "row_index": np.concatenate(row_index),
+        "labels": np.concatenate(labels).astype(np.int64), "inputs": {k: np.concatenate(v) for k, v in inputs.items()},
+        "columns": list(columns), "shapes": {c: shapes[c] for c in columns}})
 
 
-def collect_shard(shard, rank: int = 0, world_size: int = 1) -> dict[str, np.ndarray]:
-    """Rows ``rank::world_size`` of a dataset, in the split's order, as numpy arrays (the store is small;
-    workers hold it in memory). Every worker reads the whole dataset and takes its own share, so that
-    which rows a rank trains on never depends on how Ray Data's streaming happened to hand out blocks:
-    a resumed run sees the data an uninterrupted one saw."""
+def _stored_positions(split: Arrays) -> np.ndarray:
+    """Positions of a split's rows that are store rows (a correction's new image has no ``row_id``)."""
+    if "row_id" not in split.rows.columns:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(split.rows["row_id"].notna().to_numpy())
+
+
+def added_rows(split: Arrays) -> dict[str, np.ndarray]:
+    """The rows of a split that the store lacks (corrections' new images, arrays in ``split.added``), in
+    the form :func:`take_share` merges with the streamed rows; {} when there are none."""
+    positions = np.setdiff1d(np.arange(len(split)), _stored_positions(split))
+    if not len(positions):
+        return {}
+    out = {k: np.asarray(v) for k, v in split.added.items()}
+    out.update({k: v[positions] for k, v in split.features.items()})
+    out[LABEL_KEY], out[ROW_KEY] = split.labels[positions], positions.astype(np.int64)
+    return out
+
+
+def share_of(row_index: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Whether each row is this rank's: rows whose index in their split is ``rank`` modulo
+    ``world_size``. Decided by the row alone, so neither block order nor a restart moves a row."""
+    return np.asarray(row_index) % world_size == rank
+
+
+def take_share(shard, rank: int = 0, world_size: int = 1, added: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """This rank's rows of a streamed split (:func:`stream_rows`; ``added``: its rows that the store
+    lacks), in the split's order, as numpy arrays.
+
+    The stream is read batch by batch and only this rank's rows are kept: the bound on a worker's memory
+    is its share of the split (about 1/world_size of the split's arrays, plus one batch in flight), which
+    it holds for the whole run because PFA rescores and reselects from the whole share every epoch."""
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+    batches = shard.iter_batches(batch_size=SHARE_BATCH, batch_format="numpy") if shard is not None else ()
+    for batch in itertools.chain(batches, [added] if added else []):
+        mine = share_of(batch[ROW_KEY], rank, world_size)
+        if not mine.any():
+            continue
         for key, value in batch.items():
-            parts.setdefault(key, []).append(np.asarray(value))
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    if ROW_KEY not in arrays:
-        return arrays
-    order = np.argsort(arrays.pop(ROW_KEY), kind="stable")[rank::world_size]
+            if key != PART_KEY:
+                parts.setdefault(key, []).append(np.asarray(value)[mine])
+    if not parts:
+        return {}
+    arrays = {k: np.concatenate(v, dtype=v[0].dtype, casting="same_kind") for k, v in parts.items()}
+    order = np.argsort(arrays.pop(ROW_KEY), kind="stable")
     return {k: v[order] for k, v in arrays.items()}

@@ -15,22 +15,29 @@ from ase_ray.config import AppConfig
 from ase_ray.errors import DataError
 from ase_ray.tracking import VAL_FINGERPRINT_TAG
 from ase_ray.train.data import (
+    LABEL_KEY,
+    PART_KEY,
+    ROW_KEY,
+    STEM,
     Arrays,
+    added_rows,
     constant_text_sources,
     fit_numeric,
     image_tail_spec,
-    load_task_arrays,
+    load_task_rows,
+    model_columns,
     model_input_record,
+    read_row_arrays,
     split_fingerprint,
     store_metadata,
+    stream_rows,
     task_normal_class,
-    to_ray_dataset,
     usable_text_sources,
     with_numeric,
     without_stem,
 )
 from ase_ray.features.store import META_FILE as STORE_META_FILE
-from ase_ray.train.loop import MODEL_DIR, predict_proba, train_loop_per_worker
+from ase_ray.train.loop import MODEL_DIR, train_loop_per_worker
 from ase_ray.train.metrics import (
     classification_metrics,
     confusion_figure,
@@ -76,15 +83,22 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
 
     ``run_name``: a fixed Ray Train run name (a Tune trial), continued when it exists. ``callbacks``: Ray
     Train ``UserCallback``s for the trainer (a Tune trial passes one so that every epoch reaches the
-    scheduler)."""
+    scheduler).
+
+    This process never loads the store's arrays: it reads the small columns (splits, labels, numeric
+    block, fingerprint); the workers stream their shares (:func:`ase_ray.train.data.stream_rows`,
+    :func:`~ase_ray.train.data.take_share`); validation and test rows stream through here afterwards
+    and only their logits are kept (:func:`held_out_scores`)."""
     from ase_ray.ray_env import ensure_ray
     from ase_ray.train.runs import check_same_data, plan_run, write_record
 
     plan = plan_run(config, storage_path(config), resume, run_name)
     config = plan.config
     cfg = config.train
-    splits, classes = load_task_arrays(store_dir(config), cfg.task, cfg.use_augmented)
-    splits, corrections = with_review_corrections(config, splits, classes)
+    # The driver reads the store's small columns only; the arrays stream to the workers (stream_rows).
+    splits, classes = load_task_rows(store_dir(config), cfg.task, cfg.use_augmented)
+    shapes = json.loads((store_dir(config) / STORE_META_FILE).read_text())["shapes"]
+    splits, corrections = with_review_corrections(config, splits, classes, stored_columns(shapes, True))
     config, dropped = without_constant_sources(config, splits["train"])
     config, splits = with_image_tail(config, splits)
     cfg = config.train
@@ -113,6 +127,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
                 "ase_ray.numeric_fields": ",".join(f["name"] for f in inputs["numeric"]["fields"]) or "none",
                 "ase_ray.metadata_columns": ",".join([*inputs["metadata_columns"]["text"],
                                                       *inputs["metadata_columns"]["numeric"]]) or "none"}
+    columns = stored_columns(shapes, cfg.finetune.enabled)
     run_id = _open_run(config, plan, run_tags, parent_run_id) if track else None
     write_record(plan, run_id, data)
     from ase_ray.tracking import tracking_uri
@@ -126,6 +141,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             "tracking_uri": tracking_uri(config) if track else None,
             "run_id": run_id,
             "inputs": inputs,
+            "added_train": added_rows(splits["train"]) or None,  # corrections' new images: a handful
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
@@ -137,8 +153,11 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
-        datasets={"train": to_ray_dataset(splits["train"]), "val": to_ray_dataset(splits["val"])},
-        dataset_config=DataConfig(datasets_to_split=[]),  # each worker takes its rows (collect_shard)
+        # Every worker streams the whole split and keeps its own share (take_share): Ray's split hands
+        # out blocks as they come, so a restarted run could give a row to another rank.
+        datasets={"train": stream_rows(store_dir(config), columns, [splits["train"]], shapes),
+                  "val": stream_rows(store_dir(config), columns, [splits["val"]], shapes)},
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     try:
         result = _fit_and_release(trainer)
@@ -155,6 +174,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         shutil.copytree(Path(ckpt) / MODEL_DIR, model_dir)
         best = _best_record(Path(ckpt), len(splits["val"]))
     _record_feature_settings(config, model_dir)
+    splits, example = held_out_scores(model_dir, store_dir(config), columns, splits, shapes)
     calibration = calibrate_model_dir(model_dir, splits, cfg.calibrate)
     normal_class = task_normal_class(store_dir(config), cfg.task, classes)
     decision = decide_model_dir(model_dir, splits, normal_class, config.evaluate.max_escape_rate,
@@ -163,17 +183,100 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     results_path = _write_results(config, run_id, plan.name, model_dir, metrics, classes, best, dropped, calibration,
                                   decision, corrections)
     if run_id:
-        _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration)
+        _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration, example)
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}), best epoch {best['epoch']}: val macro-F1 "
          f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}"
          + _line_summary(metrics["test"]))
     return FitResult(run_id, model_dir, metrics, classes, results_path, plan.name, best)
 
 
-def with_review_corrections(config: AppConfig, splits: dict[str, Arrays],
-                            classes: list[str]) -> tuple[dict[str, Arrays], dict[str, Any] | None]:
+def stored_columns(shapes: dict[str, Any], finetune: bool) -> list[str]:
+    """The store's array columns a model is trained on (``image_stem`` only when fine-tuning; a text
+    source the store was written without is absent)."""
+    optional = [c for c in model_columns() if c.startswith("text_") or c == STEM]
+    return [c for c in model_columns() if (c in shapes or c not in optional) and (finetune or c != STEM)]
+
+
+@dataclass
+class Scores:
+    """A held-out split as the post-training steps need it: its rows' raw logits (temperature 1) and
+    labels, computed while its arrays streamed past (:func:`held_out_scores`)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def held_out_scores(model_dir: Path, store: Path, columns: list[str], splits: dict[str, Arrays],
+                    shapes: dict[str, Any], batch_size: int = 256) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The splits with val and test as :class:`Scores`, and one row's model inputs (the logged model's
+    input example). The validation and test rows stream from the store through this process batch by
+    batch, scored by the exported model and dropped: the driver keeps their logits only."""
+    from ase_ray.models.inference import predict_logits
+    from ase_ray.models.io import load_model
+
+    module, meta = load_model(model_dir)
+    temperature = float(module.temperature)
+    names = ("val", "test")
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {0: [], 1: []}
+    example: dict[str, np.ndarray] = {}
+    if any(len(splits[n]) for n in names):
+        for batch in stream_rows(store, columns, [splits[n] for n in names], shapes).iter_batches(
+                batch_size=batch_size, batch_format="numpy"):
+            features = {k: np.require(v, requirements="W") for k, v in batch.items()  # Arrow's are read-only
+                        if k not in (LABEL_KEY, ROW_KEY, PART_KEY)}
+            logits = predict_logits(module, features) * temperature
+            for code in (0, 1):
+                mine = batch[PART_KEY] == code
+                if mine.any():
+                    parts[code].append((batch[ROW_KEY][mine], logits[mine]))
+                    if code == 0 or not example:
+                        example = {k: v[mine][:1] for k, v in features.items()}
+    if not example and len(splits["train"]):  # no held-out row: one training row
+        train = splits["train"]
+        first = train.rows["row_id"].dropna()
+        if len(first):
+            position = int(first.index[0])
+            example = {**read_row_arrays(store, columns, [int(first.iloc[0])]),
+                       **{k: v[position:position + 1] for k, v in train.features.items()}}
+    out = dict(splits)
+    for code, name in enumerate(names):
+        classes = len(meta["classes"])
+        if parts[code]:
+            index = np.concatenate([p[0] for p in parts[code]])
+            logits = np.concatenate([p[1] for p in parts[code]])[np.argsort(index, kind="stable")]
+        else:
+            logits = np.zeros((0, classes), dtype=np.float32)
+        if len(logits) != len(splits[name]):
+            raise DataError(f"{len(logits)} of the {len(splits[name])} {name} rows streamed from the store")
+        out[name] = Scores(logits, splits[name].labels)
+    return out, example
+
+
+def _logits(module, split) -> np.ndarray:
+    """What ``module`` (temperature included) gives on a split: :class:`Scores` or :class:`Arrays`."""
+    from ase_ray.models.inference import predict_logits
+
+    if isinstance(split, Scores):
+        return split.logits / float(module.temperature)
+    return predict_logits(module, {k: v for k, v in split.features.items() if k != LABEL_KEY})
+
+
+def _probs(module, split, classes: int) -> np.ndarray:
+    import torch
+
+    if not len(split):
+        return np.zeros((0, classes))
+    return torch.softmax(torch.from_numpy(np.asarray(_logits(module, split), dtype=np.float32)), dim=-1).numpy()
+
+
+def with_review_corrections(config: AppConfig, splits: dict[str, Arrays], classes: list[str],
+                            columns: list[str] | None = None) -> tuple[dict[str, Arrays], dict[str, Any] | None]:
     """With ``train.corrections`` on: the corrections table taken into the training rows
-    (``ase_ray.train.corrections``) and the record of what was used; off: the splits as they are."""
+    (``ase_ray.train.corrections``) and the record of what was used; off: the splits as they are.
+    ``columns``: the splits carry no arrays; a new image's arrays of those columns go to ``added``."""
     if not config.train.corrections:
         return splits, None
     from ase_ray.train.corrections import corrections_path, with_corrections
@@ -184,7 +287,7 @@ def with_review_corrections(config: AppConfig, splits: dict[str, Arrays],
                         "(the review page writes it; serve.corrections_path moves it)")
     meta = json.loads((store_dir(config) / STORE_META_FILE).read_text())
     normal = task_normal_class(store_dir(config), config.train.task, classes)
-    return with_corrections(splits, classes, config.train.task, path, meta, config.features, normal)
+    return with_corrections(splits, classes, config.train.task, path, meta, config.features, normal, columns)
 
 
 def with_image_tail(config: AppConfig, splits: dict[str, Arrays]) -> tuple[AppConfig, dict[str, Arrays]]:
@@ -268,7 +371,6 @@ def calibrate_model_dir(model_dir: Path, splits: dict[str, Arrays], enabled: boo
     expected calibration error and NLL before and after, on validation and test, or why it was skipped.
     Only validation rows are fitted on; the test figures say how well it holds."""
     from ase_ray.models.calibration import expected_calibration_error, fit_temperature, nll, softmax
-    from ase_ray.models.inference import predict_logits
     from ase_ray.models.io import load_model, save_model
 
     module, meta = load_model(model_dir)
@@ -281,7 +383,7 @@ def calibrate_model_dir(model_dir: Path, splits: dict[str, Arrays], enabled: boo
         record: dict[str, Any] = {"skipped": skipped}
         save_model(module, model_dir, module.settings, module.dims, meta["classes"], {**meta["extra"], "calibration": record})
         return record
-    logits = {name: predict_logits(module, splits[name].features) for name in ("val", "test") if len(splits[name])}
+    logits = {name: _logits(module, splits[name]) for name in ("val", "test") if len(splits[name])}
     temperature = fit_temperature(logits["val"], val.labels)
     record = {"temperature": temperature, "fitted_on": "val", "val_rows": len(val)}
     for name, z in logits.items():
@@ -306,7 +408,7 @@ def decide_model_dir(model_dir: Path, splits: dict[str, Arrays], normal_class: s
 
     module, meta = load_model(model_dir)
     val = splits["val"]
-    probs = predict_proba(module, val.features) if len(val) else np.zeros((0, len(meta["classes"])))
+    probs = _probs(module, val, len(meta["classes"]))
     decision = choose_decision(probs, val.labels, meta["classes"], normal_class, max_escape_rate, review_fraction)
     save_model(module, model_dir, module.settings, module.dims, meta["classes"], {**meta["extra"], "decision": decision})
     return decision
@@ -323,7 +425,7 @@ def evaluate_model_dir(model_dir: Path, splits: dict[str, Arrays], classes: list
     out = {}
     for split in ("val", "test"):
         arrays = splits[split]
-        probs = predict_proba(module, arrays.features) if len(arrays) else np.zeros((0, len(classes)))
+        probs = _probs(module, arrays, len(classes))
         out[split] = classification_metrics(arrays.labels, probs.argmax(1), classes)
         if decision:
             out[split].update(split_line_figures(probs, arrays.labels, classes, decision))
@@ -376,7 +478,6 @@ def _log_reliability(mlflow, config: AppConfig, model_dir: Path, splits: dict[st
     import matplotlib.pyplot as plt
 
     from ase_ray.models.calibration import softmax
-    from ase_ray.models.inference import predict_logits
     from ase_ray.models.io import load_model
     from ase_ray.train.metrics import reliability_figure
 
@@ -385,7 +486,7 @@ def _log_reliability(mlflow, config: AppConfig, model_dir: Path, splits: dict[st
         return
     module, _ = load_model(model_dir)
     temperature = float(calibration.get("temperature", 1.0))
-    raw = predict_logits(module, val.features) * temperature  # the saved model divides by T already
+    raw = _logits(module, val) * temperature  # the saved model divides by T already
     curves = {"uncalibrated": softmax(raw)}
     if "temperature" in calibration:
         curves[f"calibrated (T={temperature:.2f})"] = softmax(raw, temperature)
@@ -408,7 +509,8 @@ def _write_results(config, run_id, train_run, model_dir, metrics, classes, best,
     return out
 
 
-def _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration=None) -> None:
+def _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration=None,
+               example: dict[str, np.ndarray] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     from ase_ray.serving_model import log_pyfunc_model
@@ -431,5 +533,7 @@ def _log_final(config, run_id, model_dir, metrics, splits, results_path, best, c
             mlflow.log_figure(fig, f"confusion_matrix_{split}.png")
             plt.close(fig)
         mlflow.log_artifact(str(results_path))
-        log_pyfunc_model(model_dir, splits["val"] if len(splits["val"]) else splits["train"])
+        if example is None:
+            example = (splits["val"] if len(splits["val"]) else splits["train"]).features
+        log_pyfunc_model(model_dir, example)
     mlflow.tracking.MlflowClient().set_terminated(run_id, "FINISHED")

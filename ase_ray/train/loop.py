@@ -301,7 +301,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.set_num_threads(loop_config.get("threads", 1))
     world = ray.train.get_context().get_world_size()
-    train = _collect(ray.train.get_dataset_shard("train"), rank, world)
+    # Each rank streams the split and keeps its own share (ase_ray.train.data.take_share); the training
+    # rows the store lacks (corrections' new images) come in the config. Only rank 0 scores validation.
+    train = _collect(ray.train.get_dataset_shard("train"), rank, world, loop_config.get("added_train"))
     val = _collect(ray.train.get_dataset_shard("val"), 0, 1) if rank == 0 else {}
     logger = _EpochLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
 
@@ -321,13 +323,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    inputs=loop_config.get("inputs"))
 
 
-def _collect(shard, rank: int, world_size: int) -> dict[str, np.ndarray]:
+def _collect(shard, rank: int, world_size: int, added: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     import ray.data
 
-    from ase_ray.train.data import collect_shard
+    from ase_ray.train.data import take_share
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch per worker is noise
-    return collect_shard(shard, rank, world_size) if shard is not None else {}
+    return take_share(shard, rank, world_size, added)
 
 
 class _EpochLogger:

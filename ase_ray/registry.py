@@ -168,7 +168,7 @@ def _rescore_champion(config, current, fingerprint, task, store) -> tuple[float 
 
     if fingerprint is None:
         return None, "the run records no validation fingerprint"
-    store = Path(store) if store is not None else store_dir(config)
+    store = str(store) if store is not None else store_dir(config)
     try:
         splits, classes = load_task_rows(store, task, use_augmented=False)  # the rows only: a fingerprint
         if split_fingerprint(splits["val"], classes) != fingerprint:

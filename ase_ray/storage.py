@@ -108,6 +108,24 @@ def is_dir(location: str | Path) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+def modified(location: str | Path) -> float:
+    """The file's modification time (seconds since the epoch; 0 when the file system keeps none)."""
+    fs, path = filesystem(location)
+    mtime = fs.get_file_info(path).mtime
+    return mtime.timestamp() if mtime is not None else 0.0
+
+
+def list_dirs(location: str | Path) -> list[str]:
+    """The folders right under ``location`` (locations of the same kind), sorted; [] when absent."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(join(location, name(i.path)) for i in infos if i.type == pafs.FileType.Directory)
+
+
 def read_bytes(location: str | Path) -> bytes:
     fs, path = filesystem(location)
     with fs.open_input_stream(path) as fh:
@@ -170,3 +188,11 @@ def list_files(location: str | Path, suffix: str = "") -> list[str]:
     found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
     base = str(location).rstrip("/")
     return [base + p[len(path):] if is_uri(location) else p for p in found]
+
+
+def upload_dir(local: str | Path, location: str | Path) -> str:
+    """Copy a local folder's files to ``location`` (a path or a URI); returns ``location``."""
+    local = Path(local)
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        write_bytes(join(location, *file.relative_to(local).parts), file.read_bytes())
+    return str(location)

@@ -81,13 +81,20 @@ def task_classes(store: Store, task: str) -> list[str]:
     return sorted(store.features[LABEL].astype(str).unique())
 
 
+def store_meta_if_any(store_dir: str | Path) -> dict:
+    """``store.json`` of a store (a path or a URI), or {} when there is none."""
+    from ase_ray import storage
+
+    location = storage.join(str(store_dir), META_FILE)
+    return json.loads(storage.read_text(location)) if storage.is_file(location) else {}
+
+
 def task_normal_class(store_dir: str | Path, task: str, classes: list[str]) -> str | None:
     """The no-defect class of a task: ``normal`` for binary; the dataset's normal class (its
     ``dataset.yaml``) for multi-class, else a class named ``normal``, else None."""
     if task == "binary":
         return NORMAL
-    meta_path = Path(store_dir) / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = store_meta_if_any(store_dir)
     info = read_dataset_info(meta["manifest"]) if meta.get("manifest") else None
     if info is not None and info.normal_class in classes:
         return info.normal_class
@@ -147,8 +154,7 @@ def constant_text_sources(store_dir: str | Path, train: Arrays) -> list[str]:
     ``store.json`` has it, else judged on the training rows (a store written before it was recorded).
     ``train`` may come without arrays (:func:`load_task_rows`): the store's shapes say what is absent, and
     the old-store fallback reads only the training rows' pooled text embeddings."""
-    meta_path = Path(store_dir) / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = store_meta_if_any(store_dir)
     have = set(train.features) | set(meta.get("shapes", {}) if not train.features else ())
     missing = [src for src in TEXT_SOURCES if f"text_{src}_pooled" not in have]
     if "constant_sources" in meta:
@@ -295,15 +301,15 @@ def read_store_rows(store_dir: str | Path) -> Store:
     """The store without its arrays: ``store.json`` and the small columns of ``features.parquet`` (ids,
     paths, labels, split, group, texts, OCR fields, metadata), in ``row_id`` order. What the driver of a
     training run reads; the arrays stream to the Train workers (:func:`stream_rows`)."""
-    from ase_ray.features.store import FEATURES_FILE, _read_table, check_store
+    from ase_ray.features.store import FEATURES_FILE, _read_table
 
-    store_dir = check_store(store_dir)
-    meta = json.loads((Path(store_dir) / META_FILE).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or not isinstance(meta.get("shapes"), dict):
-        raise DataError(f"broken feature store: {Path(store_dir) / META_FILE} has no 'shapes' record of its array columns")
-    features = _read_table(Path(store_dir) / FEATURES_FILE, row_columns(store_columns(store_dir)))
+    from ase_ray.features.store import read_store_meta
+    from ase_ray.storage import join
+
+    meta = read_store_meta(store_dir)
+    features = _read_table(join(str(store_dir), FEATURES_FILE), row_columns(store_columns(store_dir)))
     if len(features) and LABEL not in features.columns:
-        raise DataError(f"broken feature store: {Path(store_dir) / FEATURES_FILE} has no {LABEL!r} column")
+        raise DataError(f"broken feature store: {join(str(store_dir), FEATURES_FILE)} has no {LABEL!r} column")
     return Store(features, pd.DataFrame(), meta)
 
 
@@ -325,7 +331,7 @@ def read_row_arrays(store_dir: str | Path, columns: list[str], row_ids) -> dict[
 
     ids = np.asarray(row_ids, dtype=np.int64)
     fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
-    shapes = json.loads((Path(store_dir) / META_FILE).read_text())["shapes"]
+    shapes = store_meta_if_any(store_dir)["shapes"]
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
         columns=["row_id", *columns], filter=pads.field("row_id").isin(ids.tolist()))
     where = pd.Index(table.column("row_id").to_numpy()).get_indexer(ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ from ase_ray.train.data import (
     with_numeric,
     without_stem,
 )
-from ase_ray.features.store import META_FILE as STORE_META_FILE
 from ase_ray.train.loop import MODEL_DIR, train_loop_per_worker
 from ase_ray.train.metrics import (
     classification_metrics,
@@ -51,16 +51,28 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FitResult:
     run_id: str | None
-    model_dir: Path
+    model_dir: Path | str  # a URI when project.storage_uri is one
     metrics: dict[str, Any]  # {"val": {...}, "test": {...}}
     classes: list[str]
-    results_path: Path
+    results_path: Path | str
     train_run: str = ""  # Ray Train's run name (resume it with `ase-ray train --resume <name>`)
     best: dict[str, Any] | None = None  # the exported epoch and the rule that chose it
 
 
-def store_dir(config: AppConfig) -> Path:
-    return Path(config.train.store_dir or config.features.out_dir or Path(config.project.work_dir) / "features")
+def store_dir(config: AppConfig) -> str:
+    """The store training reads (a path or a URI): ``train.store_dir``, else where ``ase-ray features``
+    writes by default (``ase_ray.features.pipeline.store_dir``)."""
+    from ase_ray import storage
+    from ase_ray.features.pipeline import store_dir as features_store_dir
+
+    return storage.resolved(config.train.store_dir) if config.train.store_dir else features_store_dir(config)
+
+
+def store_meta(config: AppConfig) -> dict[str, Any]:
+    """``store.json`` of the store training reads ({} when there is none)."""
+    from ase_ray.train.data import store_meta_if_any
+
+    return store_meta_if_any(store_dir(config))
 
 
 def storage_path(config: AppConfig) -> str:
@@ -97,7 +109,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     cfg = config.train
     # The driver reads the store's small columns only; the arrays stream to the workers (stream_rows).
     splits, classes = load_task_rows(store_dir(config), cfg.task, cfg.use_augmented)
-    shapes = json.loads((store_dir(config) / STORE_META_FILE).read_text())["shapes"]
+    shapes = store_meta(config)["shapes"]
     splits, corrections = with_review_corrections(config, splits, classes, stored_columns(shapes, True))
     config, dropped = without_constant_sources(config, splits["train"])
     config, splits = with_image_tail(config, splits)
@@ -105,7 +117,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     splits, inputs = with_numeric_block(config, splits)
     if len(splits["train"]) < cfg.num_workers:
         raise DataError(f"{len(splits['train'])} training rows cannot feed {cfg.num_workers} workers")
-    data = {"store_dir": str(store_dir(config).resolve()), "classes": classes,
+    data = {"store_dir": store_dir(config), "classes": classes,
             "train_rows": len(splits["train"]), "val_fingerprint": split_fingerprint(splits["val"], classes)}
     check_same_data(plan, data)
     if plan.resuming:
@@ -167,7 +179,11 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
         raise
     if result.checkpoint is None:
         raise DataError("training finished without a checkpoint")
-    model_dir = Path(config.project.work_dir).resolve() / "models" / (run_id or plan.name)
+    # On object storage the model is built in a temporary folder and kept at <storage_uri>/models/<run>
+    # (and in MLflow's artifacts); otherwise in <work_dir>/models/<run>.
+    remote = _remote_storage(config)
+    model_dir = (Path(tempfile.mkdtemp(prefix="ase-ray-model-")) / "model" if remote
+                 else Path(config.project.work_dir).resolve() / "models" / (run_id or plan.name))
     with result.checkpoint.as_directory() as ckpt:
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -184,10 +200,22 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
                                   decision, corrections)
     if run_id:
         _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration, example)
+    if remote:
+        from ase_ray.storage import storage_location, upload_dir
+
+        kept = upload_dir(model_dir, storage_location(config, "models", run_id or plan.name))
+        shutil.rmtree(model_dir.parent, ignore_errors=True)
+        model_dir = kept
     echo(f"{cfg.task} {cfg.model.kind} ({cfg.strategy}), best epoch {best['epoch']}: val macro-F1 "
          f"{metrics['val']['macro_f1']:.4f}, test macro-F1 {metrics['test']['macro_f1']:.4f}"
          + _line_summary(metrics["test"]))
     return FitResult(run_id, model_dir, metrics, classes, results_path, plan.name, best)
+
+
+def _remote_storage(config: AppConfig) -> bool:
+    from ase_ray.storage import is_uri
+
+    return bool(config.project.storage_uri) and is_uri(config.project.storage_uri)
 
 
 def stored_columns(shapes: dict[str, Any], finetune: bool) -> list[str]:
@@ -209,7 +237,7 @@ class Scores:
         return len(self.labels)
 
 
-def held_out_scores(model_dir: Path, store: Path, columns: list[str], splits: dict[str, Arrays],
+def held_out_scores(model_dir: Path, store: str, columns: list[str], splits: dict[str, Arrays],
                     shapes: dict[str, Any], batch_size: int = 256) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The splits with val and test as :class:`Scores`, and one row's model inputs (the logged model's
     input example). The validation and test rows stream from the store through this process batch by
@@ -285,7 +313,7 @@ def with_review_corrections(config: AppConfig, splits: dict[str, Arrays], classe
     if not path.is_file():
         raise DataError(f"train.corrections is on but there is no corrections table at {path} "
                         "(the review page writes it; serve.corrections_path moves it)")
-    meta = json.loads((store_dir(config) / STORE_META_FILE).read_text())
+    meta = store_meta(config)
     normal = task_normal_class(store_dir(config), config.train.task, classes)
     return with_corrections(splits, classes, config.train.task, path, meta, config.features, normal, columns)
 
@@ -296,7 +324,7 @@ def with_image_tail(config: AppConfig, splits: dict[str, Arrays]) -> tuple[AppCo
     cfg = config.train
     if not cfg.finetune.enabled:
         return config, {name: without_stem(arrays) for name, arrays in splits.items()}
-    meta = json.loads((store_dir(config) / STORE_META_FILE).read_text())
+    meta = store_meta(config)
     model = cfg.model.model_copy(update={"image_tail": image_tail_spec(meta)})
     return config.model_copy(update={"train": cfg.model_copy(update={"model": model})}), splits
 
@@ -315,10 +343,8 @@ def without_constant_sources(config: AppConfig, train: Arrays) -> tuple[AppConfi
 def with_numeric_block(config: AppConfig, splits: dict[str, Arrays]) -> tuple[dict[str, Arrays], dict[str, Any]]:
     """Every split with the numeric block fitted on the training rows (``train.model.numeric_sources``),
     and what the model must record of it and of the metadata columns (``model.json`` extra.inputs)."""
-    from ase_ray.features.store import META_FILE
 
-    meta_path = store_dir(config) / META_FILE
-    metadata = store_metadata(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
+    metadata = store_metadata(store_meta(config))
     block = fit_numeric(splits["train"], config.train.model.numeric_sources, metadata)
     if config.train.model.numeric_sources and not block.fields:
         logger.warning("train.model.numeric_sources %s: no numeric field on the training rows (skipped: %s); "
@@ -354,12 +380,11 @@ def _fit_and_release(trainer):
 
 def _record_feature_settings(config: AppConfig, model_dir: Path) -> None:
     """Keep the store's feature settings with the model, so Serve extracts what training saw."""
-    from ase_ray.features.store import META_FILE
     from ase_ray.serving_model import write_feature_settings
 
-    meta_path = store_dir(config) / META_FILE
-    if meta_path.is_file():
-        write_feature_settings(model_dir, json.loads(meta_path.read_text()))
+    meta = store_meta(config)
+    if meta:
+        write_feature_settings(model_dir, meta)
 
 
 MIN_CALIBRATION_ROWS = 10
@@ -459,10 +484,8 @@ def _open_run(config: AppConfig, plan, tags: dict[str, str] | None, parent_run_i
 
 
 def _store_models(config: AppConfig) -> dict[str, dict[str, Any]]:
-    from ase_ray.features.store import META_FILE
 
-    meta_path = store_dir(config) / META_FILE
-    backends = json.loads(meta_path.read_text()).get("backends", {}) if meta_path.is_file() else {}
+    backends = store_meta(config).get("backends", {})
     return {stage: info for stage, info in backends.items() if isinstance(info, dict)}
 
 
@@ -496,17 +519,21 @@ def _log_reliability(mlflow, config: AppConfig, model_dir: Path, splits: dict[st
 
 
 def _write_results(config, run_id, train_run, model_dir, metrics, classes, best, dropped=(), calibration=None,
-                   decision=None, corrections=None) -> Path:
-    out = Path(config.project.work_dir).resolve() / "results" / f"train_{run_id or train_run}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run_id": run_id, "train_run": train_run, "model_dir": str(model_dir),
+                   decision=None, corrections=None) -> str:
+    """``<storage_uri or work_dir>/results/train_<run>.json``."""
+    from ase_ray import storage
+
+    out = storage.storage_location(config, "results", f"train_{run_id or train_run}.json")
+    if _remote_storage(config):
+        model_dir = storage.storage_location(config, "models", run_id or train_run)  # where it is kept
+    storage.write_text(out, json.dumps({"run_id": run_id, "train_run": train_run, "model_dir": str(model_dir),
                                "classes": classes, "task": config.train.task, "kind": config.train.model.kind,
                                "text_sources": config.train.model.text_sources,
                                "dropped_text_sources": list(dropped), "best_epoch": best, "metrics": metrics,
                                "calibration": calibration or {}, "decision": decision or {},
                                "corrections": corrections},
                               indent=2))
-    return out
+    return out if storage.is_uri(out) else Path(out)
 
 
 def _log_final(config, run_id, model_dir, metrics, splits, results_path, best, calibration=None,
@@ -532,7 +559,9 @@ def _log_final(config, run_id, model_dir, metrics, splits, results_path, best, c
             fig = confusion_figure(metrics[split], f"{config.train.task} {split} confusion matrix")
             mlflow.log_figure(fig, f"confusion_matrix_{split}.png")
             plt.close(fig)
-        mlflow.log_artifact(str(results_path))
+        from ase_ray import storage
+
+        mlflow.log_text(storage.read_text(results_path), storage.name(results_path))
         if example is None:
             example = (splits["val"] if len(splits["val"]) else splits["train"]).features
         log_pyfunc_model(model_dir, example)

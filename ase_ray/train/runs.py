@@ -1,6 +1,6 @@
 """Which training run an invocation is: a new one every time, or, when asked, one to resume.
 
-Each run has a record under ``<work_dir>/runs/<storage>/<name>/``: the MLflow run it logs into and the
+Each run has a record under ``<storage_uri or work_dir>/runs/<storage>/<name>/`` (a path or a URI): the MLflow run it logs into and the
 settings it started with. ``<storage>`` is a hash of Ray Train's storage path (a path or a URI), and
 ``<name>`` the run's Ray Train name, ``<train.run_name>-<UTC time>-<6 hex>`` for a new run. A resume
 continues the record's Ray Train run (its latest checkpoint) and MLflow run, with the record's
@@ -14,11 +14,11 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from ase_ray import storage as files
 from ase_ray.config import AppConfig, apply_overrides, flatten_config
 from ase_ray.errors import ConfigError
 
@@ -34,15 +34,15 @@ SHAPE_PREFIXES = ("train.task", "train.model.", "train.pfa.enabled", "train.pfa.
 @dataclass
 class RunPlan:
     name: str  # Ray Train's run name
-    record_dir: Path
+    record_dir: str  # a path or a URI
     config: AppConfig  # the settings the run trains with (a resume: the record's, plus allowed changes)
     resuming: bool
     mlflow_run_id: str | None  # the run a previous attempt opened
 
 
-def runs_root(config: AppConfig, storage: str) -> Path:
+def runs_root(config: AppConfig, storage: str) -> str:
     digest = hashlib.sha256(storage.encode()).hexdigest()[:12]
-    return Path(config.project.work_dir).resolve() / "runs" / digest
+    return files.storage_location(config, "runs", digest)
 
 
 def new_run_name(prefix: str) -> str:
@@ -55,52 +55,56 @@ def plan_run(config: AppConfig, storage: str, resume: bool | str = False, name: 
     exists: Tune restarts a failed or resumed trial that way."""
     root = runs_root(config, storage)
     if name is not None:
-        record = root / name
-        if (record / SETTINGS_FILE).is_file():
+        record = files.join(root, name)
+        if files.is_file(files.join(record, SETTINGS_FILE)):
             return _resumed(config, record)
         return RunPlan(name, record, config, False, None)
     if not resume:
         run_name = new_run_name(config.train.run_name)
-        return RunPlan(run_name, root / run_name, config, False, None)
+        return RunPlan(run_name, files.join(root, run_name), config, False, None)
     return _resumed(config, find_record(root, LATEST if resume is True else str(resume)))
 
 
-def find_record(root: Path, wanted: str) -> Path:
-    records = [p for p in root.glob("*") if (p / SETTINGS_FILE).is_file()] if root.is_dir() else []
+def find_record(root: str, wanted: str) -> str:
+    records = [p for p in files.list_dirs(root) if files.is_file(files.join(p, SETTINGS_FILE))]
     if not records:
-        raise ConfigError(f"no training run to resume in {root.parent} (start one without --resume)")
+        raise ConfigError(f"no training run to resume in {files.parent(root)} (start one without --resume)")
+    started = {p: files.modified(files.join(p, SETTINGS_FILE)) for p in records}
     if wanted == LATEST:
-        return max(records, key=lambda p: (p / SETTINGS_FILE).stat().st_mtime)
+        return max(records, key=started.__getitem__)
     for record in records:
-        run_id = (record / RUN_ID_FILE).read_text().strip() if (record / RUN_ID_FILE).is_file() else None
-        if wanted in (record.name, run_id):
+        if wanted in (files.name(record), _run_id(record)):
             return record
-    newest = sorted(records, key=lambda p: (p / SETTINGS_FILE).stat().st_mtime)[-5:]
-    raise ConfigError(f"no training run {wanted!r} to resume (the latest: {', '.join(p.name for p in newest)})")
+    newest = sorted(records, key=started.__getitem__)[-5:]
+    raise ConfigError(f"no training run {wanted!r} to resume (the latest: {', '.join(files.name(p) for p in newest)})")
+
+
+def _run_id(record: str) -> str | None:
+    location = files.join(record, RUN_ID_FILE)
+    return files.read_text(location).strip() if files.is_file(location) else None
 
 
 def write_record(plan: RunPlan, mlflow_run_id: str | None, data: dict[str, Any]) -> None:
     """The settings a new run starts with and the data it saw (checked again on resume)."""
-    plan.record_dir.mkdir(parents=True, exist_ok=True)
     if mlflow_run_id:
-        (plan.record_dir / RUN_ID_FILE).write_text(mlflow_run_id)
+        files.write_text(files.join(plan.record_dir, RUN_ID_FILE), mlflow_run_id)
     if not plan.resuming:
         body = {"train": plan.config.train.model_dump(mode="json"), "data": data}
-        (plan.record_dir / SETTINGS_FILE).write_text(json.dumps(body, indent=2))
+        files.write_text(files.join(plan.record_dir, SETTINGS_FILE), json.dumps(body, indent=2))
 
 
 def check_same_data(plan: RunPlan, data: dict[str, Any]) -> None:
     if not plan.resuming:
         return
-    before = json.loads((plan.record_dir / SETTINGS_FILE).read_text()).get("data", {})
+    before = json.loads(files.read_text(files.join(plan.record_dir, SETTINGS_FILE))).get("data", {})
     changed = sorted(k for k in set(before) | set(data) if before.get(k) != data.get(k))
     if changed:
         raise ConfigError(f"cannot resume run {plan.name}: its training data changed ({', '.join(changed)}); "
                           "start a new run without --resume")
 
 
-def _resumed(config: AppConfig, record: Path) -> RunPlan:
-    stored = json.loads((record / SETTINGS_FILE).read_text())["train"]
+def _resumed(config: AppConfig, record: str) -> RunPlan:
+    stored = json.loads(files.read_text(files.join(record, SETTINGS_FILE)))["train"]
     given = config.train.model_dump(mode="json")
     explicit = explicit_keys(config.train, "train.")
     changes = {}
@@ -117,12 +121,11 @@ def _resumed(config: AppConfig, record: Path) -> RunPlan:
             parts.append(f"these change the model's shape: {_describe(shape)}")
         if other:
             parts.append(f"a resume keeps the run's settings, and these differ: {_describe(other)}")
-        raise ConfigError(f"cannot resume run {record.name}: {'; '.join(parts)}. Start a new run without "
+        raise ConfigError(f"cannot resume run {files.name(record)}: {'; '.join(parts)}. Start a new run without "
                           f"--resume to change them (a resume may change only {', '.join(RESUMABLE_KEYS)})")
     allowed = {k: new for k, (_, new) in changes.items()}
     merged = apply_overrides(config, {"train": stored, **allowed})
-    run_id = (record / RUN_ID_FILE).read_text().strip() if (record / RUN_ID_FILE).is_file() else None
-    return RunPlan(record.name, record, merged, True, run_id)
+    return RunPlan(files.name(record), record, merged, True, _run_id(record))
 
 
 def explicit_keys(model: BaseModel, prefix: str = "") -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 
 import pytest
@@ -31,7 +32,7 @@ def test_resume_finds_latest_by_name_and_by_mlflow_id(tmp_path):
     older = _started(cfg, "run-old")
     time.sleep(0.01)
     newer = _started(cfg, "run-new")
-    os.utime(older.record_dir / "settings.json", (1, 1))
+    os.utime(Path(older.record_dir) / "settings.json", (1, 1))
     bare = load_config(overrides=[f"project.work_dir={tmp_path}"])
     latest = plan_run(bare, STORAGE, resume=True)
     assert (latest.name, latest.resuming, latest.mlflow_run_id) == (newer.name, True, "run-new")

@@ -1,10 +1,11 @@
-"""From the feature store to model inputs: label maps per task, splits, numpy arrays, Ray Datasets.
+"""From the feature store to model inputs: label maps per task, splits, numpy arrays, per-worker shares.
 
 Two ways in. In memory (``load_task_arrays``: every array column of every row; ``evaluate``, ``ablate``,
 tests). Streaming (training, ``ase_ray.train.fit``): the driver reads the small columns only
-(``load_task_rows``), and each Ray Train worker streams the split's array columns from the store's
-Parquet shards (``split_source``) and keeps its own share (``take_share``): rows whose index in the
-split is ``rank`` modulo the world size. A worker's memory bound is that share of the split (plus a
+(``load_task_rows``) and hands each Ray Train worker a small ``SplitSource`` (``split_source``); the
+worker reads only its own share of the array columns from the store's Parquet shards (``take_share``:
+a column projection and a ``row_id`` filter): rows whose index in the split is ``rank`` modulo the
+world size. A worker's memory bound is that share of the split (plus a
 batch in flight), held for the run because PFA rescores the whole share every epoch."""
 
 from __future__ import annotations

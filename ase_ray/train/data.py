@@ -298,7 +298,8 @@ def read_store_rows(store_dir: str | Path) -> Store:
     store_dir = check_store(store_dir)
     meta = json.loads((Path(store_dir) / META_FILE).read_text(encoding="utf-8"))
     if not isinstance(meta, dict) or not isinstance(meta.get("shapes"), dict):
-        raise DataError(f"broken feature store: {Path(store_dir) / META_FILE} has no 'shapes' record of its array columns")
+        raise DataError(f"broken feature store: {Path(store_dir) / META_FILE} has no 'shapes' record of its "
+                        "array columns")
     features = _read_table(Path(store_dir) / FEATURES_FILE, row_columns(store_columns(store_dir)))
     if len(features) and LABEL not in features.columns:
         raise DataError(f"broken feature store: {Path(store_dir) / FEATURES_FILE} has no {LABEL!r} column")

@@ -22,14 +22,14 @@ from ase_ray.train.data import (
     constant_text_sources,
     fit_numeric,
     image_tail_spec,
+    iter_rows,
     load_task_rows,
     model_columns,
     model_input_record,
-    iter_rows,
     read_row_arrays,
     split_fingerprint,
-    store_metadata,
     split_source,
+    store_metadata,
     task_normal_class,
     usable_text_sources,
     with_numeric,
@@ -141,7 +141,8 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             "inputs": inputs,
             # Which rows each split holds (ids, labels, numeric block; a correction's new image's arrays):
             # small. Every worker reads its own share of the arrays from the store (take_share).
-            "sources": {name: split_source(store_dir(config), columns, splits[name], shapes) for name in ("train", "val")},
+            "sources": {name: split_source(store_dir(config), columns, splits[name], shapes)
+                        for name in ("train", "val")},
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}

@@ -133,7 +133,7 @@ def with_corrections(splits: dict, classes: list[str], task: str, table_path: Pa
                      columns: list[str] | None = None) -> tuple[dict, dict[str, Any]]:
     """The splits with the corrections taken into the training rows (see the module docstring), and
     the record of what was used and skipped. ``columns``: the splits carry no store arrays (they stream
-    to the workers, ``ase_ray.train.data.stream_rows``); a new image's arrays of those columns go into
+    to the workers, ``ase_ray.train.data.split_source``); a new image's arrays of those columns go into
     the training split's ``added``."""
     from ase_ray.train.data import Arrays
 

@@ -1,16 +1,16 @@
-"""From the feature store to model inputs: label maps per task, splits, numpy arrays, Ray Datasets.
+"""From the feature store to model inputs: label maps per task, splits, numpy arrays, per-worker shares.
 
 Two ways in. In memory (``load_task_arrays``: every array column of every row; ``evaluate``, ``ablate``,
 tests). Streaming (training, ``ase_ray.train.fit``): the driver reads the small columns only
-(``load_task_rows``), and each Ray Train worker streams the split's array columns from the store's
-Parquet shards (``stream_rows``) and keeps its own share (``take_share``): rows whose index in the
-split is ``rank`` modulo the world size. A worker's memory bound is that share of the split (plus a
+(``load_task_rows``) and hands each Ray Train worker a small ``SplitSource`` (``split_source``); the
+worker reads only its own share of the array columns from the store's Parquet shards (``take_share``:
+a column projection and a ``row_id`` filter): rows whose index in the split is ``rank`` modulo the
+world size. A worker's memory bound is that share of the split (plus a
 batch in flight), held for the run because PFA rescores the whole share every epoch."""
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -60,7 +60,7 @@ class Arrays:
     labels: np.ndarray
     rows: pd.DataFrame  # the store rows (paths, labels, splits) in the same order
     # Arrays of the rows the store lacks (a correction's new image: no ``row_id``), in their order; set
-    # when ``features`` holds no store arrays (a split streamed from the store, :func:`stream_rows`).
+    # when ``features`` holds no store arrays (a split streamed from the store, :func:`split_source`).
     added: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -273,8 +273,6 @@ def split_fingerprint(arrays: Arrays, classes: list[str]) -> str:
 
 
 # --------------------------------------------------------------------- streaming from the store
-PART_KEY = "split_part"  # which of a stream's splits a row belongs to (index into its ``parts``)
-STREAM_CPUS = 0.25  # per read/select task: the Train workers hold most CPUs while their data streams
 SHARE_BATCH = 256
 
 
@@ -300,10 +298,8 @@ def row_columns(names: list[str]) -> list[str]:
 def read_store_rows(store_dir: str | Path) -> Store:
     """The store without its arrays: ``store.json`` and the small columns of ``features.parquet`` (ids,
     paths, labels, split, group, texts, OCR fields, metadata), in ``row_id`` order. What the driver of a
-    training run reads; the arrays stream to the Train workers (:func:`stream_rows`)."""
-    from ase_ray.features.store import FEATURES_FILE, _read_table
-
-    from ase_ray.features.store import read_store_meta
+    training run reads; the arrays stream to the Train workers (:func:`split_source`)."""
+    from ase_ray.features.store import FEATURES_FILE, _read_table, read_store_meta
     from ase_ray.storage import join
 
     meta = read_store_meta(store_dir)
@@ -352,49 +348,71 @@ def _as_numpy(column, shape: list[int]) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).reshape(n, *shape)
 
 
-def select_rows(table, *, row_ids: np.ndarray, part: np.ndarray, row_index: np.ndarray, labels: np.ndarray,
-                inputs: dict[str, np.ndarray], columns: list[str], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    """One block of the store (an Arrow table) -> its rows that are in the stream's splits, each with its
-    array ``columns``, ``label_idx``, ``row_index`` (its place in its split), its split's code and the
-    in-memory ``inputs`` (the numeric block) of its split row. Rows of other splits are dropped here, in
-    the read task, so they never reach a worker."""
-    ids = table.column("row_id").to_numpy()
-    where = pd.Index(row_ids).get_indexer(ids) if len(ids) else np.zeros(0, dtype=np.int64)
-    keep = np.flatnonzero(where >= 0)
-    pos = where[keep]
-    out = {c: _as_numpy(table.column(c), shapes[c])[keep] for c in columns}
-    out.update({k: v[pos] for k, v in inputs.items()})
-    out[LABEL_KEY], out[ROW_KEY], out[PART_KEY] = labels[pos], row_index[pos], part[pos]
-    return out
+@dataclass
+class SplitSource:
+    """Where a split's arrays are and which rows it holds: small (ids, labels, the in-memory inputs), so
+    it travels to every Train worker in the trainer's config; the arrays stay in the store until a worker
+    reads its share (:func:`take_share`)."""
+
+    store: str
+    columns: list[str]
+    shapes: dict[str, list[int]]
+    row_ids: np.ndarray  # the store row_id of each split row, -1 for a row the store lacks
+    labels: np.ndarray
+    inputs: dict[str, np.ndarray]  # per split row, computed on the driver (the numeric block)
+    added: dict[str, np.ndarray]  # arrays of the rows the store lacks (row_id -1), in their order
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
-def stream_rows(store_dir: str | Path, columns: list[str], parts: list[Arrays], shapes: dict[str, list[int]]):
-    """A Ray Dataset that reads the store's array ``columns`` (and ``row_id``, nothing else) with
-    ``read_parquet`` and keeps the rows of ``parts`` (splits from :func:`load_task_rows`; their rows that
-    the store lacks, ``row_id`` missing, are left out: see :func:`added_rows`). Each row carries its
-    label, its index in its split (``row_index``), its split (``split_part``: index into ``parts``) and
-    the split's in-memory features (the numeric block). Nothing is read on the driver."""
-    import ray
+def split_source(store_dir: str | Path, columns: list[str], split: Arrays, shapes: dict[str, list[int]]) -> SplitSource:
+    """A split from :func:`load_task_rows` (with corrections and the numeric block) as a :class:`SplitSource`."""
+    from ase_ray.storage import resolved
+
+    row_ids = np.full(len(split), -1, dtype=np.int64)
+    stored = _stored_positions(split)
+    row_ids[stored] = split.rows["row_id"].to_numpy()[stored].astype(np.int64)
+    return SplitSource(resolved(store_dir), list(columns), {c: list(shapes[c]) for c in columns}, row_ids,
+                       np.asarray(split.labels, dtype=np.int64), dict(split.features),
+                       {k: v for k, v in split.added.items() if k in columns})
+
+
+def iter_rows(source: SplitSource, positions: np.ndarray, batch_rows: int = SHARE_BATCH):
+    """The split's rows at ``positions`` as numpy batches (array columns in the store's dtypes, the
+    in-memory inputs, ``label_idx``, ``row_index``), read from the store's Parquet shards with a column
+    projection and a ``row_id`` filter: one record batch (at most a row group) is in memory at a time.
+    Batches come in the store's order; ``row_index`` says where each row belongs."""
+    import pyarrow.dataset as pads
 
     from ase_ray.features.store import FEATURES_FILE
     from ase_ray.storage import filesystem, join
 
-    row_ids, part, row_index, labels, inputs = [], [], [], [], {}
-    for code, split in enumerate(parts):
-        stored = _stored_positions(split)
-        row_ids.append(split.rows["row_id"].to_numpy()[stored].astype(np.int64))
-        part.append(np.full(len(stored), code, dtype=np.int64))
-        row_index.append(stored.astype(np.int64))
-        labels.append(split.labels[stored])
-        for key, value in split.features.items():
-            inputs.setdefault(key, []).append(value[stored])
-    fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
-    # select_columns is pushed into the Parquet read: no other column leaves the file.
-    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=STREAM_CPUS).select_columns(["row_id", *columns])
-    return ds.map_batches(select_rows, batch_format="pyarrow", num_cpus=STREAM_CPUS, fn_kwargs={
-        "row_ids": np.concatenate(row_ids), "part": np.concatenate(part), "row_index": np.concatenate(row_index),
-        "labels": np.concatenate(labels).astype(np.int64), "inputs": {k: np.concatenate(v) for k, v in inputs.items()},
-        "columns": list(columns), "shapes": {c: shapes[c] for c in columns}})
+    positions = np.asarray(positions, dtype=np.int64)
+    ids = source.row_ids[positions]
+    stored = positions[ids >= 0]
+    if len(stored):
+        lookup = pd.Index(source.row_ids[stored])
+        fs, path = filesystem(join(source.store, FEATURES_FILE))
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        for batch in dataset.to_batches(columns=["row_id", *source.columns], batch_size=batch_rows,
+                                        filter=pads.field("row_id").isin(source.row_ids[stored].tolist())):
+            if not batch.num_rows:
+                continue
+            pos = stored[lookup.get_indexer(batch.column("row_id").to_numpy())]
+            out = {c: _as_numpy(batch.column(c), source.shapes[c]) for c in source.columns}
+            yield _with_split_values(out, source, pos)
+    missing = positions[ids < 0]
+    if len(missing):  # rows the store lacks: their place among the added rows
+        order = np.cumsum(source.row_ids < 0) - 1
+        out = {c: np.asarray(source.added[c])[order[missing]] for c in source.columns}
+        yield _with_split_values(out, source, missing)
+
+
+def _with_split_values(out: dict[str, np.ndarray], source: SplitSource, pos: np.ndarray) -> dict[str, np.ndarray]:
+    out.update({k: v[pos] for k, v in source.inputs.items()})
+    out[LABEL_KEY], out[ROW_KEY] = source.labels[pos], pos
+    return out
 
 
 def _stored_positions(split: Arrays) -> np.ndarray:
@@ -404,40 +422,27 @@ def _stored_positions(split: Arrays) -> np.ndarray:
     return np.flatnonzero(split.rows["row_id"].notna().to_numpy())
 
 
-def added_rows(split: Arrays) -> dict[str, np.ndarray]:
-    """The rows of a split that the store lacks (corrections' new images, arrays in ``split.added``), in
-    the form :func:`take_share` merges with the streamed rows; {} when there are none."""
-    positions = np.setdiff1d(np.arange(len(split)), _stored_positions(split))
-    if not len(positions):
-        return {}
-    out = {k: np.asarray(v) for k, v in split.added.items()}
-    out.update({k: v[positions] for k, v in split.features.items()})
-    out[LABEL_KEY], out[ROW_KEY] = split.labels[positions], positions.astype(np.int64)
-    return out
-
-
 def share_of(row_index: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Whether each row is this rank's: rows whose index in their split is ``rank`` modulo
-    ``world_size``. Decided by the row alone, so neither block order nor a restart moves a row."""
+    ``world_size``. Decided by the row alone, so neither read order nor a restart moves a row."""
     return np.asarray(row_index) % world_size == rank
 
 
-def take_share(shard, rank: int = 0, world_size: int = 1, added: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """This rank's rows of a streamed split (:func:`stream_rows`; ``added``: its rows that the store
-    lacks), in the split's order, as numpy arrays.
+def take_share(source: SplitSource | None, rank: int = 0, world_size: int = 1) -> dict[str, np.ndarray]:
+    """This rank's rows of a split (``row_index`` = ``rank`` modulo ``world_size``), in the split's
+    order, as numpy arrays; {} for an empty split.
 
-    The stream is read batch by batch and only this rank's rows are kept: the bound on a worker's memory
-    is its share of the split (about 1/world_size of the split's arrays, plus one batch in flight), which
-    it holds for the whole run because PFA rescores and reselects from the whole share every epoch."""
+    Only this rank's rows are read (a ``row_id`` filter on the Parquet read), a record batch at a time:
+    the bound on a worker's memory is its share of the split (about 1/world_size of the split's arrays,
+    in the store's dtypes) plus one record batch, held for the whole run because PFA rescores and
+    reselects from the whole share every epoch."""
+    if source is None or not len(source):
+        return {}
+    positions = np.flatnonzero(share_of(np.arange(len(source)), rank, world_size))
     parts: dict[str, list[np.ndarray]] = {}
-    batches = shard.iter_batches(batch_size=SHARE_BATCH, batch_format="numpy") if shard is not None else ()
-    for batch in itertools.chain(batches, [added] if added else []):
-        mine = share_of(batch[ROW_KEY], rank, world_size)
-        if not mine.any():
-            continue
+    for batch in iter_rows(source, positions):
         for key, value in batch.items():
-            if key != PART_KEY:
-                parts.setdefault(key, []).append(np.asarray(value)[mine])
+            parts.setdefault(key, []).append(value)
     if not parts:
         return {}
     arrays = {k: np.concatenate(v, dtype=v[0].dtype, casting="same_kind") for k, v in parts.items()}

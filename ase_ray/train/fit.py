@@ -17,21 +17,20 @@ from ase_ray.errors import DataError
 from ase_ray.tracking import VAL_FINGERPRINT_TAG
 from ase_ray.train.data import (
     LABEL_KEY,
-    PART_KEY,
     ROW_KEY,
     STEM,
     Arrays,
-    added_rows,
     constant_text_sources,
     fit_numeric,
     image_tail_spec,
+    iter_rows,
     load_task_rows,
     model_columns,
     model_input_record,
     read_row_arrays,
     split_fingerprint,
+    split_source,
     store_metadata,
-    stream_rows,
     task_normal_class,
     usable_text_sources,
     with_numeric,
@@ -98,7 +97,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     scheduler).
 
     This process never loads the store's arrays: it reads the small columns (splits, labels, numeric
-    block, fingerprint); the workers stream their shares (:func:`ase_ray.train.data.stream_rows`,
+    block, fingerprint); the workers stream their shares (:func:`ase_ray.train.data.split_source`,
     :func:`~ase_ray.train.data.take_share`); validation and test rows stream through here afterwards
     and only their logits are kept (:func:`held_out_scores`)."""
     from ase_ray.ray_env import ensure_ray
@@ -107,7 +106,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     plan = plan_run(config, storage_path(config), resume, run_name)
     config = plan.config
     cfg = config.train
-    # The driver reads the store's small columns only; the arrays stream to the workers (stream_rows).
+    # The driver reads the store's small columns only; the arrays stream to the workers (split_source, take_share).
     splits, classes = load_task_rows(store_dir(config), cfg.task, cfg.use_augmented)
     shapes = store_meta(config)["shapes"]
     splits, corrections = with_review_corrections(config, splits, classes, stored_columns(shapes, True))
@@ -125,7 +124,6 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     ensure_ray(config.ray)
     from ray.train import (
         CheckpointConfig,
-        DataConfig,
         FailureConfig,
         RunConfig,
         ScalingConfig,
@@ -153,7 +151,10 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             "tracking_uri": tracking_uri(config) if track else None,
             "run_id": run_id,
             "inputs": inputs,
-            "added_train": added_rows(splits["train"]) or None,  # corrections' new images: a handful
+            # Which rows each split holds (ids, labels, numeric block; a correction's new image's arrays):
+            # small. Every worker reads its own share of the arrays from the store (take_share).
+            "sources": {name: split_source(store_dir(config), columns, splits[name], shapes)
+                        for name in ("train", "val")},
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
@@ -165,11 +166,8 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
-        # Every worker streams the whole split and keeps its own share (take_share): Ray's split hands
-        # out blocks as they come, so a restarted run could give a row to another rank.
-        datasets={"train": stream_rows(store_dir(config), columns, [splits["train"]], shapes),
-                  "val": stream_rows(store_dir(config), columns, [splits["val"]], shapes)},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # No Ray Dataset: each worker reads its share straight from the store's Parquet shards (no
+        # Ray Data task to schedule beside the workers; a row's rank depends on the row alone).
     )
     try:
         result = _fit_and_release(trainer)
@@ -248,20 +246,21 @@ def held_out_scores(model_dir: Path, store: str, columns: list[str], splits: dic
     module, meta = load_model(model_dir)
     temperature = float(module.temperature)
     names = ("val", "test")
-    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {0: [], 1: []}
-    example: dict[str, np.ndarray] = {}
-    if any(len(splits[n]) for n in names):
-        for batch in stream_rows(store, columns, [splits[n] for n in names], shapes).iter_batches(
-                batch_size=batch_size, batch_format="numpy"):
+    out, example = dict(splits), {}
+    for name in names:
+        source = split_source(store, columns, splits[name], shapes)
+        logits = np.zeros((len(source), len(meta["classes"])), dtype=np.float32)
+        seen = np.zeros(len(source), dtype=bool)
+        for batch in iter_rows(source, np.arange(len(source)), batch_size):
             features = {k: np.require(v, requirements="W") for k, v in batch.items()  # Arrow's are read-only
-                        if k not in (LABEL_KEY, ROW_KEY, PART_KEY)}
-            logits = predict_logits(module, features) * temperature
-            for code in (0, 1):
-                mine = batch[PART_KEY] == code
-                if mine.any():
-                    parts[code].append((batch[ROW_KEY][mine], logits[mine]))
-                    if code == 0 or not example:
-                        example = {k: v[mine][:1] for k, v in features.items()}
+                        if k not in (LABEL_KEY, ROW_KEY)}
+            logits[batch[ROW_KEY]] = predict_logits(module, features) * temperature
+            seen[batch[ROW_KEY]] = True
+            if not example:
+                example = {k: v[:1] for k, v in features.items()}
+        if not seen.all():
+            raise DataError(f"{int((~seen).sum())} of the {len(seen)} {name} rows are missing from the store")
+        out[name] = Scores(logits, splits[name].labels)
     if not example and len(splits["train"]):  # no held-out row: one training row
         train = splits["train"]
         first = train.rows["row_id"].dropna()
@@ -269,17 +268,6 @@ def held_out_scores(model_dir: Path, store: str, columns: list[str], splits: dic
             position = int(first.index[0])
             example = {**read_row_arrays(store, columns, [int(first.iloc[0])]),
                        **{k: v[position:position + 1] for k, v in train.features.items()}}
-    out = dict(splits)
-    for code, name in enumerate(names):
-        classes = len(meta["classes"])
-        if parts[code]:
-            index = np.concatenate([p[0] for p in parts[code]])
-            logits = np.concatenate([p[1] for p in parts[code]])[np.argsort(index, kind="stable")]
-        else:
-            logits = np.zeros((0, classes), dtype=np.float32)
-        if len(logits) != len(splits[name]):
-            raise DataError(f"{len(logits)} of the {len(splits[name])} {name} rows streamed from the store")
-        out[name] = Scores(logits, splits[name].labels)
     return out, example
 
 

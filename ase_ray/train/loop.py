@@ -301,10 +301,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.set_num_threads(loop_config.get("threads", 1))
     world = ray.train.get_context().get_world_size()
-    # Each rank streams the split and keeps its own share (ase_ray.train.data.take_share); the training
-    # rows the store lacks (corrections' new images) come in the config. Only rank 0 scores validation.
-    train = _collect(ray.train.get_dataset_shard("train"), rank, world, loop_config.get("added_train"))
-    val = _collect(ray.train.get_dataset_shard("val"), 0, 1) if rank == 0 else {}
+    # Each rank reads its own share of the training split from the store (ase_ray.train.data.take_share:
+    # rows rank, rank + world, ... of the split); only rank 0 scores validation, so only it reads val.
+    from ase_ray.train.data import take_share
+
+    sources = loop_config["sources"]
+    train = take_share(sources["train"], rank, world)
+    val = take_share(sources["val"], 0, 1) if rank == 0 else {}
     logger = _EpochLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
 
     def report(metrics: dict[str, float], directory: Path | None) -> None:
@@ -321,15 +324,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    report=report, common_size=lambda n: smallest_across_ranks(n, device),
                    common_counts=lambda counts: summed_across_ranks(counts, device),
                    inputs=loop_config.get("inputs"))
-
-
-def _collect(shard, rank: int, world_size: int, added: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    import ray.data
-
-    from ase_ray.train.data import take_share
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch per worker is noise
-    return take_share(shard, rank, world_size, added)
 
 
 class _EpochLogger:

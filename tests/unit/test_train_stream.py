@@ -12,12 +12,14 @@ from ase_ray.train.data import (
     LABEL_KEY,
     ROW_KEY,
     load_task_arrays,
+    iter_rows,
     load_task_rows,
     read_row_arrays,
     read_store_rows,
     row_columns,
     share_of,
     split_fingerprint,
+    split_source,
     store_columns,
     take_share,
 )
@@ -65,34 +67,69 @@ def test_rows_only_splits_match_the_in_memory_ones(store):
     np.testing.assert_array_equal(got.astype(np.float32), full["val"].features["image_tokens"][[2, 0]])
 
 
-class _Shard:
-    """A dataset iterator stand-in: batches of rows in a shuffled block order."""
-
-    def __init__(self, n: int, seed: int):
-        order = np.random.default_rng(seed).permutation(n)
-        self.batches = [{ROW_KEY: order[i:i + 5], LABEL_KEY: order[i:i + 5] % 3,
-                         "x": np.stack([order[i:i + 5]] * 2, axis=1).astype(np.float16)} for i in range(0, n, 5)]
-
-    def iter_batches(self, batch_size, batch_format):
-        return iter(self.batches)
-
-
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_the_ranks_shares_cover_the_split_once_whatever_the_block_order(world):
-    n = 23
-    shares = [take_share(_Shard(n, seed=rank), rank, world) for rank in range(world)]
-    seen = np.concatenate([s[LABEL_KEY] * 0 + s["x"][:, 0].astype(np.int64) for s in shares])
-    assert sorted(seen.tolist()) == list(range(n))  # every row once
+def test_the_ranks_shares_cover_the_split_once_in_split_order(store, world):
+    from ase_ray.train.fit import stored_columns
+
+    full, _ = load_task_arrays(store, "multiclass")
+    rows, _ = load_task_rows(store, "multiclass")
+    shapes = read_store_rows(store).meta["shapes"]
+    source = split_source(store, stored_columns(shapes, False), rows["train"], shapes)
+    shares = [take_share(source, rank, world) for rank in range(world)]
+    assert sum(len(s[LABEL_KEY]) for s in shares) == len(full["train"])
     for rank, share in enumerate(shares):
-        rows = share["x"][:, 0].astype(np.int64)
-        assert rows.tolist() == list(range(rank, n, world))  # in split order, the same under any block order
-        np.testing.assert_array_equal(take_share(_Shard(n, seed=99), rank, world)["x"], share["x"])
-        assert ROW_KEY not in share
+        index = np.arange(rank, len(full["train"]), world)
+        np.testing.assert_array_equal(share[LABEL_KEY], full["train"].labels[index])
+        np.testing.assert_array_equal(share["image_tokens"].astype(np.float32), full["train"].features["image_tokens"][index])
+        assert ROW_KEY not in share and "image_stem" not in share
+    # Small record batches (rows of one shard arrive in pieces) give the same share.
+    batches = list(iter_rows(source, np.arange(len(source)), batch_rows=4))
+    assert len(batches) > 1 and sorted(np.concatenate([b[ROW_KEY] for b in batches]).tolist()) == list(range(len(source)))
     assert share_of(np.arange(6), 1, 2).tolist() == [False, True] * 3
+    assert take_share(split_source(store, ["image_pooled"], rows["train"].take(np.array([], dtype=np.int64)), shapes)) == {}
 
 
-def test_added_rows_join_the_share_by_their_index():
-    added = {ROW_KEY: np.array([23, 24]), LABEL_KEY: np.array([0, 1]), "x": np.array([[23, 23], [24, 24]], np.float32)}
-    share = take_share(_Shard(23, seed=0), 0, 2, added)
-    assert share["x"][:, 0].tolist() == list(range(0, 25, 2))
-    assert share["x"].dtype == np.float16  # the stream's dtype: an added row does not double the share
+def test_streamed_shares_are_the_in_memory_split_with_numeric_and_corrections(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from ase_ray.features.store import load_store
+    from ase_ray.train import corrections
+    from ase_ray.train.corrections import append_correction, with_corrections
+    from ase_ray.train.data import NUMERIC_KEY, fit_numeric, store_metadata, with_numeric
+    from ase_ray.train.fit import stored_columns
+
+    fake_feature_store(tmp_path / "store", per_class=14, records={"lot": [float(i % 5) for i in range(42)]})
+    meta = load_store(tmp_path / "store").meta
+    shapes, metadata = meta["shapes"], store_metadata(meta)
+    columns = stored_columns(shapes, finetune=False)
+    full, classes = load_task_arrays(tmp_path / "store", "multiclass")
+    rows, _ = load_task_rows(tmp_path / "store", "multiclass")
+
+    # A correction that adds a new image: its arrays are "extracted" here (a copy of a test row's).
+    donor = full["test"].take(np.array([0]))
+    path = tmp_path / "corrections.csv"
+    append_correction(path, {"image_path": "/new.png", "image_id": "ab" * 32, "label": classes[1]})
+    new_rows = pd.DataFrame([{"image_path": "/new.png", "image_id": "ab" * 32, "label": classes[1], "group": "",
+                              "split": "train", "source": "correction", "ocr_fields": '{"LEN": 3.0}', "lot": 2.0}])
+    monkeypatch.setattr(corrections, "_extract_new", lambda add, meta, cfg, cols: (
+        {k: donor.features[k] for k in cols}, new_rows, {}))
+    full, _ = with_corrections(full, classes, "multiclass", path, {}, None)
+    rows, _ = with_corrections(rows, classes, "multiclass", path, {}, None, columns=columns)
+    assert rows["train"].features == {} and set(rows["train"].added) == set(columns)
+    block = fit_numeric(full["train"], ["ocr", "metadata"], metadata)
+    assert block.fields
+    full = {k: with_numeric(v, block, metadata) for k, v in full.items()}
+    rows = {k: with_numeric(v, block, metadata) for k, v in rows.items()}
+
+    for name, world in (("train", 2), ("val", 1)):
+        source = split_source(tmp_path / "store", columns, rows[name], shapes)
+        shares = [take_share(source, rank, world) for rank in range(world)]
+        want = full[name]
+        for rank, share in enumerate(shares):
+            index = np.arange(rank, len(want), world)
+            np.testing.assert_array_equal(share[LABEL_KEY], want.labels[index])
+            for key in [*columns, NUMERIC_KEY]:
+                np.testing.assert_array_equal(share[key].astype(np.float32), want.features[key][index].astype(np.float32))
+        assert sum(len(s[LABEL_KEY]) for s in shares) == len(want)
+    assert take_share(split_source(tmp_path / "store", columns, rows["train"], shapes), 0, 2)["image_tokens"].dtype \
+        == np.float16  # the store's dtype: an added row does not double the share

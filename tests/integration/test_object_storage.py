@@ -108,7 +108,7 @@ def test_the_whole_workflow_runs_on_s3_and_leaves_no_output_on_local_disk(s3, tm
     served = subprocess.Popen([sys.executable, "-m", "ase_ray.cli", "serve", "--port", str(port), *sets], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        image = pd.read_csv(inputs / "split.csv")["image_path"].iloc[0]
+        image = inputs / pd.read_csv(inputs / "split.csv")["image_path"].iloc[0]  # relative to the manifest
         answer = _predict_when_up(port, Path(image), served, timeout_s=300)
         assert answer["label"] and answer["probabilities"]
     finally:

@@ -108,8 +108,12 @@ def test_the_whole_workflow_runs_on_s3_and_leaves_no_output_on_local_disk(s3, tm
     served = subprocess.Popen([sys.executable, "-m", "ase_ray.cli", "serve", "--port", str(port), *sets], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        image = inputs / pd.read_csv(inputs / "split.csv")["image_path"].iloc[0]  # relative to the manifest
-        answer = _predict_when_up(port, Path(image), served, timeout_s=300)
+        from ase_ray.data.manifest import metadata_columns, read_manifest
+
+        rows = read_manifest(inputs / "split.csv")  # image paths made absolute
+        record = {c: (None if pd.isna(rows[c].iloc[0]) else rows[c].iloc[0]) for c in metadata_columns(rows)}
+        record = json.loads(pd.Series(record).to_json())  # plain JSON values
+        answer = _predict_when_up(port, Path(rows["image_path"].iloc[0]), record, served, timeout_s=300)
         assert answer["label"] and answer["probabilities"]
     finally:
         os.killpg(served.pid, signal.SIGINT)
@@ -117,6 +121,7 @@ def test_the_whole_workflow_runs_on_s3_and_leaves_no_output_on_local_disk(s3, tm
             served.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(served.pid, signal.SIGKILL)
+        print("ase-ray serve said:", (served.stdout.read() if served.stdout else "")[-4000:])  # shown on failure
     predicted = run_cli(env, "predict", "--manifest", str(inputs / "split.csv"), "--out", f"{storage}/predictions",
                         *sets)
     assert f"wrote {storage}/predictions" in predicted
@@ -141,17 +146,22 @@ def test_the_whole_workflow_runs_on_s3_and_leaves_no_output_on_local_disk(s3, tm
     assert set(left) <= {"mlflow.db"}, left
 
 
-def _predict_when_up(port: int, image: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
+def _predict_when_up(port: int, image: Path, record: dict, proc: subprocess.Popen, timeout_s: float) -> dict:
+    """The first 200 answer to one image and its records; a 4xx is the test's fault and ends it."""
     deadline = time.monotonic() + timeout_s
+    last = "no answer"
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"ase-ray serve exited: {proc.stdout.read()[-4000:]}")
             try:
-                r = http.post("/predict", files={"file": (image.name, image.read_bytes(), "image/png")})
+                r = http.post("/predict", files={"file": (image.name, image.read_bytes(), "image/png")},
+                              data={"metadata": json.dumps(record)})
                 if r.status_code == 200:
                     return r.json()
-            except httpx.HTTPError:
-                pass
+                last = f"HTTP {r.status_code}: {r.text[:500]}"
+                assert not 400 <= r.status_code < 500, last
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
             time.sleep(2)
-    raise AssertionError("ase-ray serve did not answer within the time limit")
+    raise AssertionError(f"ase-ray serve did not answer within the time limit (last: {last})")

@@ -123,7 +123,8 @@ def write_store_shard(batch: pd.DataFrame, out_dir: str) -> pd.DataFrame:
         table, shapes = features_table(good, stacked_arrays(entries))
         _write_parquet(table, storage.join(out_dir, FEATURES_FILE, name))
     if len(errors):
-        _write_parquet(pa.Table.from_pandas(errors, preserve_index=False), storage.join(out_dir, ERRORS_FILE, name))
+        _write_parquet(one_text_type(pa.Table.from_pandas(errors, preserve_index=False)),
+                       storage.join(out_dir, ERRORS_FILE, name))
     kept = [c for c in rows.columns if c in SHARD_COLUMNS or c.startswith(("t_", "hit_"))]
     out = rows[kept].copy()
     out["shapes"] = [json.dumps(shapes)] + [""] * (len(out) - 1)
@@ -280,13 +281,23 @@ def write_store_arrays(
 def features_table(good: pd.DataFrame, arrays: dict[str, np.ndarray]) -> tuple[pa.Table, dict[str, list[int]]]:
     """The features table of stored rows (internal columns dropped) and its array columns' shapes."""
     keep = [c for c in good.columns if not c.startswith(INTERNAL_PREFIXES) and c not in ("error_stage", "error_message")]
-    table = pa.Table.from_pandas(good[keep].reset_index(drop=True), preserve_index=False)
+    table = one_text_type(pa.Table.from_pandas(good[keep].reset_index(drop=True), preserve_index=False))
     shapes: dict[str, list[int]] = {}
     for column, values in arrays.items():
         shapes[column] = list(values.shape[1:]) if len(values) else []
         flat = values.reshape(len(values), -1) if len(values) else np.zeros((0, 0), dtype=np.float32)
         table = table.append_column(column, _fixed_list(flat))
     return table, shapes
+
+
+def one_text_type(table: pa.Table) -> pa.Table:
+    """Text and all-empty columns as ``large_string``, so every shard of a store has one schema: a batch
+    whose optional column (``source_image`` of a batch without TDA rows) is all None would otherwise
+    store it as Arrow's null type, which the shards holding text cannot be read together with."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type) or pa.types.is_string(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(pa.large_string()))
+    return table
 
 
 def _fixed_list(matrix: np.ndarray) -> pa.Array:

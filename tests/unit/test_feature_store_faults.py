@@ -69,3 +69,25 @@ def test_the_summary_counts_rows_from_the_cache_computed_and_retried():
     assert (summary["from_cache"], summary["computed"], summary["retried"]) == (2, 2, 2)
     assert summary["stages"]["ocr"]["retried"] == 2 and summary["stages"]["reason"]["cache_hits"] == 2
     assert "2 from the cache, 2 computed, 2 retried" in format_summary(summary)
+
+
+def test_a_shard_whose_optional_text_column_is_all_empty_reads_with_the_others(tmp_path):
+    """A batch without TDA rows has no ``source_image``: its shard must still share the store's schema
+    (the demo's store once failed to read: null type in one shard, text in the next)."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from ase_ray.features.store import FEATURES_FILE, _read_table, features_table
+
+    folder = tmp_path / FEATURES_FILE
+    folder.mkdir()
+    no_tda = pd.DataFrame({"row_id": [0, 1], "source_image": [None, None], "label": ["crack", "normal"]})
+    with_tda = pd.DataFrame({"row_id": [2], "source_image": ["tiles/a.png"], "label": ["crack"]})
+    for name, rows in (("part-000000000.parquet", no_tda), ("part-000000002.parquet", with_tda)):
+        table, _ = features_table(rows, {"image_pooled": np.full((len(rows), 3), 0.5, np.float32)})
+        pads.write_dataset(table, folder, format="parquet", basename_template=name.replace(".parquet", "-{i}.parquet"),
+                           existing_data_behavior="overwrite_or_ignore")
+    read = _read_table(str(folder))
+    assert read["row_id"].tolist() == [0, 1, 2]
+    assert read["source_image"].tolist()[2] == "tiles/a.png" and read["source_image"].iloc[:2].isna().all()
+    assert pads.dataset(folder, format="parquet").to_table(columns=["source_image"]).num_rows == 3

@@ -5,7 +5,7 @@ sizes, and the driver's peak memory at two sizes.
 
 Per size, the three runs use the same synthetic images and the same backends (the configured defaults:
 tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM), each cold pipeline
-with an empty cache of its own. The overlap bound (``cores / one-thread seconds per image``) is measured
+with an empty cache of its own, in a fresh driver process (``ase-ray features``' situation). The overlap bound (``cores / one-thread seconds per image``) is measured
 once. Driver memory: ``ase-ray features``' own process (``ru_maxrss``, the workers are other processes)
 run in a subprocess per size with cheap backends (tesseract, measuring describer, no LLM, tiny random
 encoders): the driver's work per row does not depend on the models. Writes bench/results/features.json
@@ -108,28 +108,19 @@ def single_ocr_seconds(config, paths: list[str], repeats: int = 10) -> float:
     return (time.perf_counter() - started) / len(images)
 
 
-RSS_BACKENDS = ["features.reason.backend=none", "features.image_encoder.backend=tiny",
-                "features.text_encoder.backend=tiny"]
-
-
-def measure_size(config, manifest_path: Path, paths: list[str], work: Path, bound: float, cores: int) -> dict:
-    """The loop, the cold pipeline (an empty cache) and the warm re-run over ``paths``."""
-    from ase_ray.features.pipeline import extract_features
-
+def measure_size(config, manifest_path: Path, paths: list[str], work: Path, bound: float, cores: int,
+                 overrides: list[str]) -> dict:
+    """The loop (this process), then the cold pipeline (an empty cache) and the warm re-run over ``paths``
+    in a fresh driver process of their own, as ``ase-ray features`` runs."""
     n = len(paths)
     sequential_s, sequential_load_s, sequential_stages = sequential_loop(config, paths)
-    config = config.model_copy(update={"features": config.features.model_copy(
-        update={"cache_dir": str(work / f"cache_{n}")})})
-    started = time.perf_counter()
-    cold = extract_features(config, manifest_path, work / f"store_{n}_cold", track=False, echo=lambda *_: None)
-    pipeline_s = time.perf_counter() - started
-    started = time.perf_counter()
-    warm = extract_features(config, manifest_path, work / f"store_{n}_warm", track=False, echo=lambda *_: None)
-    cached_s = time.perf_counter() - started
+    runs = fresh_driver(manifest_path, work / f"pipeline_{n}", overrides, warm=True)
+    pipeline_s, cached_s = runs["cold"]["wall_s"], runs["warm"]["wall_s"]
     return {
         "images": n,
         "sequential_s": round(sequential_s, 2),
         "sequential_model_load_s": round(sequential_load_s, 2),
+        "ray_start_s": round(runs["ray_start_s"], 2),
         "pipeline_s": round(pipeline_s, 2),
         "cached_s": round(cached_s, 2),
         "sequential_images_per_s": round(n / sequential_s, 3),
@@ -140,29 +131,56 @@ def measure_size(config, manifest_path: Path, paths: list[str], work: Path, boun
         "overlap_bound_speedup": round(bound * sequential_s / n, 3),
         "pipeline_efficiency_vs_overlap_bound": round((n / pipeline_s) / bound, 3),
         "sequential_stage_seconds": {k: round(v, 2) for k, v in sequential_stages.items()},
-        "cold_pipeline_stage_seconds": {k: v["seconds"] for k, v in cold.summary["stages"].items()},
-        "warm_pipeline_stage_seconds": {k: v["seconds"] for k, v in warm.summary["stages"].items()},
-        "warm_models_loaded": warm.summary["models_loaded"],
-        "backends": {k: v["backend"] for k, v in warm.store.meta["backends"].items()},
+        "cold_pipeline_stage_seconds": {k: v["seconds"] for k, v in runs["cold"]["stages"].items()},
+        "warm_pipeline_stage_seconds": {k: v["seconds"] for k, v in runs["warm"]["stages"].items()},
+        "warm_models_loaded": runs["warm"]["models_loaded"],
+        "backends": runs["backends"],
     }
 
 
-def driver_peak_rss(manifest: Path, work: Path, overrides: list[str]) -> dict:
-    """``extract_features`` in a fresh process over ``manifest``; that process's peak RSS (MB)."""
-    code = (
-        "import json, resource, sys, time\n"
-        "from ase_ray.config import load_config\n"
-        "from ase_ray.features.pipeline import extract_features\n"
-        "cfg = load_config(overrides=json.loads(sys.argv[3]))\n"
-        "t = time.perf_counter()\n"
-        "r = extract_features(cfg, sys.argv[1], sys.argv[2], track=False, echo=lambda *_: None)\n"
-        "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
-        "                  'wall_s': time.perf_counter() - t, 'stored': r.summary['stored']}))\n"
-    )
-    sets = [f"project.work_dir={work}", f"features.cache_dir={work / 'cache'}", *RSS_BACKENDS, *overrides]
-    proc = subprocess.run([sys.executable, "-c", code, str(manifest), str(work / "store"), json.dumps(sets)],
-                          capture_output=True, text=True, check=True, env={**os.environ, "RAY_ADDRESS": ""})
+FRESH_DRIVER = """
+import json, resource, sys, time
+from ase_ray.config import load_config
+from ase_ray.features.pipeline import extract_features
+from ase_ray.ray_env import ensure_ray
+manifest, work, sets, warm = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "warm"
+cfg = load_config(overrides=sets)
+t = time.perf_counter()
+ensure_ray(cfg.ray)
+out = {"ray_start_s": time.perf_counter() - t}
+for run in ("cold", "warm") if warm else ("cold",):
+    t = time.perf_counter()
+    r = extract_features(cfg, manifest, f"{work}/store_{run}", track=False, echo=lambda *_: None)
+    out[run] = {"wall_s": time.perf_counter() - t, "stored": r.summary["stored"], "stages": r.summary["stages"],
+                "models_loaded": r.summary["models_loaded"]}
+    out["backends"] = {k: v["backend"] for k, v in r.store.meta["backends"].items()}
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+
+def fresh_driver(manifest: Path, work: Path, overrides: list[str], warm: bool) -> dict:
+    """A new process that starts its own local Ray (timed apart), runs the cold pipeline over ``manifest``
+    with an empty cache of its own (and the warm re-run when ``warm``), and reports the wall times, the
+    summaries and its peak RSS (``ru_maxrss``: the driver only, the workers are other processes). A fresh
+    driver per measurement: nothing of an earlier run (loaded models, threads, Ray's workers) is there."""
+    sets = [f"project.work_dir={work}", f"features.cache_dir={work / 'cache'}", *overrides]
+    proc = subprocess.run([sys.executable, "-c", FRESH_DRIVER, str(manifest), str(work), json.dumps(sets),
+                           "warm" if warm else "cold"], capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    if proc.returncode:
+        raise SystemExit(f"the pipeline's driver failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+RSS_BACKENDS = ["features.reason.backend=none", "features.image_encoder.backend=tiny",
+                "features.text_encoder.backend=tiny"]
+
+
+def driver_peak_rss(manifest: Path, work: Path, overrides: list[str]) -> dict:
+    """``extract_features`` in a fresh process over ``manifest`` with cheap backends; that process's peak RSS."""
+    run = fresh_driver(manifest, work, [*RSS_BACKENDS, *overrides], warm=False)
+    return {"peak_rss_mb": run["peak_rss_mb"], "wall_s": run["cold"]["wall_s"], "stored": run["cold"]["stored"]}
 
 
 def main() -> None:
@@ -194,21 +212,11 @@ def main() -> None:
     ocr_s = single_ocr_seconds(config, first)
     one_thread = one_thread_work(config, first)
     bound = cores / sum(one_thread.values())
-    # Ray is up before the clocks start, as on a cluster (its start-up is reported on its own); each
-    # pipeline's time still includes starting its actors and loading their models.
-    from ase_ray.ray_env import ensure_ray
-
-    started = time.perf_counter()
-    ensure_ray(config.ray)
-    ray_start_s = time.perf_counter() - started
     sizes = {}
     for n in args.sizes:
         paths = read_manifest(manifests[n])["image_path"].tolist()
-        sizes[n] = measure_size(config, manifests[n], paths, work, bound, cores)
+        sizes[n] = measure_size(config, manifests[n], paths, work, bound, cores, args.overrides)
         print(json.dumps(sizes[n]), flush=True)
-    import ray
-
-    ray.shutdown()
     rss = {str(n): driver_peak_rss(manifests[n], work / f"rss_{n}", args.overrides) for n in args.rss_sizes}
 
     base = sizes[args.sizes[0]]
@@ -218,7 +226,6 @@ def main() -> None:
         "backends": base["backends"],
         "single_image_ocr_s": round(ocr_s, 4),
         "ocr_bound_limit_images_per_s": round(cores / ocr_s, 3),
-        "ray_start_s": round(ray_start_s, 2),
         **{k: v for k, v in base.items() if k not in ("images", "backends")},
         "pipeline_efficiency_vs_ocr_bound": round(base["pipeline_images_per_s"] / (cores / ocr_s), 3),
         "one_thread_seconds_per_image": {k: round(v, 4) for k, v in one_thread.items()},
@@ -260,8 +267,9 @@ def markdown(result: dict, sizes: dict, one_thread: dict, cores: int) -> str:
         f"Overlap bound: {cores} cores / {sum(one_thread.values()):.3f} s of one-thread work per image "
         f"({', '.join(f'{k} {v:.3f}' for k, v in one_thread.items())}) = {result['overlap_bound_images_per_s']} "
         "images/s: the most any overlap of the pipeline's one-thread work reaches here.",
-        f"Both cold runs include loading the models; Ray was started before the pipeline's clock "
-        f"({result['ray_start_s']} s), as on a running cluster. A warm re-run loads no model.",
+        "Each size's pipelines run in a fresh driver process that starts its own local Ray before the clocks "
+        f"({result['ray_start_s']} s), as on a running cluster; the cold run includes starting the actors and "
+        "loading the models, the warm re-run (same cache) loads none. The loop runs in the benchmark's process.",
     ]
     if "driver_peak_rss_mb" in result:
         rss = result["driver_peak_rss_mb"]

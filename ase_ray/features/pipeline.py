@@ -141,9 +141,10 @@ def _with_row_ids(manifest: pd.DataFrame) -> pd.DataFrame:
 
 def _actor_args(res: StageResources) -> dict[str, Any]:
     """A stage's actor pool. An actor that dies (killed, OOM, its node lost) is restarted and the
-    batches it held are run again on an actor of the pool (``max_restarts``/``max_task_retries``
-    unbounded: Ray Data's defaults, set here because extraction relies on them to lose no row; the
-    cache keeps what the dead actor finished, and the summary's ``retried`` counts the rows run again)."""
+    batches it held are run again on an actor of the pool: Ray Data's defaults for actor pools
+    (unbounded ``max_restarts``/``max_task_retries``), which extraction relies on to lose no row (the
+    fault drill kills one); the cache keeps what the dead actor finished, and the summary's ``retried``
+    counts the rows run again."""
     import ray
 
     return {
@@ -152,8 +153,6 @@ def _actor_args(res: StageResources) -> dict[str, Any]:
         "batch_size": res.batch_size,
         "num_cpus": res.num_cpus,
         "num_gpus": res.num_gpus,
-        "max_restarts": -1,
-        "max_task_retries": -1,
     }
 
 

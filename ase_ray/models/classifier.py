@@ -109,8 +109,7 @@ class DefectClassifier(nn.Module):
         elif kind == "gated":
             fused, gates = self.fusion(image_vec, self.text.pooled_set(batch, text_sources))
         else:
-            text_tokens, text_mask = self.text.tokens(batch)
-            segments = self.text.token_segments(self.dims.text_len, text_tokens.device)
+            text_tokens, text_mask, segments = self.text.tokens(batch)
             fused, gates = self.fusion(self.image.tokens(batch), text_tokens, text_mask, segments)
         out = {"logits": self.head(fused) / self.temperature}
         if gates is not None:

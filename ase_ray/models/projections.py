@@ -240,7 +240,7 @@ class TextProjection(nn.Module):
     def _attention_pooled(self, batch: Batch, index: int, source: str) -> torch.Tensor:
         tokens = _checked(batch, f"text_{source}_tokens", self.text_dim, 3, self._dtype())
         mask = ensure_one_real(_require(batch, f"text_{source}_mask", 2) != 0)
-        length = int(mask.any(dim=0).nonzero().max()) + 1  # padding past every row's last real token changes nothing
+        length = _real_length(mask)  # padding past every row's last real token changes nothing
         x = self.proj(tokens[:, :length]) + self.source_embedding[index]
         return self.drop(self.token_pool(self.drop(self.norm(x)), mask[:, :length], index))
 
@@ -249,28 +249,40 @@ class TextProjection(nn.Module):
         x = self.source_pooled(batch) if source_pooled is None else source_pooled
         return torch.cat([x, *self._extra_vectors(batch)], dim=1)
 
-    def tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated token sequence (B, M, d) and its mask (B, M) (True = real token),
-        M = S * L + extra_entries (the LLM and numeric tokens)."""
-        seqs, masks = [], []
+    def tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concatenated token sequence (B, M, d), its mask (B, M) (True = real token) and which input each
+        position belongs to (M,) (:meth:`token_segments`). Each source keeps its positions up to the batch's
+        last real token (padding past it changes nothing: every step over text positions is per position
+        or masked), then come the extra entries (the LLM and numeric tokens)."""
+        seqs, masks, lengths = [], [], []
         for i, s in enumerate(self.sources):
             tokens = _checked(batch, f"text_{s}_tokens", self.text_dim, 3, self._dtype())
-            seqs.append(self.proj(tokens) + self.source_embedding[i])
-            masks.append(_require(batch, f"text_{s}_mask", 2) != 0)
+            mask = _require(batch, f"text_{s}_mask", 2) != 0
+            length = _real_length(mask)
+            seqs.append(self.proj(tokens[:, :length]) + self.source_embedding[i])
+            masks.append(mask[:, :length])
+            lengths.append(length)
         x = self.drop(self.norm(torch.cat(seqs, dim=1)))
         mask = torch.cat(masks, dim=1)
         extra = self._extra_vectors(batch)
         if extra:
             x = torch.cat([x, *extra], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], len(extra))], dim=1)
-        return x, ensure_one_real(mask)
+        return x, ensure_one_real(mask), self.token_segments(lengths, x.device)
 
-    def token_segments(self, text_len: int, device: torch.device | str) -> torch.Tensor:
-        """(M,) which input each position of :meth:`tokens` belongs to: source i for its ``text_len``
-        tokens, then one id per extra entry (LLM, numeric)."""
-        ids = torch.arange(len(self.sources), device=device).repeat_interleave(text_len)
+    def token_segments(self, lengths: list[int], device: torch.device | str) -> torch.Tensor:
+        """(M,) which input each position of :meth:`tokens` belongs to: source i for its ``lengths[i]``
+        positions, then one id per extra entry (LLM, numeric)."""
+        ids = torch.arange(len(self.sources), device=device).repeat_interleave(
+            torch.as_tensor(lengths, device=device))
         extra = torch.arange(len(self.sources), len(self.sources) + self.extra_entries, device=device)
         return torch.cat([ids, extra])
+
+
+def _real_length(mask: torch.Tensor) -> int:
+    """Positions up to the last real token of any row (at least 1: a source with no text keeps one)."""
+    real = mask.any(dim=0).nonzero()
+    return int(real.max()) + 1 if len(real) else 1
 
 
 def ensure_one_real(mask: torch.Tensor) -> torch.Tensor:

@@ -218,11 +218,3 @@ def test_the_attempt_log_counts_the_rows_a_stage_began_again(tmp_path):
     assert retried_rows(tmp_path / "absent") == {"rows": 0}
     Doubling(OcrSettings(), str(tmp_path / "cache"))(batch)  # no log asked for: nothing written
     assert len(list((tmp_path / "attempts").glob("*.log"))) == 2
-
-
-def test_stage_pools_restart_a_dead_actor_and_retry_its_batches():
-    from ase_ray.config import load_config
-    from ase_ray.features.pipeline import _actor_args
-
-    args = _actor_args(load_config().features.ocr.resources)
-    assert args["max_restarts"] == -1 and args["max_task_retries"] == -1

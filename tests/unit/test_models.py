@@ -137,6 +137,22 @@ def test_padded_text_tokens_do_not_change_outputs(kind):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
+@pytest.mark.parametrize("kind", ["cmaf", "concat"])
+def test_padding_past_every_rows_last_token_is_trimmed_without_changing_outputs(kind):
+    """The store pads every text to text_len; CMAF and attention pooling cut a batch to its longest text
+    (the demo's descriptions fill 85 of 128 positions), with the same outputs as the padded batch."""
+    model = model_for(kind, text_pooling="attention").eval()
+    batch = make_batch()
+    padded = dict(batch)
+    for src in TEXT_SOURCES:
+        padded[f"text_{src}_tokens"] = torch.cat([batch[f"text_{src}_tokens"], torch.zeros(B, 9, DT)], dim=1)
+        padded[f"text_{src}_mask"] = torch.cat([batch[f"text_{src}_mask"], torch.zeros(B, 9, dtype=torch.int8)], dim=1)
+    with torch.no_grad():
+        a, b = model(batch), model(padded)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
 def test_empty_text_row_gives_finite_outputs():
     model = model_for("cmaf", use_llm_hidden=False, text_sources=["ocr"]).eval()
     batch = make_batch()
@@ -357,8 +373,10 @@ def test_cmaf_pools_text_as_the_mean_of_each_inputs_mean():
     second = (x[1, 0] + x[1, 4]) / 2  # segment 1 has no real token in row 1: left out
     torch.testing.assert_close(out, torch.stack([first, second]))
     model = model_for("cmaf", pfa=False)
-    ids = model.text.token_segments(L, "cpu")
+    ids = model.text.token_segments([L] * len(TEXT_SOURCES), "cpu")
     assert ids.tolist() == [i for i in range(len(TEXT_SOURCES)) for _ in range(L)] + [len(TEXT_SOURCES)]
+    _, mask, segments = model.text.tokens(make_batch())
+    assert segments.shape == mask.shape[1:] and segments.tolist() == sorted(segments.tolist())
 
 
 # ------------------------------------------------------------------- attention pooling of the texts

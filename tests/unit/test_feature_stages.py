@@ -125,7 +125,7 @@ def test_decode_hashes_content_and_flags_corrupt_images(tmp_path):
 def test_image_stages_read_the_decoded_pixels_not_the_file(tmp_path):
     from PIL import Image
 
-    from ase_ray.features.stages import load_rgb, row_image
+    from ase_ray.features.stages import row_image
 
     path = write_png(tmp_path / "a.png")
     batch = DecodeStage()(pd.DataFrame({"image_path": [str(path)]}))

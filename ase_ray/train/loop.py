@@ -152,10 +152,12 @@ def run_epochs(
             metrics["best_epoch"] = float(result.best.epoch)
         metrics["epoch_seconds"] = time.perf_counter() - started
         result.history.append(metrics)
-        if report is not None:
+        if report is not None and (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(engine, Path(tmp), epoch, rank, rng, cfg, dims, classes, result, inputs)
                 report(metrics, Path(tmp))
+        elif report is not None:
+            report(metrics, None)
     return result
 
 

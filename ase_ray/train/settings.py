@@ -78,6 +78,11 @@ class TrainConfig(StrictModel):
         None, description="Ray Train results, a path or a URI (None: <storage_uri or work_dir>/ray_results)."
     )
     checkpoints_to_keep: int = Field(2, ge=1)
+    checkpoint_every: int = Field(
+        1, ge=1, description="Epochs between checkpoints (the last epoch always has one); metrics are logged "
+        "every epoch. A restart after a failure repeats at most this many epochs less one. Raise it where a "
+        "checkpoint is costly (a large model, remote storage)."
+    )
 
     @model_validator(mode="after")
     def _check_precision(self) -> "TrainConfig":

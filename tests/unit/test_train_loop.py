@@ -66,6 +66,14 @@ def test_a_resumed_run_matches_an_uninterrupted_one(arrays, tmp_path):
     assert resumed.best == whole.best
 
 
+def test_checkpoints_every_n_epochs_and_at_the_last_metrics_every_epoch(arrays, tmp_path):
+    splits, classes = arrays
+    reports = []
+    run_epochs(splits["train"], splits["val"], _cfg("train.epochs=5", "train.checkpoint_every=2"), classes,
+               report=lambda metrics, directory: reports.append((int(metrics["epoch"]), directory is not None)))
+    assert reports == [(0, False), (1, True), (2, False), (3, True), (4, True)]
+
+
 def test_the_export_is_the_best_epoch_and_scores_like_the_history(arrays, tmp_path):
     splits, classes = arrays
     report, kept = _keep_checkpoints(tmp_path / "b")

@@ -8,8 +8,6 @@ import sys
 from ase_ray import console
 from ase_ray.config import RayConfig
 
-TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
-
 WORKER_ENV = {
     "OMP_THREAD_LIMIT": "1",  # tesseract's OpenMP threads fight each other otherwise
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -17,7 +15,7 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Train's controller takes a worker's report (a queue of one) when it polls, every 2 s by default,
     # so an epoch shorter than that waited for the poll: 2 s an epoch on the demo's 0.3-0.9 s epochs.
-    TRAIN_POLL_ENV: TRAIN_POLL_S,
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
 
 

@@ -4,11 +4,12 @@ sizes, and the driver's peak memory at two sizes.
     python bench/features.py [--sizes 120 360] [--rss-sizes 200 2000] [--set features.x=y ...]
 
 Per size, the three runs use the same synthetic images and the same backends (the configured defaults:
-tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM), each cold pipeline
-with an empty cache of its own, in a fresh driver process (``ase-ray features``' situation). The overlap bound (``cores / one-thread seconds per image``) is measured
-once. Driver memory: ``ase-ray features``' own process (``ru_maxrss``, the workers are other processes)
-run in a subprocess per size with cheap backends (tesseract, measuring describer, no LLM, tiny random
-encoders): the driver's work per row does not depend on the models. Writes bench/results/features.json
+tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM); the two pipelines run
+in a fresh driver process (``ase-ray features``' situation), the cold one with an empty cache of its
+own. The overlap bound (``cores / one-thread seconds per image``) is measured once. Driver memory:
+``ase-ray features``' own process (``ru_maxrss``, the workers are other processes), a fresh one per
+size with cheap backends (tesseract, measuring describer, no LLM, tiny random encoders): the driver's
+work per row does not depend on the models. Writes bench/results/features.json
 and bench/results/features.md; the keys without a suffix are the first size's.
 """
 

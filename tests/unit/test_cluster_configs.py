@@ -58,7 +58,10 @@ def test_runtime_env_uploads_code_only_and_sets_the_worker_environment():
     env = RuntimeEnv(**yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text()))
     for excluded in (".git", ".venv", "work", "data", "mlruns", "*.parquet", "*.db"):
         assert excluded in env["excludes"]
-    assert env["env_vars"]["OMP_THREAD_LIMIT"] == "1"
+    from ase_ray.ray_env import WORKER_ENV
+
+    for name in ("OMP_THREAD_LIMIT", "TOKENIZERS_PARALLELISM", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+        assert env["env_vars"][name] == WORKER_ENV[name], name  # a submitted job's workers as a local run's
 
 
 def test_cluster_app_config_loads_with_gpu_stages_and_shared_storage():

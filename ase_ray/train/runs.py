@@ -26,7 +26,7 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 SETTINGS_FILE = "settings.json"
 LATEST = "latest"
 # Settings that a resume may change: how long to train and how to survive failures.
-RESUMABLE_KEYS = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep")
+RESUMABLE_KEYS = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.checkpoint_every")
 # Settings that change the model's parameters (its shape): a checkpoint cannot be loaded across them.
 SHAPE_PREFIXES = ("train.task", "train.model.", "train.pfa.enabled", "train.pfa.proj_dim")
 

@@ -87,25 +87,27 @@ def _remote_filesystem(scheme: str, endpoint: str | None):
     return pafs.FileSystem.from_uri(f"{scheme}://bucket")[0]
 
 
+def _file_type(location: str | Path):
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type
+
+
 def exists(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _file_type(location) != pafs.FileType.NotFound
 
 
 def is_file(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return _file_type(location) == pafs.FileType.File
 
 
 def is_dir(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return _file_type(location) == pafs.FileType.Directory
 
 
 def modified(location: str | Path) -> float:

@@ -123,7 +123,7 @@ class StageCache:
         self.put_many({key: pack(values)})
 
     def shards(self) -> list[str]:
-        return [s for s in storage.list_files(self.dir, SHARD_SUFFIX)]
+        return storage.list_files(self.dir, SHARD_SUFFIX)
 
     def _refresh(self) -> None:
         """Index the shards written since the last look (by this actor or by any other run)."""

@@ -322,18 +322,25 @@ def read_row_arrays(store_dir: str | Path, columns: list[str], row_ids) -> dict[
     handful of rows (an input example) or a small column (pooled text embeddings)."""
     import pyarrow.dataset as pads
 
-    from ase_ray.features.store import FEATURES_FILE
-    from ase_ray.storage import filesystem, join
-
     ids = np.asarray(row_ids, dtype=np.int64)
-    fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
     shapes = store_meta_if_any(store_dir)["shapes"]
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+    table = _features_dataset(store_dir).to_table(
         columns=["row_id", *columns], filter=pads.field("row_id").isin(ids.tolist()))
     where = pd.Index(table.column("row_id").to_numpy()).get_indexer(ids)
     if (where < 0).any():
         raise DataError(f"rows {ids[where < 0][:5].tolist()} are not in the feature store {store_dir}")
     return {c: _as_numpy(table.column(c), shapes[c])[where] for c in columns}
+
+
+def _features_dataset(store_dir: str | Path):
+    """The store's ``features.parquet`` (its shards) as a pyarrow dataset: filtered, projected reads."""
+    import pyarrow.dataset as pads
+
+    from ase_ray.features.store import FEATURES_FILE
+    from ase_ray.storage import filesystem, join
+
+    fs, path = filesystem(join(str(store_dir), FEATURES_FILE))
+    return pads.dataset(path, filesystem=fs, format="parquet")
 
 
 def _as_numpy(column, shape: list[int]) -> np.ndarray:
@@ -385,18 +392,14 @@ def iter_rows(source: SplitSource, positions: np.ndarray, batch_rows: int = SHAR
     Batches come in the store's order; ``row_index`` says where each row belongs."""
     import pyarrow.dataset as pads
 
-    from ase_ray.features.store import FEATURES_FILE
-    from ase_ray.storage import filesystem, join
-
     positions = np.asarray(positions, dtype=np.int64)
     ids = source.row_ids[positions]
     stored = positions[ids >= 0]
     if len(stored):
         lookup = pd.Index(source.row_ids[stored])
-        fs, path = filesystem(join(source.store, FEATURES_FILE))
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        for batch in dataset.to_batches(columns=["row_id", *source.columns], batch_size=batch_rows,
-                                        filter=pads.field("row_id").isin(source.row_ids[stored].tolist())):
+        wanted = pads.field("row_id").isin(source.row_ids[stored].tolist())
+        for batch in _features_dataset(source.store).to_batches(columns=["row_id", *source.columns],
+                                                                batch_size=batch_rows, filter=wanted):
             if not batch.num_rows:
                 continue
             pos = stored[lookup.get_indexer(batch.column("row_id").to_numpy())]

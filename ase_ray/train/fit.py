@@ -472,7 +472,6 @@ def _open_run(config: AppConfig, plan, tags: dict[str, str] | None, parent_run_i
 
 
 def _store_models(config: AppConfig) -> dict[str, dict[str, Any]]:
-
     backends = store_meta(config).get("backends", {})
     return {stage: info for stage, info in backends.items() if isinstance(info, dict)}
 

@@ -1,10 +1,11 @@
 """Which training run an invocation is: a new one every time, or, when asked, one to resume.
 
-Each run has a record under ``<storage_uri or work_dir>/runs/<storage>/<name>/`` (a path or a URI): the MLflow run it logs into and the
-settings it started with. ``<storage>`` is a hash of Ray Train's storage path (a path or a URI), and
-``<name>`` the run's Ray Train name, ``<train.run_name>-<UTC time>-<6 hex>`` for a new run. A resume
-continues the record's Ray Train run (its latest checkpoint) and MLflow run, with the record's
-settings; a change the resume cannot honour stops it with the keys named.
+Each run has a record under ``<storage_uri or work_dir>/runs/<storage>/<name>/`` (a path or a URI):
+the MLflow run it logs into and the settings it started with. ``<storage>`` is a hash of Ray Train's
+storage path (a path or a URI), and ``<name>`` the run's Ray Train name,
+``<train.run_name>-<UTC time>-<6 hex>`` for a new run. A resume continues the record's Ray Train run
+(its latest checkpoint) and MLflow run, with the record's settings; a change the resume cannot honour
+stops it with the keys named.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@
   own last checkpoint and logs into the same MLflow run.
 - MLflow: one parent run per search (the space, then the best params and metric), one nested child run
   per trial (``mlflow.parentRunId``); the best completed trial is registered (``ase_ray.registry``).
-- Files: ``<storage_uri or work_dir>/tune/<name>/`` (a path or a URI: ``ase_ray.storage``) holds ``search.json`` (parent run, space), ``config.yaml`` (the base
-  config the trials use), ``trials.md`` and ``trials.json``; Tune's own state is in
-  ``<ray_results>/tune-<name>`` and the trials' Ray Train runs in ``<ray_results>/tune-<name>-trials``.
+- Files: ``<storage_uri or work_dir>/tune/<name>/`` (a path or a URI: ``ase_ray.storage``) holds
+  ``search.json`` (parent run, space), ``config.yaml`` (the base config the trials use), ``trials.md``
+  and ``trials.json``; Tune's own state is in ``<ray_results>/tune-<name>`` and the trials' Ray Train
+  runs in ``<ray_results>/tune-<name>-trials``.
 - ``resume=True`` continues an interrupted search (``tune.name``, else the latest) with the stored base
   config and space: finished trials are kept, unfinished and errored ones run again from their checkpoints.
 """

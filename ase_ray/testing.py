@@ -27,6 +27,7 @@ def fake_feature_store(
     constant_sources: tuple[str, ...] = (),
     records: dict[str, list] | None = None,
     image_encoder: dict | None = None,
+    masks: bool = False,
 ) -> Store:
     """A store in the real format; each class shifts the features along its own random direction.
     A source in ``constant_sources`` has one text and the same features on every row (no information).
@@ -34,7 +35,10 @@ def fake_feature_store(
     each) recorded as the store's metadata columns (numbers: numeric, else text). ``image_encoder``
     (``ImageEncoderSettings`` fields): the store was extracted with that encoder and ``stem`` on, so it
     has ``image_stem`` of the encoder's shape and its image widths override ``image_dim``/``image_tokens``
-    (what fine-tuning needs)."""
+    (what fine-tuning needs). ``masks`` (with ``image_encoder``, ``resize: pad``): every row has a mask
+    (``mask_path``, a square png of ``image_size``): a defect row's marks one random cell of the
+    stride-16 map, and its ``image_stem`` carries its class's planted vector in that cell only (what the
+    defect maps must find); a normal row's mask is empty."""
     encoder_settings, stem_shape, pooled_dim = None, None, image_dim
     if image_encoder is not None:
         from ase_ray.features.backends import build_image_encoder
@@ -60,6 +64,8 @@ def fake_feature_store(
     }
     if stem_shape is not None:
         arrays["image_stem"] = with_signal(stem_shape).astype(np.float16)
+    out_dir = Path(out_dir)
+    mask_paths = _planted_masks(out_dir, arrays, labels, encoder_settings, rng) if masks else None
     for src in TEXT_SOURCES:
         arrays[f"text_{src}_pooled"] = with_signal((text_dim,))
         arrays[f"text_{src}_tokens"] = with_signal((text_len, text_dim)).astype(np.float16)
@@ -68,7 +74,6 @@ def fake_feature_store(
         if src in constant_sources:
             for part in ("pooled", "tokens", "mask"):
                 arrays[f"text_{src}_{part}"] = np.repeat(arrays[f"text_{src}_{part}"][:1], n, axis=0)
-    out_dir = Path(out_dir)
     rows = pd.DataFrame(
         {
             "row_id": np.arange(n),
@@ -85,6 +90,8 @@ def fake_feature_store(
             "metadata_text": [f"note: mark {i % 4}" for i in range(n)],
         }
     )
+    if mask_paths is not None:
+        rows["mask_path"] = mask_paths
     for src in constant_sources:
         rows[TEXT_COLUMNS[src]] = "the same text"
     metadata = {"text": [], "numeric": []}
@@ -101,6 +108,27 @@ def fake_feature_store(
     if encoder_settings is not None:
         meta["features"] = {"image_encoder": encoder_settings.model_dump(mode="json")}
     return write_store_arrays(rows, arrays, errors, out_dir, meta)
+
+
+def _planted_masks(out_dir: Path, arrays: dict, labels: np.ndarray, settings, rng) -> list[str]:
+    from PIL import Image
+
+    if settings is None:
+        raise ValueError("masks=True needs image_encoder (the stem the masks describe)")
+    stem = arrays["image_stem"]
+    channels, side = stem.shape[1], stem.shape[2]
+    planted = rng.normal(size=(int(labels.max()) + 1, channels)) * 4.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, label in enumerate(labels):
+        mask = np.zeros((settings.image_size, settings.image_size), np.uint8)
+        if label != 0:
+            r, c = rng.integers(0, side, size=2)
+            mask[16 * r: 16 * (r + 1), 16 * c: 16 * (c + 1)] = 255
+            stem[i, :, r, c] = stem[i, :, r, c] + planted[label]
+        paths.append(str(out_dir / f"mask_{i}.png"))
+        Image.fromarray(mask).save(paths[-1])
+    return paths
 
 
 def register_untrained_model(

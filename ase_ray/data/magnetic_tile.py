@@ -1,7 +1,8 @@
 """Adapter for the Magnetic-tile surface-defect dataset (Huang, Qiu and Yuan, The Visual Computer 2020).
 
 Layout: ``MT_<Class>/Imgs/exp<k>_num_<n>.jpg`` with a pixel mask ``exp<k>_num_<n>.png`` beside each
-image. The masks reveal the label (Free masks are empty): they are never put in the manifest.
+image. The masks reveal the label (Free masks are empty): the manifest carries them as ``mask_path``, a
+training target of the defect maps (reserved: never metadata, never a model input).
 
 Every physical tile was photographed at six exposures whose frame numbers ``n`` are close together,
 while different tiles are far apart. Splitting by image would put one tile on both sides of a split,
@@ -23,6 +24,7 @@ from ase_ray.data.manifest import (
     GROUP,
     IMAGE_PATH,
     LABEL,
+    MASK_PATH,
     DatasetInfo,
     write_dataset_info,
     write_manifest,
@@ -52,6 +54,7 @@ def scan_magnetic_tile(root: str | Path) -> pd.DataFrame:
             rows.append(
                 {
                     IMAGE_PATH: str(path),
+                    MASK_PATH: str(path.with_suffix(".png")) if path.with_suffix(".png").is_file() else None,
                     LABEL: cls,
                     "exposure": int(match["exposure"]),
                     "frame": int(match["frame"]),
@@ -74,7 +77,7 @@ def group_by_tile(frames: pd.Series, max_gap: int) -> pd.Series:
 
 
 def build_magnetic_tile_manifest(root: str | Path, max_gap: int) -> pd.DataFrame:
-    """Manifest with multi-class ``label``, ``binary_label`` and ``group`` (by physical tile).
+    """Manifest with multi-class ``label``, ``binary_label``, ``group`` (by physical tile) and ``mask_path``.
 
     ``exposure`` stays as label-free metadata; the frame number is dropped because its ranges differ
     between classes (collection batches) and would leak the label.
@@ -82,7 +85,7 @@ def build_magnetic_tile_manifest(root: str | Path, max_gap: int) -> pd.DataFrame
     df = scan_magnetic_tile(root)
     df[GROUP] = group_by_tile(df["frame"], max_gap)
     df[BINARY_LABEL] = np.where(df[LABEL] == NORMAL_CLASS, "normal", "defect")
-    return df[[IMAGE_PATH, LABEL, BINARY_LABEL, GROUP, "exposure"]].reset_index(drop=True)
+    return df[[IMAGE_PATH, LABEL, BINARY_LABEL, GROUP, MASK_PATH, "exposure"]].reset_index(drop=True)
 
 
 def import_magnetic_tile(root: str | Path, out_dir: str | Path, max_gap: int) -> pd.DataFrame:

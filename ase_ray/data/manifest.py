@@ -7,6 +7,8 @@ Columns
 - ``group`` (optional): items that must stay on one side of a split (e.g. one physical tile).
 - ``split`` (optional): ``train``, ``val`` or ``test``, written by ``ase-ray data split``.
 - ``augmented`` / ``source_image`` (optional): written by TDA for the images it synthesised.
+- ``mask_path`` (optional): the image's pixel mask (non-zero = defect), a training target of the defect
+  maps (``ase_ray.data.masks``); like ``label`` it is never a model input. Relative like ``image_path``.
 - any other column is metadata (free text or numbers) that travels with the image.
 
 Beside the manifest, ``dataset.yaml`` records the class list and the normal class, so that
@@ -30,8 +32,9 @@ GROUP = "group"
 SPLIT = "split"
 AUGMENTED = "augmented"  # written by TDA: True for synthesised rows
 SOURCE_IMAGE = "source_image"  # written by TDA: the image a synthesised row was made from
+MASK_PATH = "mask_path"  # a pixel mask: a training target, never an input
 REQUIRED_COLUMNS = (IMAGE_PATH, LABEL)
-RESERVED_COLUMNS = (IMAGE_PATH, LABEL, BINARY_LABEL, GROUP, SPLIT, AUGMENTED, SOURCE_IMAGE)
+RESERVED_COLUMNS = (IMAGE_PATH, LABEL, BINARY_LABEL, GROUP, SPLIT, AUGMENTED, SOURCE_IMAGE, MASK_PATH)
 NORMAL, DEFECT = "normal", "defect"
 DATASET_INFO = "dataset.yaml"
 SPLITS = ("train", "val", "test")
@@ -65,6 +68,9 @@ def read_manifest(path: str | Path, resolve_paths: bool = True) -> pd.DataFrame:
         raise ManifestError(f"manifest {path} has no rows (only a header)")
     if resolve_paths:
         df[IMAGE_PATH] = [resolve_image_path(p, path.parent) for p in df[IMAGE_PATH]]
+        if MASK_PATH in df.columns:
+            df[MASK_PATH] = [resolve_image_path(p, path.parent) if isinstance(p, str) and p else None
+                             for p in df[MASK_PATH]]
     return df
 
 
@@ -123,6 +129,9 @@ def write_manifest(df: pd.DataFrame, path: str | Path, relative_to_manifest: boo
     out = df.copy()
     if relative_to_manifest:
         out[IMAGE_PATH] = [_maybe_relative(p, path.parent.resolve()) for p in out[IMAGE_PATH]]
+        if MASK_PATH in out.columns:
+            out[MASK_PATH] = [_maybe_relative(p, path.parent.resolve()) if isinstance(p, str) and p else p
+                              for p in out[MASK_PATH]]
     if path.suffix.lower() in (".parquet", ".pq"):
         out.to_parquet(path, index=False)
     else:

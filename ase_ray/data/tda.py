@@ -32,6 +32,7 @@ from ase_ray.data.manifest import (
     GROUP,
     IMAGE_PATH,
     LABEL,
+    MASK_PATH,
     SPLIT,
     DatasetInfo,
     write_dataset_info,
@@ -478,7 +479,9 @@ def _augment_class(
         centres = sample_dot_centres(distribution, rng, k, width, height, radius, fit.dot_area)
         path = folder / f"tda_{label}_{i:04d}.png"
         Image.fromarray(draw_dots(image, centres, radius, config.dot_color)).save(path)
-        rows.append({**source.to_dict(), IMAGE_PATH: str(path), SPLIT: TRAIN, SOURCE_IMAGE: source[IMAGE_PATH]})
+        # No mask: the drawn dots move what a mask of the source image marks.
+        rows.append({**source.to_dict(), IMAGE_PATH: str(path), SPLIT: TRAIN, SOURCE_IMAGE: source[IMAGE_PATH],
+                     **({MASK_PATH: None} if MASK_PATH in source else {})})
     return rows
 
 

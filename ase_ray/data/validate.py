@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from ase_ray.data.manifest import BINARY_LABEL, DEFECT, IMAGE_PATH, LABEL, NORMAL, SPLIT, SPLITS
+from ase_ray.data.manifest import BINARY_LABEL, DEFECT, IMAGE_PATH, LABEL, MASK_PATH, NORMAL, SPLIT, SPLITS
 from ase_ray.data.splits import leaking_groups
 
 
@@ -38,6 +38,8 @@ def validate_manifest(
     problems += _bad_values(df)
     if check_images:
         problems += _image_problems(paths, workers)
+        if MASK_PATH in df.columns:
+            problems += _mask_problems(df, workers)
     problems += _group_leaks(df)
     return sorted(problems, key=lambda p: (p.row, p.kind))
 
@@ -119,6 +121,17 @@ def _image_problems(paths: list[str], workers: int) -> list[Problem]:
         kind = "missing-file" if reason == "file not found" else "unreadable-image"
         out.append(Problem(i, path, kind, reason))
     return out
+
+
+def _mask_problems(df: pd.DataFrame, workers: int) -> list[Problem]:
+    """A ``mask_path`` that is given must be a readable image (an empty cell: no mask, fine)."""
+    from ase_ray.data.masks import has_mask
+
+    masks = [(i, m) for i, m in enumerate(df[MASK_PATH]) if has_mask(m)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(lambda item: check_image(item[1]), masks))
+    return [Problem(i, str(df[IMAGE_PATH].iloc[i]), "missing-file" if reason == "file not found" else "unreadable-image",
+                    f"mask_path {mask}: {reason}") for (i, mask), reason in zip(masks, reasons) if reason is not None]
 
 
 def _group_leaks(df: pd.DataFrame) -> list[Problem]:

@@ -6,6 +6,7 @@
 - **mixup** (Zhang et al. 2018): each image input is mixed with a partner's, ``lam x mine + (1 - lam) x
   partner's``, lam ~ Beta(alpha, alpha); the loss mixes the two labels the same way
   (``compute_loss(mix=...)``). Only the image inputs are mixed: texts carry token masks that do not mix.
+  A defect map's cell targets (``defect_target``) turn with the stem and are mixed in the loss, as labels.
 
 Exposure changes act on pixels, which the cached stem no longer has: not done here.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ase_ray.models.defect_maps import DEFECT_TARGET
 
 IMAGE_INPUTS = ("image_stem", "image_pooled", "image_tokens")
 
@@ -25,7 +28,10 @@ def augment_batch(batch: dict[str, torch.Tensor], dihedral_views: bool, mixup_al
 
     out = dict(batch)
     if dihedral_views and "image_stem" in out:
-        out["image_stem"] = dihedral(out["image_stem"], int(rng.integers(8)))
+        view = int(rng.integers(8))
+        out["image_stem"] = dihedral(out["image_stem"], view)
+        if DEFECT_TARGET in out:  # the cells' classes turn with the map
+            out[DEFECT_TARGET] = dihedral(out[DEFECT_TARGET].unsqueeze(1), view).squeeze(1)
     n = len(next(iter(out.values())))
     if mixup_alpha <= 0 or n < 2:
         return out, None

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ase_ray.models.defect_maps import DEFECT_CELLS, DefectMapHead, cell_loss
 from ase_ray.models.fusion import ClassificationHead, CmafFusion, GatedFusion
 from ase_ray.models.pfa import AlignmentHeads, class_aware_info_nce
 from ase_ray.models.projections import (
@@ -47,13 +48,21 @@ class DefectClassifier(nn.Module):
         kind, d, dropout = settings.kind, settings.d_model, settings.dropout
         self.needs_image_pooled = kind in POOLED_IMAGE_KINDS or align_dim is not None
         self.needs_text_pooled = kind in POOLED_TEXT_KINDS or align_dim is not None
+        wants_image = kind != "text_only" or align_dim is not None
+        self.defect_maps = None
+        if settings.image_pooling == "defect_maps" and wants_image:
+            if not dims.stem_dim:
+                raise ValueError("model.image_pooling defect_maps reads image_stem: the batch has none "
+                                 "(extract with features.image_encoder.stem: true)")
+            self.defect_maps = DefectMapHead(dims.stem_dim, dims.stem_size, settings.defect_map_width, num_classes,
+                                             d, dropout, with_tokens=kind == "cmaf")
 
         self.image = (
             ImageProjection(dims.image_dim, dims.image_tokens, d, dropout, with_tokens=kind == "cmaf",
                             with_pooled=self.needs_image_pooled, pooled_dim=dims.pooled_image_dim,
                             patch_queries=settings.image_pool_queries
                             if self.needs_image_pooled and settings.image_pooling == "attention" else 0)
-            if kind != "text_only" or align_dim is not None
+            if wants_image and self.defect_maps is None
             else None
         )
         use_llm = settings.use_llm_hidden and kind != "image_only"
@@ -97,7 +106,11 @@ class DefectClassifier(nn.Module):
         kind = self.settings.kind
         if self.image_tail is not None:
             batch = self.image_tail.with_adapted_image(batch)
-        image_vec = self.image.pooled(batch) if self.needs_image_pooled else None
+        cells = image_tokens = None
+        if self.defect_maps is not None:
+            image_vec, image_tokens, cells = self.defect_maps(batch["image_stem"])
+        else:
+            image_vec = self.image.pooled(batch) if self.needs_image_pooled else None
         text_sources = self.text.source_pooled(batch) if self.needs_text_pooled else None
         gates = None
         if kind == "image_only":
@@ -110,8 +123,12 @@ class DefectClassifier(nn.Module):
             fused, gates = self.fusion(image_vec, self.text.pooled_set(batch, text_sources))
         else:
             text_tokens, text_mask, segments = self.text.tokens(batch)
-            fused, gates = self.fusion(self.image.tokens(batch), text_tokens, text_mask, segments)
+            if image_tokens is None:
+                image_tokens = self.image.tokens(batch)
+            fused, gates = self.fusion(image_tokens, text_tokens, text_mask, segments)
         out = {"logits": self.head(fused) / self.temperature}
+        if cells is not None:
+            out[DEFECT_CELLS] = cells
         if gates is not None:
             out["gates"] = gates
         if self.align is not None:
@@ -124,7 +141,8 @@ class DefectClassifier(nn.Module):
             raise ValueError("this model has no alignment heads (build it with PFA enabled)")
         if self.image_tail is not None:
             batch = self.image_tail.with_adapted_image(batch)
-        return self.align(self.image.pooled(batch), self.text.source_pooled(batch).mean(dim=1))
+        image_vec = self.defect_maps(batch["image_stem"])[0] if self.defect_maps is not None else self.image.pooled(batch)
+        return self.align(image_vec, self.text.source_pooled(batch).mean(dim=1))
 
 
 def build_model(
@@ -138,12 +156,14 @@ def build_model(
 def compute_loss(
     outputs: dict[str, torch.Tensor], labels: torch.Tensor, pfa: PfaSettings | None,
     class_weights: torch.Tensor | None = None, mix: tuple[torch.Tensor, float] | None = None,
+    cell_targets: torch.Tensor | None = None, cell_weights: torch.Tensor | None = None, cell_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy (weighted per class when ``class_weights`` (C,) is given), plus ``align_weight`` x
     class-aware InfoNCE when PFA is enabled and the outputs carry alignment embeddings. Returns the total
     (for backward) and floats for logging (``ce``, ``align`` when used, ``loss``). ``mix`` = (partner
     order, lambda) of a mixup batch (``ase_ray.models.augment``): the cross-entropy is lambda x that of
-    the labels plus (1 - lambda) x that of the partners' labels."""
+    the labels plus (1 - lambda) x that of the partners' labels. A defect-map model given ``cell_targets``
+    (B, Hs, Hs) adds ``cell_weight`` x the cross-entropy of its known cells (``cells`` in the parts)."""
     labels = labels.long()
     logits = outputs["logits"].float()
     ce = F.cross_entropy(logits, labels, weight=class_weights)
@@ -156,5 +176,10 @@ def compute_loss(
         align = class_aware_info_nce(outputs["img_align"], outputs["txt_align"], labels, pfa.temperature)
         total = ce + pfa.align_weight * align
         parts["align"] = float(align.detach())
+    if cell_targets is not None and DEFECT_CELLS in outputs and cell_weight > 0:
+        cells = cell_loss(outputs[DEFECT_CELLS], cell_targets, cell_weights, mix)
+        if cells is not None:
+            total = total + cell_weight * cells
+            parts["cells"] = float(cells.detach())
     parts["loss"] = float(total.detach())
     return total, parts

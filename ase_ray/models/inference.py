@@ -37,7 +37,7 @@ def feature_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "image_pooled": (d.get("image_pooled_dim") or d["image_dim"],),
         "image_tokens": (d["image_tokens"], d["image_dim"]),
     }
-    if meta["settings"].get("image_tail"):
+    if meta["settings"].get("image_tail") or meta["settings"].get("image_pooling") == "defect_maps":
         shapes["image_stem"] = (d["stem_dim"], d["stem_size"], d["stem_size"])
     if d.get("llm_dim"):
         shapes["llm_hidden"] = (d["llm_dim"],)

@@ -14,7 +14,7 @@ NUMERIC_SOURCES: tuple[str, ...] = ("ocr", "metadata")
 
 ModelKind = Literal["image_only", "text_only", "concat", "gated", "cmaf"]
 TextPooling = Literal["mean", "attention"]
-ImagePooling = Literal["stored", "attention"]
+ImagePooling = Literal["stored", "attention", "defect_maps"]
 TextSource = Literal["ocr", "description", "reasoning", "metadata"]
 NumericSource = Literal["ocr", "metadata"]
 
@@ -64,12 +64,22 @@ class ModelSettings(StrictModel):
     image_pooling: ImagePooling = Field(
         "stored", description="How the pooled kinds (image_only, concat, gated) and PFA's alignment see the image. "
         "stored: the store's image_pooled vector; attention: image_pool_queries learned queries attend over the "
-        "image tokens (multiple-instance pooling: a defect lives in a few patches, which a mean dilutes).")
+        "image tokens (multiple-instance pooling: a defect lives in a few patches, which a mean dilutes); "
+        "defect_maps: a trainable convolutional head over the stride-16 map (image_stem; extract with "
+        "features.image_encoder.stem: true) scores every cell per class, supervised by the pixel masks where the "
+        "manifest has them (mask_path); its cells are also CMAF's image tokens (ase_ray.models.defect_maps).")
+    defect_map_width: int = Field(96, ge=4, le=2048, description="Channels of the defect-map head (defect_maps).")
     image_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries over the image tokens (attention).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
     image_tail: ImageTailSpec | None = Field(
         None, description="Set by training when train.finetune is on (from the store's image encoder settings): "
         "the model carries the encoder's later stages and reads image_stem.")
+
+    @model_validator(mode="after")
+    def _one_image_adapter(self) -> "ModelSettings":
+        if self.image_pooling == "defect_maps" and self.image_tail is not None:
+            raise ValueError("model.image_pooling defect_maps and train.finetune both read image_stem: choose one")
+        return self
 
     @field_validator("text_sources")
     @classmethod

@@ -47,7 +47,8 @@ GENERATED_TEXTS = ["ocr", "description", "reasoning"]
 ALL_TEXTS = [*GENERATED_TEXTS, "metadata"]
 ALL_NUMERIC = ["ocr", "metadata"]
 VARIANTS: dict[str, dict[str, Any]] = {  # keys: ase_ray.train.settings.ABLATION_VARIANTS
-    "image-only": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": []},
+    "image-only": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": [],
+                   "image_pooling": "stored"},
     "text-only": {"kind": "text_only", "pfa": False, "tda": False, "texts": GENERATED_TEXTS, "numeric": []},
     "+numeric block": {"kind": "text_only", "pfa": False, "tda": False, "texts": GENERATED_TEXTS, "numeric": ["ocr"]},
     "+metadata": {"kind": "text_only", "pfa": False, "tda": False, "texts": ALL_TEXTS, "numeric": ALL_NUMERIC},
@@ -61,6 +62,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # keys: ase_ray.train.settings.ABLATION
     # not in the default list: for image sets (configs/magnetic_tile.yaml)
     "image-only (patch attention)": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS,
                                      "numeric": [], "image_pooling": "attention"},
+    # a trainable head over the stride-16 map, supervised per cell by the masks (the store needs image_stem)
+    "image-only (defect maps)": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS,
+                                 "numeric": [], "image_pooling": "defect_maps"},
     # train.finetune: the encoder's later stages trained too (the store needs image_stem)
     "image-only (fine-tuned)": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS,
                                 "numeric": [], "finetune": True},
@@ -84,10 +88,10 @@ def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Pa
     unknown = sorted(set(a.variants) - set(VARIANTS))
     if unknown:
         raise DataError(f"unknown ablation variant(s) {unknown}; valid: {list(VARIANTS)}")
-    finetuned = [v for v in a.variants if VARIANTS[v].get("finetune")]
-    if finetuned and not config.features.image_encoder.stem:
-        raise DataError(f"variant(s) {finetuned} fine-tune the image encoder from its stored stride-16 maps: "
-                        "add --set features.image_encoder.stem=true")
+    stem_readers = [v for v in a.variants if _reads_stem(config, VARIANTS[v])]
+    if stem_readers and not config.features.image_encoder.stem:
+        raise DataError(f"variant(s) {stem_readers} read the image encoder's stored stride-16 maps (fine-tuning or "
+                        "defect maps): add --set features.image_encoder.stem=true")
     out_dir = check_output_dir(Path(out_dir).resolve(), "ablate --out")
     manifest = _original_rows(read_manifest(manifest_path))
     check_some_images_exist(manifest, Path(manifest_path))
@@ -148,7 +152,9 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     import ray
 
     from ase_ray.features.store import load_store
+    from ase_ray.models.defect_maps import DEFECT_TARGET
     from ase_ray.train.data import (
+        defect_targets,
         image_tail_spec,
         store_arrays,
         store_metadata,
@@ -166,14 +172,17 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
     fold_of = rows[FOLD].astype(int).to_numpy()
     finetunes = any(VARIANTS[v].get("finetune") for v in a.variants)
     tail = image_tail_spec(store.meta) if finetunes else None
+    maps = any(_image_pooling(config, VARIANTS[v]) == "defect_maps" for v in a.variants)
     train_and_score = ray.remote(_train_and_score)
     jobs, scores = [], []
     for task in a.tasks:
         classes = task_classes(store, task)
         normal = task_normal_class(store_dir, task, classes)
         arrays = store_arrays(store, task, classes)
-        if not finetunes:
+        if not finetunes and not maps:
             arrays = without_stem(arrays)
+        if maps:  # every row's, but a run reads its training rows' only (_train_and_score)
+            arrays.features[DEFECT_TARGET] = defect_targets(store.meta, arrays.rows, arrays.labels, classes, normal)
         shared = ray.put({"features": {k: _compact(v) for k, v in arrays.features.items()}, "labels": arrays.labels})
         for k in range(n_folds):
             test = np.flatnonzero(~augmented & (fold_of == k))
@@ -229,18 +238,27 @@ def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: in
     texts = [s for s in spec["texts"] if s not in constant] or list(spec["texts"])
     train.model.text_sources = texts
     train.model.numeric_sources = list(spec["numeric"])
-    if "image_pooling" in spec:
-        train.model.image_pooling = spec["image_pooling"]
+    train.model.image_pooling = _image_pooling(config, spec)
     if spec.get("finetune"):
         train.finetune.enabled = True
         train.model.image_tail = image_tail
     return config.model_copy(update={"train": train})
 
 
+def _image_pooling(config: AppConfig, spec: dict[str, Any]) -> str:
+    """A variant's own image pooling, else the config's (the fused variants take the configured image branch)."""
+    return spec.get("image_pooling", config.train.model.image_pooling)
+
+
+def _reads_stem(config: AppConfig, spec: dict[str, Any]) -> bool:
+    return bool(spec.get("finetune")) or _image_pooling(config, spec) == "defect_maps"
+
+
 def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags, normal=None) -> dict[str, Any]:
     import torch
 
-    from ase_ray.train.data import LABEL_KEY
+    from ase_ray.models.defect_maps import DEFECT_TARGET
+    from ase_ray.train.data import LABEL_KEY, STEM
     from ase_ray.train.loop import predict_proba, run_epochs
     from ase_ray.train.metrics import classification_metrics
     from ase_ray.train.settings import TrainConfig
@@ -252,10 +270,14 @@ def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags, nor
         from ase_ray.models.numeric import NUMERIC_KEY
 
         features[NUMERIC_KEY] = numeric
+    if not cfg.finetune.enabled and cfg.model.image_pooling != "defect_maps":
+        features = {k: v for k, v in features.items() if k not in (STEM, DEFECT_TARGET)}
+    elif cfg.model.image_pooling != "defect_maps":
+        features.pop(DEFECT_TARGET, None)
     train_arrays = {k: v[train] for k, v in features.items()}
     train_arrays[LABEL_KEY] = labels[train]
     result = run_epochs(train_arrays, {}, cfg, classes)
-    test_features = {k: v[test] for k, v in features.items()}
+    test_features = {k: v[test] for k, v in features.items() if k != DEFECT_TARGET}  # a test mask is never read
     probs = predict_proba(result.module, test_features)
     metrics = classification_metrics(labels[test], probs.argmax(1), classes)
     return {**tags, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"], "n_train": int(len(train)),

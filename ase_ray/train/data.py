@@ -201,6 +201,20 @@ def image_tail_spec(store_meta: dict):
                          pooling=encoder.get("pooling", "mean"))
 
 
+def defect_targets(store_meta: dict, rows: pd.DataFrame, labels: np.ndarray, classes: list[str],
+                   normal: str | None) -> np.ndarray:
+    """(N, Hs, Hs) int64 cell classes of the rows' masks (``ase_ray.data.masks``) in the geometry the store's
+    image encoder used; all -1 when the rows have no ``mask_path``."""
+    from ase_ray.data.manifest import MASK_PATH
+    from ase_ray.data.masks import cell_targets
+
+    encoder = (store_meta.get("features") or {}).get("image_encoder") or {}
+    size, resize = int(encoder.get("image_size", 224)), encoder.get("resize", "squash")
+    paths = rows[MASK_PATH].tolist() if MASK_PATH in rows.columns else [None] * len(rows)
+    normal_index = classes.index(normal) if normal in classes else None
+    return cell_targets(paths, labels, normal_index, size, resize)
+
+
 def without_stem(arrays: Arrays) -> Arrays:
     """``arrays`` without ``image_stem`` (a model that does not fine-tune never reads it: ~90 KB a row)."""
     return Arrays({k: v for k, v in arrays.features.items() if k != STEM}, arrays.labels, arrays.rows,

@@ -21,6 +21,7 @@ from ase_ray.train.data import (
     STEM,
     Arrays,
     constant_text_sources,
+    defect_targets,
     fit_numeric,
     image_tail_spec,
     iter_rows,
@@ -36,6 +37,7 @@ from ase_ray.train.data import (
     with_numeric,
     without_stem,
 )
+from ase_ray.models.defect_maps import DEFECT_TARGET
 from ase_ray.train.loop import MODEL_DIR, train_loop_per_worker
 from ase_ray.train.metrics import (
     classification_metrics,
@@ -114,6 +116,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
     config, splits = with_image_tail(config, splits)
     cfg = config.train
     splits, inputs = with_numeric_block(config, splits)
+    splits = with_defect_targets(config, splits, classes)
     if len(splits["train"]) < cfg.num_workers:
         raise DataError(f"{len(splits['train'])} training rows cannot feed {cfg.num_workers} workers")
     data = {"store_dir": store_dir(config), "classes": classes,
@@ -137,7 +140,7 @@ def fit(config: AppConfig, echo=print, track: bool = True, tags: dict[str, str] 
                 "ase_ray.numeric_fields": ",".join(f["name"] for f in inputs["numeric"]["fields"]) or "none",
                 "ase_ray.metadata_columns": ",".join([*inputs["metadata_columns"]["text"],
                                                       *inputs["metadata_columns"]["numeric"]]) or "none"}
-    columns = stored_columns(shapes, cfg.finetune.enabled)
+    columns = stored_columns(shapes, reads_stem(cfg))
     run_id = _open_run(config, plan, run_tags, parent_run_id) if track else None
     write_record(plan, run_id, data)
     from ase_ray.tracking import tracking_uri
@@ -216,11 +219,16 @@ def _remote_storage(config: AppConfig) -> bool:
     return bool(config.project.storage_uri) and is_uri(config.project.storage_uri)
 
 
-def stored_columns(shapes: dict[str, Any], finetune: bool) -> list[str]:
-    """The store's array columns a model is trained on (``image_stem`` only when fine-tuning; a text
-    source the store was written without is absent)."""
+def stored_columns(shapes: dict[str, Any], with_stem: bool) -> list[str]:
+    """The store's array columns a model is trained on (``image_stem`` only for a model that reads it; a
+    text source the store was written without is absent)."""
     optional = [c for c in model_columns() if c.startswith("text_") or c == STEM]
-    return [c for c in model_columns() if (c in shapes or c not in optional) and (finetune or c != STEM)]
+    return [c for c in model_columns() if (c in shapes or c not in optional) and (with_stem or c != STEM)]
+
+
+def reads_stem(cfg) -> bool:
+    """Whether the model reads ``image_stem``: fine-tuning the encoder, or defect maps."""
+    return cfg.finetune.enabled or cfg.model.image_pooling == "defect_maps"
 
 
 @dataclass
@@ -310,11 +318,35 @@ def with_image_tail(config: AppConfig, splits: dict[str, Arrays]) -> tuple[AppCo
     """With ``train.finetune`` on: ``train.model.image_tail`` from the store's image encoder settings.
     Off: the splits without ``image_stem``."""
     cfg = config.train
+    if cfg.model.image_pooling == "defect_maps":
+        if STEM not in store_meta(config).get("shapes", {}):
+            raise DataError("train.model.image_pooling defect_maps reads the stride-16 maps (image_stem): "
+                            "extract with --set features.image_encoder.stem=true")
+        if not cfg.finetune.enabled:
+            return config, splits
     if not cfg.finetune.enabled:
         return config, {name: without_stem(arrays) for name, arrays in splits.items()}
     meta = store_meta(config)
     model = cfg.model.model_copy(update={"image_tail": image_tail_spec(meta)})
     return config.model_copy(update={"train": cfg.model_copy(update={"model": model})}), splits
+
+
+def with_defect_targets(config: AppConfig, splits: dict[str, Arrays], classes: list[str]) -> dict[str, Arrays]:
+    """With defect maps: the training rows' cell targets from their masks (``mask_path``), an input
+    computed here like the numeric block (int8, one byte a cell); never for validation or test rows."""
+    cfg = config.train
+    if cfg.model.image_pooling != "defect_maps":
+        return splits
+    train = splits["train"]
+    normal = task_normal_class(store_dir(config), cfg.task, classes)
+    targets = defect_targets(store_meta(config), train.rows, train.labels, classes, normal).astype(np.int8)
+    known = int((targets >= 0).any(axis=(1, 2)).sum())
+    logger.info("defect maps: %d of %d training rows have a mask", known, len(train))
+    if not known:
+        logger.warning("defect maps: no training row has a mask (manifest column mask_path): the maps learn "
+                       "from the image labels only")
+    return {**splits, "train": Arrays({**train.features, DEFECT_TARGET: targets}, train.labels, train.rows,
+                                      train.added)}
 
 
 def without_constant_sources(config: AppConfig, train: Arrays) -> tuple[AppConfig, list[str]]:

@@ -35,6 +35,7 @@ import torch
 from ase_ray.models import inference
 from ase_ray.models.augment import augment_batch
 from ase_ray.models.classifier import build_model, compute_loss
+from ase_ray.models.defect_maps import DEFECT_TARGET
 from ase_ray.models.io import load_model, save_model
 from ase_ray.models.pfa import self_similarity
 from ase_ray.models.projections import dims_from_batch
@@ -89,7 +90,8 @@ def to_tensors(arrays: dict[str, np.ndarray], index: np.ndarray, device, float_d
 
 def predict_proba(module: torch.nn.Module, features: dict[str, np.ndarray], device=None) -> np.ndarray:
     """Class probabilities (N, C) in eval mode and fp32: Serve's computation, the label column left out."""
-    return inference.predict_proba(module, {k: v for k, v in features.items() if k != LABEL_KEY}, device)
+    return inference.predict_proba(module, {k: v for k, v in features.items() if k not in (LABEL_KEY, DEFECT_TARGET)},
+                                   device)
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -133,6 +135,7 @@ def run_epochs(
     n_common = common_size(n_local)  # every rank must take the same number of steps
     weights = class_weights(common_counts(np.bincount(labels, minlength=len(classes))), cfg.class_weighting)
     weights_t = torch.as_tensor(weights, dtype=torch.float32, device=engine.device) if weights is not None else None
+    cell_weights_t = _cell_weights(train, len(classes), common_counts, engine.device)
     sizes = (
         progressive_schedule(n_common, cfg.pfa.first_fraction, cfg.pfa.stride, cfg.pfa.epochs_per_stage, cfg.epochs)
         if pfa else [n_common] * cfg.epochs
@@ -140,7 +143,7 @@ def run_epochs(
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         subset = _epoch_subset(engine, train, sizes[epoch], n_local, pfa, cfg, rng)
-        parts = _train_epoch(engine, train, subset, cfg, pfa, rng, weights_t)
+        parts = _train_epoch(engine, train, subset, cfg, pfa, rng, weights_t, cell_weights_t)
         metrics = {"epoch": float(epoch), "subset_size": float(len(subset)), **parts}
         state = engine.fp32_state_dict()  # a collective under DeepSpeed: every rank
         if rank == 0:
@@ -197,7 +200,17 @@ def class_weights(counts: np.ndarray, weighting: str) -> np.ndarray | None:
     return raw * counts.sum() / float((raw * counts).sum())  # the average training row weighs 1
 
 
-def _train_epoch(engine, train, subset, cfg, pfa, rng, weights=None) -> dict[str, float]:
+def _cell_weights(train: dict[str, np.ndarray], n_classes: int, common_counts, device) -> torch.Tensor | None:
+    """Square-root inverse-frequency weights of the cells' classes (normal cells outnumber defect cells
+    a hundredfold: unweighted, a defect map learns to say "normal" everywhere); None without targets."""
+    if DEFECT_TARGET not in train:
+        return None
+    targets = train[DEFECT_TARGET]
+    counts = common_counts(np.bincount(targets[targets >= 0].ravel(), minlength=n_classes).astype(np.int64))
+    return torch.as_tensor(class_weights(counts, "sqrt"), dtype=torch.float32, device=device)
+
+
+def _train_epoch(engine, train, subset, cfg, pfa, rng, weights=None, cell_weights=None) -> dict[str, float]:
     order = rng.permutation(subset)
     steps = math.ceil(len(order) / cfg.batch_size)
     totals: dict[str, float] = {}
@@ -207,11 +220,13 @@ def _train_epoch(engine, train, subset, cfg, pfa, rng, weights=None) -> dict[str
         batch = to_tensors(train, index, engine.device, engine.float_dtype)
         labels = torch.from_numpy(train[LABEL_KEY][index]).to(engine.device)
         mix = None
-        if cfg.finetune.enabled:
-            batch, mix = augment_batch(batch, cfg.finetune.dihedral, cfg.finetune.mixup_alpha, rng)
+        if cfg.finetune.enabled or cfg.model.image_pooling == "defect_maps":  # defect maps: turns, no mixup
+            batch, mix = augment_batch(batch, cfg.finetune.dihedral,
+                                       cfg.finetune.mixup_alpha if cfg.finetune.enabled else 0.0, rng)
+        targets = batch.pop(DEFECT_TARGET, None)
         with engine.autocast():
             outputs = engine.model(batch)
-        loss, parts = compute_loss(outputs, labels, pfa, weights, mix)
+        loss, parts = compute_loss(outputs, labels, pfa, weights, mix, targets, cell_weights, cfg.defect_map_weight)
         engine.backward_step(loss)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value

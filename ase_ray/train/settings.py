@@ -39,6 +39,9 @@ class TrainConfig(StrictModel):
     model: ModelSettings = Field(default_factory=ModelSettings)
     pfa: PfaSettings = Field(default_factory=PfaSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    defect_map_weight: float = Field(
+        1.0, ge=0, le=100, description="model.image_pooling defect_maps: weight of the per-cell loss against the "
+        "pixel masks (ase_ray.models.defect_maps) beside the image's cross-entropy; 0: image labels only.")
     use_augmented: bool = Field(True, description="Train on TDA-synthesised rows too.")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)

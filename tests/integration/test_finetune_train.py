@@ -1,5 +1,6 @@
 """Fine-tuning the image encoder's later stages on Ray Train (2 CPU workers), under DDP and DeepSpeed:
-the encoder's weights move, the loss falls, and the exported model is the one evaluation scored."""
+the encoder's weights move, the loss falls, and the exported model is the one evaluation scored. Defect
+maps the same way: their cell loss falls on the masks."""
 
 from __future__ import annotations
 
@@ -57,3 +58,23 @@ def test_finetuning_on_two_workers_moves_the_encoder_and_exports_what_was_scored
     scored = classification_metrics(test.labels, probs.argmax(1), classes)["macro_f1"]
     assert scored == pytest.approx(result.metrics["test"]["macro_f1"], abs=1e-9)
     assert np.isfinite(probs).all()
+
+
+def test_defect_maps_train_on_two_workers_from_the_masks_and_export_what_was_scored(ray_session, tmp_path):
+    store = tmp_path / "store"
+    fake_feature_store(store, image_encoder=TINY, per_class=15, masks=True)
+    cfg = load_config(overrides=[
+        f"project.work_dir={tmp_path / 'work'}", f"train.store_dir={store}", "train.epochs=4", "train.lr=3e-3",
+        "train.num_workers=2", "train.model.kind=cmaf", "train.pfa.epochs_per_stage=1",
+        "train.model.image_pooling=defect_maps", "train.run_name=maps"])
+    result = fit(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    cells = [m.value for m in sorted(client.get_metric_history(result.run_id, "train_cells"), key=lambda m: m.step)]
+    assert len(cells) == 4 and cells[-1] < cells[0]
+    meta = json.loads((result.model_dir / "model.json").read_text())
+    assert meta["settings"]["image_pooling"] == "defect_maps"
+    splits, classes = load_task_arrays(store, "multiclass")
+    test = with_model_numeric(splits["test"], meta)
+    probs = ClassifierPredictor.from_dir(result.model_dir).predict_proba(test.features)
+    scored = classification_metrics(test.labels, probs.argmax(1), classes)["macro_f1"]
+    assert scored == pytest.approx(result.metrics["test"]["macro_f1"], abs=1e-9)

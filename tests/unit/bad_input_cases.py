@@ -254,6 +254,8 @@ def _setup_manifests(folder: Path) -> None:
     (folder / "a_folder.csv").mkdir()
     text_file(folder / "all_bad.csv", "image_path,label\n/nonexistent/a.png,normal\n/nonexistent/b.png,scratch\n")
     text_file(folder / "good" / "mixed.csv", "image_path,label\nimages/0.png,normal\nimages/missing.png,scratch\n")
+    text_file(folder / "good" / "masks.csv", "image_path,label,mask_path\nimages/0.png,normal,images/1.png\n"
+              "images/1.png,scratch,masks/missing.png\n")
     text_file(folder / "good" / "dupes.csv",
               "image_path,label,group\n" + "".join(f"images/{i % 3}.png,{'normal' if i % 2 else 'scratch'},g{i}\n"
                                                    for i in range(6)))
@@ -315,6 +317,8 @@ CASES: list[Case] = [
          with_setup(_setup_manifests, cli("data", "validate", "all_bad.csv", work=False)), exit_code=1),
     Case("manifest-mixed-rows", "data validate", "one good row, one missing image", "1 problem(s) in 1 row(s)",
          with_setup(_setup_manifests, cli("data", "validate", "good/mixed.csv", work=False)), exit_code=1),
+    Case("manifest-missing-mask", "data validate", "a `mask_path` names no file", "1 problem(s) in 1 row(s)",
+         with_setup(_setup_manifests, cli("data", "validate", "good/masks.csv", work=False)), exit_code=1),
     Case("manifest-duplicate-ids", "data split", "the same image path on several rows", "duplicate image path",
          with_setup(_setup_manifests, cli("data", "split", "good/dupes.csv", "--out", "split.csv"))),
     # ----------------------------------------------------------------------------- data commands

@@ -34,6 +34,14 @@ def test_variant_settings_reach_the_training_config():
     assert set(ABLATION_VARIANTS) <= set(VARIANTS)
 
 
+def test_the_fused_variants_take_the_configured_image_branch_and_image_only_stays_the_frozen_row():
+    config = load_config(overrides=["train.model.image_pooling=defect_maps"])
+    assert _variant_config(config, VARIANTS["full (PFA+CMAF+TDA)"], "binary", 0).train.model.image_pooling == "defect_maps"
+    assert _variant_config(config, VARIANTS["image-only"], "binary", 0).train.model.image_pooling == "stored"
+    maps = _variant_config(load_config(), VARIANTS["image-only (defect maps)"], "multiclass", 0)
+    assert maps.train.model.image_pooling == "defect_maps" and maps.train.model.kind == "image_only"
+
+
 def test_the_finetuned_variant_carries_the_stores_encoder_and_asks_for_stems_before_extracting(tmp_path):
     import pytest
 
@@ -48,6 +56,9 @@ def test_the_finetuned_variant_carries_the_stores_encoder_and_asks_for_stems_bef
     assert not plain.train.finetune.enabled and plain.train.model.image_tail is None
     config = load_config(overrides=['ablate.variants=["image-only (fine-tuned)"]'])
     with pytest.raises(DataError, match="features.image_encoder.stem=true"):
+        run_ablation(config, tmp_path / "missing.csv", tmp_path / "out")
+    config = load_config(overrides=['ablate.variants=["image-only (defect maps)"]'])
+    with pytest.raises(DataError, match="defect maps.*features.image_encoder.stem=true"):
         run_ablation(config, tmp_path / "missing.csv", tmp_path / "out")
 
 
@@ -83,3 +94,15 @@ def test_rows_carry_escape_and_overkill_rates_and_the_table_shows_them():
     assert cell["overkill_rate"] == 0.2
     table = markdown_table(rows, load_config(), pd.DataFrame({"x": range(4)}), {})
     assert "Escape / overkill rate" in table and "| image-only | " in table.split("Escape")[1]
+
+
+def test_the_magnetic_tile_config_keeps_the_stem_its_defect_maps_read():
+    from pathlib import Path
+
+    from ase_ray.train.ablate import _reads_stem
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "magnetic_tile.yaml")
+    assert config.features.image_encoder.stem and config.train.model.image_pooling == "defect_maps"
+    assert set(config.ablate.variants) <= set(VARIANTS)
+    assert [v for v in config.ablate.variants if _reads_stem(config, VARIANTS[v])] == [
+        "image-only (defect maps)", "full (PFA+CMAF+TDA)"]

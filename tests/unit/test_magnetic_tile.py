@@ -28,8 +28,13 @@ def test_real_dataset_manifest_and_groups(tmp_path):
     df = import_magnetic_tile(MAGNETIC_TILE, tmp_path, max_gap=500)
     counts = df["label"].value_counts().to_dict()
     assert counts == {"Free": 952, "Blowhole": 115, "Break": 85, "Uneven": 103, "Crack": 57, "Fray": 32}
-    assert set(df.columns) >= {"image_path", "label", "binary_label", "group", "exposure"}
-    assert "frame" not in df.columns and not df["image_path"].str.endswith(".png").any()  # no masks
+    assert set(df.columns) >= {"image_path", "label", "binary_label", "group", "exposure", "mask_path"}
+    assert "frame" not in df.columns and not df["image_path"].str.endswith(".png").any()
+    assert (df["mask_path"] == df["image_path"].str.replace(".jpg", ".png")).all()  # a training target
+    metadata = read_manifest(tmp_path / "manifest.csv")
+    from ase_ray.data.manifest import metadata_columns
+
+    assert metadata_columns(metadata) == ["exposure"]  # the mask is never metadata (it reveals the label)
     assert (df["binary_label"] == "normal").sum() == 952
     tiles = df.groupby("label")["group"].nunique()
     assert 15 <= tiles["Blowhole"] <= 25 and 4 <= tiles["Fray"] <= 9

@@ -121,3 +121,20 @@ def test_import_csv_missing_column(tmp_path):
     csv.write_text("file,label\na.png,x\n")
     with pytest.raises(ManifestError, match="image_path"):
         import_csv(csv, tmp_path / "out")
+
+
+def test_masks_round_trip_relative_and_a_bad_mask_is_a_listed_problem(tmp_path):
+    a, b, c = (write_png(tmp_path / "d" / f"{n}.png") for n in "abc")
+    mask = write_png(tmp_path / "d" / "masks" / "a.png")
+    (tmp_path / "d" / "broken.png").write_text("not a png")
+    df = pd.DataFrame({"image_path": [str(a), str(b), str(c)], "label": ["x", "y", "y"],
+                       "mask_path": [str(mask), str(tmp_path / "d" / "gone.png"), str(tmp_path / "d" / "broken.png")]})
+    path = write_manifest(df, tmp_path / "d" / "manifest.csv")
+    assert read_manifest(path, resolve_paths=False)["mask_path"][0] == "masks/a.png"
+    back = read_manifest(path)
+    assert back["mask_path"][0] == str(mask)
+    problems = {(p.row, p.kind) for p in validate_manifest(back)}
+    assert problems == {(1, "missing-file"), (2, "unreadable-image")}
+    assert "mask_path" in str(next(p for p in validate_manifest(back) if p.row == 1))
+    no_mask = back.assign(mask_path=[str(mask), None, ""])
+    assert validate_manifest(no_mask) == []  # an empty cell: that row has no mask

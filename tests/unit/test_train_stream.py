@@ -101,7 +101,7 @@ def test_streamed_shares_are_the_in_memory_split_with_numeric_and_corrections(tm
     fake_feature_store(tmp_path / "store", per_class=14, records={"lot": [float(i % 5) for i in range(42)]})
     meta = load_store(tmp_path / "store").meta
     shapes, metadata = meta["shapes"], store_metadata(meta)
-    columns = stored_columns(shapes, finetune=False)
+    columns = stored_columns(shapes, with_stem=False)
     full, classes = load_task_arrays(tmp_path / "store", "multiclass")
     rows, _ = load_task_rows(tmp_path / "store", "multiclass")
 

@@ -1,0 +1,74 @@
+"""Defect maps (``model.image_pooling: defect_maps``): the encoder's stride-16 map (``image_stem``)
+through a small trainable convolutional head that scores every cell for every class.
+
+Why: a defect lives in a few cells of the map; pooled frozen features average it away, and a head
+trained on image labels alone must guess where to look from a few hundred images. Where the manifest
+has pixel masks (``mask_path``), each cell's class is known (``ase_ray.data.masks``), so every defect
+image also teaches *where* its defect is: many supervised cells per image instead of one label. Rows
+without a mask (TDA copies, images of a set without masks) train the image loss only.
+
+The image vector is the masked-free mean and max of the cell features and of the cell class
+probabilities (a small peak survives the max), projected to ``d_model``; CMAF reads the cells'
+features, averaged over 2x2 cells (as many tokens as the final map has), as its image tokens. The cell scores are also the model's defect map (``defect_cells``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFECT_CELLS = "defect_cells"  # model output: (B, C, Hs, Hs) class logits per cell
+DEFECT_TARGET = "defect_target"  # training target: (B, Hs, Hs) class index per cell, -1 where unknown
+
+
+class DefectMapHead(nn.Module):
+    """``image_stem`` (B, Cs, Hs, Hs) -> (image vector (B, d), tokens (B, ceil(Hs/2)^2, d) or None, cell logits
+    (B, num_classes, Hs, Hs))."""
+
+    def __init__(self, stem_dim: int, stem_size: int, width: int, num_classes: int, d_model: int, dropout: float,
+                 with_tokens: bool):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(stem_dim, affine=False),  # the stem's channels differ in scale by orders of magnitude
+            nn.Conv2d(stem_dim, width, 1), nn.BatchNorm2d(width), nn.ReLU(), nn.Dropout2d(dropout),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        )
+        self.cells = nn.Conv2d(width, num_classes, 1)
+        self.pool_proj = nn.Linear(2 * width + 2 * num_classes, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.token_proj = nn.Linear(width, d_model) if with_tokens else None
+        self.token_side = -(-stem_size // 2)
+        self.position = nn.Parameter(torch.randn(self.token_side ** 2, d_model) * 0.02) if with_tokens else None
+
+    def forward(self, stem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        h = self.body(stem.to(self.pool_proj.weight.dtype))
+        cells = self.cells(h)
+        probs = F.softmax(cells.float(), dim=1).to(h.dtype)
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3)), probs.mean(dim=(2, 3)), probs.amax(dim=(2, 3))], 1)
+        vector = self.drop(self.norm(self.pool_proj(pooled)))
+        tokens = None
+        if self.token_proj is not None:
+            cells_2x2 = F.adaptive_avg_pool2d(h, self.token_side).flatten(2).transpose(1, 2)
+            tokens = self.drop(self.norm(self.token_proj(cells_2x2) + self.position))
+        return vector, tokens, cells
+
+
+def cell_loss(cells: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
+              mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | None:
+    """Cross-entropy over the cells with a known class (None when the batch has none). Under mixup the
+    two images' cell targets are mixed as their labels are."""
+    targets = targets.long()
+    if not bool((targets >= 0).any()):
+        return None
+    logits = cells.float()
+
+    def ce(t: torch.Tensor) -> torch.Tensor:
+        known = (t >= 0).sum().clamp(min=1)
+        return F.cross_entropy(logits, t, weight=weights, ignore_index=-1, reduction="sum") / known
+
+    if mix is None:
+        return ce(targets)
+    partners, lam = mix
+    return lam * ce(targets) + (1.0 - lam) * ce(targets[partners])

@@ -67,7 +67,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # keys: ase_ray.train.settings.ABLATION
                                  "numeric": [], "image_pooling": "defect_maps"},
     # train.finetune: the encoder's later stages trained too (the store needs image_stem)
     "image-only (fine-tuned)": {"kind": "image_only", "pfa": False, "tda": False, "texts": ALL_TEXTS,
-                                "numeric": [], "finetune": True},
+                                "numeric": [], "finetune": True, "image_pooling": "stored"},
 }
 FULL_WITHOUT_TDA = "full (PFA+CMAF; TDA not applicable)"  # the row's name when the data have no dots
 

@@ -38,6 +38,8 @@ def test_the_fused_variants_take_the_configured_image_branch_and_image_only_stay
     config = load_config(overrides=["train.model.image_pooling=defect_maps"])
     assert _variant_config(config, VARIANTS["full (PFA+CMAF+TDA)"], "binary", 0).train.model.image_pooling == "defect_maps"
     assert _variant_config(config, VARIANTS["image-only"], "binary", 0).train.model.image_pooling == "stored"
+    tuned = _variant_config(config, VARIANTS["image-only (fine-tuned)"], "binary", 0)  # one reader of the stem
+    assert tuned.train.finetune.enabled and tuned.train.model.image_pooling == "stored"
     maps = _variant_config(load_config(), VARIANTS["image-only (defect maps)"], "multiclass", 0)
     assert maps.train.model.image_pooling == "defect_maps" and maps.train.model.kind == "image_only"
 

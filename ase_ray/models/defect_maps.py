@@ -7,9 +7,10 @@ has pixel masks (``mask_path``), each cell's class is known (``ase_ray.data.mask
 image also teaches *where* its defect is: many supervised cells per image instead of one label. Rows
 without a mask (TDA copies, images of a set without masks) train the image loss only.
 
-The image vector is the masked-free mean and max of the cell features and of the cell class
-probabilities (a small peak survives the max), projected to ``d_model``; CMAF reads the cells'
-features, averaged over 2x2 cells (as many tokens as the final map has), as its image tokens. The cell scores are also the model's defect map (``defect_cells``).
+The image vector is the mean and max of the cell features and of the cell class probabilities (a small
+peak survives the max), projected to ``d_model``; CMAF reads the cells' features, averaged over 2x2
+cells (as many tokens as the final map has), as its image tokens. The cell scores are the model's
+defect map (output ``defect_cells``).
 """
 
 from __future__ import annotations

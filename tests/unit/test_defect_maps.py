@@ -154,13 +154,12 @@ def test_the_served_defect_map_model_reads_the_extracted_stem(tmp_path):
         images.append(decode_image_bytes(path.read_bytes()))
     arrays = FeatureExtractor(cfg.features).load()(images).arrays
     settings = cfg.train.model.model_copy(update={"kind": "image_only", "image_pooling": "defect_maps"})
-    dims = dims_from_batch({k: torch.from_numpy(np.asarray(v[:1], dtype=np.float32)) for k, v in arrays.items()})
+    batch = to_tensors(arrays, np.arange(len(images)), "cpu", torch.float32)
+    dims = dims_from_batch(batch)
     model = build_model(settings, dims, 3).eval()
     save_model(model, tmp_path / "model", settings, dims, ["a", "b", "c"])
     served = ClassifierPredictor.from_dir(tmp_path / "model").predict_proba(arrays)
     with torch.no_grad():
-        batch = {k: torch.from_numpy(np.asarray(v, dtype=np.float32 if v.dtype.kind == "f" else np.int64))
-                 for k, v in arrays.items()}
         np.testing.assert_allclose(served, model(batch)["logits"].softmax(-1).numpy(), atol=1e-5)
         changed = dict(batch, image_stem=batch["image_stem"] + 1.0)
         assert not np.allclose(served, model(changed)["logits"].softmax(-1).numpy(), atol=1e-4)

@@ -126,7 +126,12 @@ class DefectClassifier(nn.Module):
             if image_tokens is None:
                 image_tokens = self.image.tokens(batch)
             fused, gates = self.fusion(image_tokens, text_tokens, text_mask, segments)
-        out = {"logits": self.head(fused) / self.temperature}
+        logits = self.head(fused)
+        if cells is not None and self.settings.defect_map_decision > 0:
+            scores = self.defect_maps.decision_scores(cells)
+            if scores is not None:
+                logits = logits + self.settings.defect_map_decision * scores.to(logits.dtype)
+        out = {"logits": logits / self.temperature}
         if cells is not None:
             out[DEFECT_CELLS] = cells
         if gates is not None:

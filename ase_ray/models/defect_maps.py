@@ -11,6 +11,12 @@ The image vector is the mean and max of the cell features and of the cell class 
 peak survives the max), projected to ``d_model``; CMAF reads the cells' features, averaged over 2x2
 cells (as many tokens as the final map has), as its image tokens. The cell scores are the model's
 defect map (output ``defect_cells``).
+
+With ``model.defect_map_decision`` > 0 the map also votes directly (multiple-instance): a defect class
+scores the log-probability of its most confident cell, the normal class that of the least normal cell,
+and these scores, weighted, are added to the head's logits. The image loss then reaches the cells through
+that vote too. Which class is normal is set by training (``set_normal_class``: the commonest cell class)
+and saved with the weights.
 """
 
 from __future__ import annotations
@@ -42,6 +48,25 @@ class DefectMapHead(nn.Module):
         self.token_proj = nn.Linear(width, d_model) if with_tokens else None
         self.token_side = -(-stem_size // 2)
         self.position = nn.Parameter(torch.randn(self.token_side ** 2, d_model) * 0.02) if with_tokens else None
+        self.register_buffer("normal_class", torch.tensor(-1, dtype=torch.long))  # -1: unknown, no vote
+
+    def set_normal_class(self, index: int) -> None:
+        self.normal_class.fill_(int(index))
+
+    def decision_scores(self, cells: torch.Tensor) -> torch.Tensor | None:
+        """(B, C) image scores read off the cell logits (B, C, Hs, Hs): log-probability of the most confident
+        cell per defect class, of the least normal cell for the normal class; None while the normal class
+        is unknown."""
+        normal = int(self.normal_class)
+        if normal < 0:
+            return None
+        logp = F.log_softmax(cells.float(), dim=1).flatten(2)
+        is_normal = torch.arange(cells.shape[1], device=cells.device) == normal
+        return torch.where(is_normal, logp.amin(dim=2), logp.amax(dim=2))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "normal_class", torch.tensor(-1, dtype=torch.long))  # saved before the vote
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, stem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         h = self.body(stem.to(self.pool_proj.weight.dtype))

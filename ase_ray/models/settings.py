@@ -69,6 +69,10 @@ class ModelSettings(StrictModel):
         "features.image_encoder.stem: true) scores every cell per class, supervised by the pixel masks where the "
         "manifest has them (mask_path); its cells are also CMAF's image tokens (ase_ray.models.defect_maps).")
     defect_map_width: int = Field(96, ge=4, le=2048, description="Channels of the defect-map head (defect_maps).")
+    defect_map_decision: float = Field(
+        0.0, ge=0, le=10, description="defect_maps: weight of the image scores read off the map (a defect class "
+        "scores its most confident cell, the normal class its least normal cell: multiple-instance) added to the "
+        "head's logits; 0: the head alone decides.")
     image_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries over the image tokens (attention).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
     image_tail: ImageTailSpec | None = Field(
@@ -79,6 +83,8 @@ class ModelSettings(StrictModel):
     def _one_image_adapter(self) -> "ModelSettings":
         if self.image_pooling == "defect_maps" and self.image_tail is not None:
             raise ValueError("model.image_pooling defect_maps and train.finetune both read image_stem: choose one")
+        if self.defect_map_decision > 0 and self.image_pooling != "defect_maps":
+            raise ValueError("model.defect_map_decision reads the defect maps: set model.image_pooling defect_maps")
         return self
 
     @field_validator("text_sources")

@@ -238,6 +238,8 @@ def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: in
     texts = [s for s in spec["texts"] if s not in constant] or list(spec["texts"])
     train.model.text_sources = texts
     train.model.numeric_sources = list(spec["numeric"])
+    if _image_pooling(config, spec) != "defect_maps":
+        train.model.defect_map_decision = 0.0  # the vote reads the defect maps this variant does not build
     train.model.image_pooling = _image_pooling(config, spec)
     if spec.get("finetune"):
         train.finetune.enabled = True

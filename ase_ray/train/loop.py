@@ -119,6 +119,9 @@ def run_epochs(
     n_local = len(labels)
     dims = dims_from_batch(to_tensors(train, np.arange(1), "cpu", torch.float32), cfg.model.text_sources)
     module = build_model(cfg.model, dims, len(classes), cfg.pfa)
+    cell_counts = _cell_counts(train, len(classes), common_counts)
+    if cell_counts is not None and module.defect_maps is not None:
+        module.defect_maps.set_normal_class(int(np.argmax(cell_counts)))  # normal cells outnumber the rest
     engine = make_engine(module, cfg, device)
     with torch.random.fork_rng(devices=[]):  # the scoring copy must not move the training RNG
         scorer = build_model(cfg.model, dims, len(classes), cfg.pfa).to(engine.device).eval()
@@ -135,7 +138,8 @@ def run_epochs(
     n_common = common_size(n_local)  # every rank must take the same number of steps
     weights = class_weights(common_counts(np.bincount(labels, minlength=len(classes))), cfg.class_weighting)
     weights_t = torch.as_tensor(weights, dtype=torch.float32, device=engine.device) if weights is not None else None
-    cell_weights_t = _cell_weights(train, len(classes), common_counts, engine.device)
+    cell_weights_t = (torch.as_tensor(class_weights(cell_counts, "sqrt"), dtype=torch.float32, device=engine.device)
+                      if cell_counts is not None else None)
     sizes = (
         progressive_schedule(n_common, cfg.pfa.first_fraction, cfg.pfa.stride, cfg.pfa.epochs_per_stage, cfg.epochs)
         if pfa else [n_common] * cfg.epochs
@@ -200,14 +204,15 @@ def class_weights(counts: np.ndarray, weighting: str) -> np.ndarray | None:
     return raw * counts.sum() / float((raw * counts).sum())  # the average training row weighs 1
 
 
-def _cell_weights(train: dict[str, np.ndarray], n_classes: int, common_counts, device) -> torch.Tensor | None:
-    """Square-root inverse-frequency weights of the cells' classes (normal cells outnumber defect cells
-    a hundredfold: unweighted, a defect map learns to say "normal" everywhere); None without targets."""
+def _cell_counts(train: dict[str, np.ndarray], n_classes: int, common_counts) -> np.ndarray | None:
+    """The training cells' class counts over all ranks (None without targets). Their square-root inverse
+    frequencies weigh the cell loss: normal cells outnumber defect cells a hundredfold, and unweighted a
+    defect map learns to say "normal" everywhere."""
     if DEFECT_TARGET not in train:
         return None
     targets = train[DEFECT_TARGET]
     counts = common_counts(np.bincount(targets[targets >= 0].ravel(), minlength=n_classes).astype(np.int64))
-    return torch.as_tensor(class_weights(counts, "sqrt"), dtype=torch.float32, device=device)
+    return counts if counts.sum() > 0 else None
 
 
 def _train_epoch(engine, train, subset, cfg, pfa, rng, weights=None, cell_weights=None) -> dict[str, float]:

@@ -35,9 +35,11 @@ def test_variant_settings_reach_the_training_config():
 
 
 def test_the_fused_variants_take_the_configured_image_branch_and_image_only_stays_the_frozen_row():
-    config = load_config(overrides=["train.model.image_pooling=defect_maps"])
-    assert _variant_config(config, VARIANTS["full (PFA+CMAF+TDA)"], "binary", 0).train.model.image_pooling == "defect_maps"
-    assert _variant_config(config, VARIANTS["image-only"], "binary", 0).train.model.image_pooling == "stored"
+    config = load_config(overrides=["train.model.image_pooling=defect_maps", "train.model.defect_map_decision=1.0"])
+    full = _variant_config(config, VARIANTS["full (PFA+CMAF+TDA)"], "binary", 0).train.model
+    assert (full.image_pooling, full.defect_map_decision) == ("defect_maps", 1.0)
+    plain = _variant_config(config, VARIANTS["image-only"], "binary", 0).train.model
+    assert (plain.image_pooling, plain.defect_map_decision) == ("stored", 0.0)  # no maps: no vote
     tuned = _variant_config(config, VARIANTS["image-only (fine-tuned)"], "binary", 0)  # one reader of the stem
     assert tuned.train.finetune.enabled and tuned.train.model.image_pooling == "stored"
     maps = _variant_config(load_config(), VARIANTS["image-only (defect maps)"], "multiclass", 0)

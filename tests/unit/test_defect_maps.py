@@ -163,3 +163,61 @@ def test_the_served_defect_map_model_reads_the_extracted_stem(tmp_path):
         np.testing.assert_allclose(served, model(batch)["logits"].softmax(-1).numpy(), atol=1e-5)
         changed = dict(batch, image_stem=batch["image_stem"] + 1.0)
         assert not np.allclose(served, model(changed)["logits"].softmax(-1).numpy(), atol=1e-4)
+
+
+def test_the_map_votes_with_its_most_confident_defect_cell_and_its_least_normal_cell():
+    from ase_ray.models.defect_maps import DefectMapHead
+
+    head = DefectMapHead(stem_dim=4, stem_size=2, width=8, num_classes=3, d_model=8, dropout=0.0, with_tokens=False)
+    cells = torch.zeros(1, 3, 2, 2)
+    cells[0, 0] = 5.0  # every cell says normal ...
+    cells[0, 2, 1, 0] = 9.0  # ... but one, which says class 2
+    assert head.decision_scores(cells) is None  # the normal class is unknown until training sets it
+    head.set_normal_class(0)
+    logp = torch.log_softmax(cells, dim=1).flatten(2)
+    expected = torch.stack([logp[0, 0].min(), logp[0, 1].max(), logp[0, 2].max()])
+    scores = head.decision_scores(cells)[0]
+    torch.testing.assert_close(scores, expected)
+    assert scores.argmax() == 2  # one confident defect cell outvotes three normal ones
+
+
+def test_a_voting_defect_map_model_learns_its_normal_class_and_keeps_it_when_saved(tmp_path):
+    from ase_ray.models.inference import ClassifierPredictor
+    from ase_ray.models.io import load_model, save_model
+
+    fake_feature_store(tmp_path / "store", image_encoder=TINY, per_class=24, signal=0.0, masks=True)
+    cfg = _maps_config(tmp_path / "store", "train.model.defect_map_decision=1.0")
+    splits, classes = load_task_arrays(tmp_path / "store", "multiclass")
+    cfg, splits = with_image_tail(cfg, splits)
+    splits = with_defect_targets(cfg, splits, classes)
+    train = {**splits["train"].features, LABEL_KEY: splits["train"].labels}
+    model = run_epochs(train, {}, cfg.train, classes).module.eval()
+    assert int(model.defect_maps.normal_class) == 0  # the fake store's normal class, the commonest cell class
+    features = {k: v for k, v in splits["train"].features.items() if k != DEFECT_TARGET}
+    batch = to_tensors(features, np.arange(len(splits["train"])), "cpu", torch.float32)
+    with torch.no_grad():
+        out = model(batch)
+        head_alone = model.head(model.defect_maps(batch["image_stem"])[0])
+    torch.testing.assert_close(out["logits"], head_alone + model.defect_maps.decision_scores(out[DEFECT_CELLS]))
+    assert (out["logits"].argmax(1).numpy() == splits["train"].labels).mean() > 0.8
+    save_model(model, tmp_path / "model", model.settings, model.dims, classes)
+    assert int(load_model(tmp_path / "model")[0].defect_maps.normal_class) == 0
+    served = ClassifierPredictor.from_dir(tmp_path / "model").predict_proba(features)
+    np.testing.assert_allclose(served, out["logits"].softmax(-1).numpy(), atol=1e-5)
+
+
+def test_a_defect_map_model_saved_before_the_vote_still_loads():
+    from ase_ray.models.classifier import build_model
+    from ase_ray.models.projections import FeatureDims
+
+    settings = load_config().train.model.model_copy(update={"kind": "image_only", "image_pooling": "defect_maps"})
+    dims = FeatureDims(image_dim=8, image_tokens=4, text_dim=6, text_len=3, llm_dim=0, stem_dim=7, stem_size=5)
+    state = {k: v for k, v in build_model(settings, dims, 3).state_dict().items() if not k.endswith("normal_class")}
+    model = build_model(settings, dims, 3)
+    model.load_state_dict(state)
+    assert int(model.defect_maps.normal_class) == -1
+
+
+def test_the_vote_needs_the_defect_maps():
+    with pytest.raises(Exception, match="defect_map_decision reads the defect maps"):
+        load_config(overrides=["train.model.defect_map_decision=1.0"])

@@ -85,12 +85,13 @@ class DefectClassifier(nn.Module):
             self.fusion = CmafFusion(d, settings.heads, dropout)
         elif kind == "gated":
             self.fusion = GatedFusion(d)
+        self.cmaf_pooled_image = kind == "cmaf" and self.defect_maps is not None and settings.cmaf_pooled_image
         fused_dim = {
             "image_only": d,
             "text_only": text_set * d,
             "concat": (1 + text_set) * d,
             "gated": d,
-            "cmaf": 2 * d,
+            "cmaf": (3 if self.cmaf_pooled_image else 2) * d,
         }[kind]
         self.head = ClassificationHead(fused_dim, settings.head_hidden, num_classes, dropout)
         self.image_tail = None
@@ -103,6 +104,22 @@ class DefectClassifier(nn.Module):
         self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        views = self.settings.eval_views
+        out = self._forward_view(batch)
+        if self.training or views <= 1 or "image_stem" not in batch:
+            return out
+        # Test-time augmentation: the mean logit over dihedral views of the map (view 0 is the map as
+        # stored, whose cells, gates and alignment embeddings are returned).
+        from ase_ray.features.image_encoder import dihedral
+
+        logits = [out["logits"]]
+        for view in range(1, views):
+            turned = dict(batch, image_stem=dihedral(batch["image_stem"], view))
+            logits.append(self._forward_view(turned)["logits"])
+        out["logits"] = torch.stack(logits).mean(dim=0)
+        return out
+
+    def _forward_view(self, batch: Batch) -> dict[str, torch.Tensor]:
         kind = self.settings.kind
         if self.image_tail is not None:
             batch = self.image_tail.with_adapted_image(batch)
@@ -126,6 +143,8 @@ class DefectClassifier(nn.Module):
             if image_tokens is None:
                 image_tokens = self.image.tokens(batch)
             fused, gates = self.fusion(image_tokens, text_tokens, text_mask, segments)
+            if self.cmaf_pooled_image:
+                fused = torch.cat([fused, image_vec], dim=-1)
         logits = self.head(fused)
         if cells is not None and self.settings.defect_map_decision > 0:
             scores = self.defect_maps.decision_scores(cells)

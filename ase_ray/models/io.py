@@ -17,7 +17,9 @@ from ase_ray.models.settings import ModelSettings
 
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
-FORMAT_VERSION = 2  # 2: ModelSettings.text_pooling (format 1 models pooled their texts by the mean)
+# 2: ModelSettings.text_pooling (format 1 models pooled their texts by the mean); 3: cmaf_pooled_image (a format
+# 2 CMAF over defect maps did not read the map's pooled vector)
+FORMAT_VERSION = 3
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -75,6 +77,8 @@ def load_model(
         raise DataError(f"damaged saved model: {directory / META_FILE} is not readable JSON ({exc})") from None
     if meta.get("format", 1) < 2:
         meta["settings"].setdefault("text_pooling", "mean")
+    if meta.get("format", 1) < 3:
+        meta["settings"].setdefault("cmaf_pooled_image", False)
     model = DefectClassifier(
         ModelSettings.model_validate(meta["settings"]),
         FeatureDims(**meta["dims"]),

@@ -73,6 +73,15 @@ class ModelSettings(StrictModel):
         0.0, ge=0, le=10, description="defect_maps: weight of the image scores read off the map (a defect class "
         "scores its most confident cell, the normal class its least normal cell: multiple-instance) added to the "
         "head's logits; 0: the head alone decides.")
+    eval_views: Literal[1, 2, 4, 8] = Field(
+        1, description="Test-time augmentation of a model that reads image_stem (defect_maps, or a fine-tuned "
+        "image_tail): in eval mode the logits are averaged over this many dihedral views of the stride-16 map "
+        "(flips and quarter turns, the turns training sees); 1: the map as stored. Validation, calibration, "
+        "Serve and predict all score the averaged logits.")
+    cmaf_pooled_image: bool = Field(
+        False, description="cmaf with defect_maps: the head reads the map's pooled vector (mean and max of the cells "
+        "and of their class probabilities, the image-only variant's input) beside CMAF's fused vector. CMAF's own "
+        "image side is a mean over the cell tokens, in which a defect a few cells wide fades.")
     image_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries over the image tokens (attention).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
     image_tail: ImageTailSpec | None = Field(
@@ -83,6 +92,9 @@ class ModelSettings(StrictModel):
     def _one_image_adapter(self) -> "ModelSettings":
         if self.image_pooling == "defect_maps" and self.image_tail is not None:
             raise ValueError("model.image_pooling defect_maps and train.finetune both read image_stem: choose one")
+        if self.eval_views > 1 and self.image_pooling != "defect_maps" and self.image_tail is None:
+            raise ValueError("model.eval_views turns the stride-16 map: set model.image_pooling defect_maps or "
+                             "train.finetune")
         if self.defect_map_decision > 0 and self.image_pooling != "defect_maps":
             raise ValueError("model.defect_map_decision reads the defect maps: set model.image_pooling defect_maps")
         return self

@@ -280,7 +280,7 @@ def _train_and_score(shared, numeric, train, test, train_cfg, classes, tags, nor
     train_arrays[LABEL_KEY] = labels[train]
     result = run_epochs(train_arrays, {}, cfg, classes)
     test_features = {k: v[test] for k, v in features.items() if k != DEFECT_TARGET}  # a test mask is never read
-    probs = predict_proba(result.module, test_features)
+    probs = predict_proba(result.kept, test_features)  # the kept model: the last epoch, or the average
     metrics = classification_metrics(labels[test], probs.argmax(1), classes)
     return {**tags, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"], "n_train": int(len(train)),
             "n_test": int(len(test)), "per_class_f1": _per_class_f1(metrics),

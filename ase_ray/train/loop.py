@@ -10,7 +10,9 @@ Progressive Feature Alignment (PFA), as run here, epoch by epoch:
    InfoNCE. With PFA disabled every epoch uses the whole set and cross-entropy only.
 
 After every epoch the engine's fp32 weights (DeepSpeed's master copy under bf16) are scored on the
-validation rows in fp32, the precision of the final scoring, and the best epoch is kept (``Best``).
+validation rows in fp32, the precision of the final scoring, and the best epoch is kept (``Best``). With
+``train.average_epochs`` = N the kept model is instead the mean of the last N epochs' weights (stochastic
+weight averaging), scored once after the last epoch (``averaged_val_*`` in that epoch's metrics).
 Every epoch's checkpoint holds what a resume needs to continue exactly as an uninterrupted run: the
 engine's state, each rank's random states, the epoch and the best epoch so far, and ``model/``, the
 best epoch's fp32 export (what is logged, registered and served).
@@ -47,6 +49,7 @@ from ase_ray.train.settings import TrainConfig
 
 MODEL_DIR = "model"
 LOOP_STATE_FILE = "loop_state.json"
+AVERAGE_FILE = "weight_average.pt"
 EVAL_BATCH = 64
 BEST_RULE = ("highest val macro-F1; a tie goes to the lower val log-loss, then to the earlier epoch; "
              "with no validation rows, the last epoch")
@@ -75,7 +78,39 @@ class LoopResult:
     module: torch.nn.Module  # the last epoch's (training) module
     history: list[dict[str, float]] = field(default_factory=list)
     best: Best | None = None
-    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's fp32 weights (rank 0)
+    best_state: dict[str, torch.Tensor] | None = None  # the kept fp32 weights (rank 0): best epoch, or average
+    average: "WeightAverage | None" = None  # rank 0, with train.average_epochs
+    kept: torch.nn.Module | None = None  # rank 0, after the last epoch: an eval-mode model holding best_state
+
+
+@dataclass
+class WeightAverage:
+    """The running sum of the fp32 weights of the epochs averaged so far (integer buffers, such as
+    BatchNorm's batch counts, keep their latest value)."""
+
+    total: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            value = value.detach().cpu()
+            if value.is_floating_point() and key in self.total:
+                self.total[key] += value.double()
+            else:
+                self.total[key] = value.double() if value.is_floating_point() else value.clone()
+        self.count += 1
+
+    def mean(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v / self.count).to(like[k].dtype) if v.is_floating_point() else v.clone()
+                for k, v in self.total.items()}
+
+    def save(self, path: Path) -> None:
+        torch.save({"count": torch.tensor(self.count), **{f"total.{k}": v for k, v in self.total.items()}}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "WeightAverage":
+        saved = torch.load(path, weights_only=True)
+        return cls({k[len("total."):]: v for k, v in saved.items() if k.startswith("total.")}, int(saved["count"]))
 
 
 def to_tensors(arrays: dict[str, np.ndarray], index: np.ndarray, device, float_dtype) -> dict[str, torch.Tensor]:
@@ -134,6 +169,8 @@ def run_epochs(
         start_epoch, result.best = read_loop_state(restored_dir)
         if rank == 0:
             result.best_state = load_model(restored_dir / MODEL_DIR)[0].state_dict()
+            if (restored_dir / AVERAGE_FILE).is_file():
+                result.average = WeightAverage.load(restored_dir / AVERAGE_FILE)
         restore_random_states(restored_dir, rank, rng, engine.device)  # last: building models draws from it
     n_common = common_size(n_local)  # every rank must take the same number of steps
     weights = class_weights(common_counts(np.bincount(labels, minlength=len(classes))), cfg.class_weighting)
@@ -156,6 +193,8 @@ def run_epochs(
             if result.best is None or result.best.beaten_by(candidate):
                 result.best = candidate
                 result.best_state = {k: v.detach().cpu().clone() for k, v in state.items()}
+            if cfg.average_epochs and epoch >= cfg.epochs - cfg.average_epochs:
+                _average_in(result, state, scorer, val, classes, engine.device, epoch, metrics, cfg)
             metrics["best_epoch"] = float(result.best.epoch)
         metrics["epoch_seconds"] = time.perf_counter() - started
         result.history.append(metrics)
@@ -165,7 +204,28 @@ def run_epochs(
                 report(metrics, Path(tmp))
         elif report is not None:
             report(metrics, None)
+    if rank == 0 and result.best_state is not None:
+        scorer.load_state_dict(result.best_state)
+        result.kept = scorer.eval()
     return result
+
+
+def _average_in(result: LoopResult, state, scorer, val, classes, device, epoch: int, metrics: dict[str, float],
+                cfg: TrainConfig) -> None:
+    """Adds this epoch's weights to the average; after the last epoch the average becomes the kept model,
+    scored on validation (``averaged_val_*``)."""
+    if result.average is None:
+        result.average = WeightAverage()
+    result.average.add(state)
+    metrics["averaged_epochs"] = float(result.average.count)
+    if epoch + 1 < cfg.epochs:
+        return
+    averaged = result.average.mean(state)
+    scorer.load_state_dict(averaged)
+    scores: dict[str, float] = {}
+    best = _score(scorer, val, classes, device, epoch, scores)
+    metrics.update({f"averaged_{k}": v for k, v in scores.items() if k in ("val_macro_f1", "val_log_loss")})
+    result.best, result.best_state = best, averaged
 
 
 def _score(scorer, val, classes, device, epoch: int, metrics: dict[str, float]) -> Best:
@@ -251,9 +311,17 @@ def save_checkpoint(engine, directory: Path, epoch: int, rank: int, rng: np.rand
         export.load_state_dict(result.best_state)
         save_model(export, directory / MODEL_DIR, cfg.model, dims, classes,
                    extra={"task": cfg.task, "epoch": result.best.epoch, "last_epoch": epoch,
-                          "selection": BEST_RULE, "strategy": cfg.strategy,
+                          "selection": _selection(cfg, epoch), "strategy": cfg.strategy,
                           "training_precision": _training_precision(cfg), "inputs": inputs or {}})
         (directory / LOOP_STATE_FILE).write_text(json.dumps({"epoch": epoch, "best": asdict(result.best)}))
+        if result.average is not None:
+            result.average.save(directory / AVERAGE_FILE)
+
+
+def _selection(cfg: TrainConfig, epoch: int) -> str:
+    if cfg.average_epochs and epoch + 1 == cfg.epochs:
+        return f"the mean of the weights of the last {cfg.average_epochs} epochs (stochastic weight averaging)"
+    return BEST_RULE
 
 
 def _training_precision(cfg: TrainConfig) -> str:

@@ -42,6 +42,11 @@ class TrainConfig(StrictModel):
     defect_map_weight: float = Field(
         1.0, ge=0, le=100, description="model.image_pooling defect_maps: weight of the per-cell loss against the "
         "pixel masks (ase_ray.models.defect_maps) beside the image's cross-entropy; 0: image labels only.")
+    average_epochs: int = Field(
+        0, ge=0, description="Stochastic weight averaging (Izmailov et al. 2018): the kept model is the mean of "
+        "the weights (and BatchNorm statistics) after each of the last this many epochs, scored on validation "
+        "once at the end, instead of the best single epoch; 0: the best epoch. A few hundred images make the "
+        "single epochs' models, and the choice among them on a small validation split, noisy.")
     use_augmented: bool = Field(True, description="Train on TDA-synthesised rows too.")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
@@ -94,6 +99,8 @@ class TrainConfig(StrictModel):
         if self.strategy == "deepspeed" and self.deepspeed.precision != "fp32" and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.precision bf16/fp16 needs deepspeed.zero_stage >= 1 (stage 0 keeps no "
                              "fp32 master weights to export)")
+        if self.average_epochs > self.epochs:
+            raise ValueError(f"train.average_epochs ({self.average_epochs}) is more than train.epochs ({self.epochs})")
         if self.autocast != "none" and self.strategy != "ddp":
             raise ValueError("train.autocast is for the ddp strategy; DeepSpeed uses deepspeed.precision")
         return self

@@ -221,3 +221,80 @@ def test_a_defect_map_model_saved_before_the_vote_still_loads():
 def test_the_vote_needs_the_defect_maps():
     with pytest.raises(Exception, match="defect_map_decision reads the defect maps"):
         load_config(overrides=["train.model.defect_map_decision=1.0"])
+
+
+def test_eval_views_average_the_logits_of_the_turned_maps_in_eval_mode_only(tmp_path):
+    from ase_ray.features.image_encoder import dihedral
+    from ase_ray.models.classifier import build_model
+    from ase_ray.models import inference
+    from ase_ray.models.io import load_model, save_model
+    from ase_ray.models.projections import FeatureDims
+
+    base = load_config().train.model.model_copy(update={"kind": "image_only", "image_pooling": "defect_maps"})
+    dims = FeatureDims(image_dim=8, image_tokens=4, text_dim=6, text_len=3, llm_dim=0, stem_dim=7, stem_size=5)
+    torch.manual_seed(0)
+    single = build_model(base, dims, 3).eval()
+    averaging = build_model(base.model_copy(update={"eval_views": 8}), dims, 3)
+    averaging.load_state_dict(single.state_dict())
+    stem = torch.randn(4, 7, 5, 5)
+    with torch.no_grad():
+        views = torch.stack([single({"image_stem": dihedral(stem, v)})["logits"] for v in range(8)])
+        averaging.eval()
+        torch.testing.assert_close(averaging({"image_stem": stem})["logits"], views.mean(0))
+        assert not torch.allclose(views[0], views.mean(0), atol=1e-4)  # the head is not turn-invariant
+    save_model(averaging, tmp_path / "model", averaging.settings, dims, ["a", "b", "c"])
+    loaded = load_model(tmp_path / "model")[0]  # what Serve and predict run
+    assert loaded.settings.eval_views == 8
+    served = inference.predict_proba(loaded, {"image_stem": stem.numpy()})
+    np.testing.assert_allclose(served, views.mean(0).softmax(-1).numpy(), atol=1e-5)
+    with torch.no_grad():
+        averaging.train()
+        torch.manual_seed(1)
+        trained = averaging({"image_stem": stem})["logits"]
+        single.train()
+        torch.manual_seed(1)
+        torch.testing.assert_close(trained, single({"image_stem": stem})["logits"])  # training sees one view
+
+
+def test_eval_views_need_a_model_that_reads_the_map():
+    with pytest.raises(Exception, match="eval_views turns the stride-16 map"):
+        load_config(overrides=["train.model.eval_views=8"])
+
+
+def test_cmaf_over_defect_maps_reads_the_maps_pooled_vector_and_older_models_load_without_it(tmp_path):
+    import json
+
+    from ase_ray.models.classifier import build_model
+    from ase_ray.models.io import load_model, save_model
+    from ase_ray.models.projections import FeatureDims
+
+    dims = FeatureDims(image_dim=8, image_tokens=4, text_dim=6, text_len=3, llm_dim=0, stem_dim=7, stem_size=5)
+    base = load_config().train.model.model_copy(update={"kind": "cmaf", "image_pooling": "defect_maps",
+                                                        "text_sources": ["ocr"], "numeric_sources": [],
+                                                        "use_llm_hidden": False, "d_model": 8, "heads": 2})
+    batch = {"image_stem": torch.randn(3, 7, 5, 5), "text_ocr_tokens": torch.randn(3, 3, 6),
+             "text_ocr_mask": torch.ones(3, 3, dtype=torch.long), "text_ocr_pooled": torch.randn(3, 6)}
+
+    def pool_gradient(model) -> float:
+        model.eval()
+        model(batch)["logits"].sum().backward()
+        grad = model.defect_maps.pool_proj.weight.grad
+        return 0.0 if grad is None else float(grad.abs().sum())
+
+    torch.manual_seed(0)
+    reading = build_model(base.model_copy(update={"cmaf_pooled_image": True}), dims, 3)
+    assert reading.head.layers[0].normalized_shape == (3 * 8,)
+    assert pool_gradient(reading) > 0  # the pooled vector (its max over cells) reaches the logits
+    torch.manual_seed(0)
+    older = build_model(base, dims, 3)  # the default
+    assert pool_gradient(older) == 0.0  # CMAF alone reads only the cell tokens
+    # A model saved before the option (format 2) loads as it was trained.
+    save_model(older, tmp_path / "m", older.settings, dims, ["a", "b", "c"])
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["format"] = 2
+    del meta["settings"]["cmaf_pooled_image"]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "m")[0]
+    assert loaded.settings.cmaf_pooled_image is False
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)["logits"], older.eval()(batch)["logits"])

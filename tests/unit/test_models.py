@@ -453,7 +453,7 @@ def test_a_format_1_model_loads_with_mean_pooled_texts(tmp_path):
     save_model(model, tmp_path / "m", model.settings, model.dims, ["a", "b", "c"], {})
     meta_path = tmp_path / "m" / "model.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["format"] == 2
+    assert meta["format"] == 3
     meta["format"] = 1
     for key in ("text_pooling", "text_pool_queries", "text_pool_layers"):
         del meta["settings"][key]

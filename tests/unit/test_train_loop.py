@@ -233,3 +233,51 @@ def test_calibration_is_fitted_on_validation_only_and_written_into_the_model(tmp
     save_model(result.module, tmp_path / "o", cfg.model, result.module.dims, classes, {})
     assert "skipped" in calibrate_model_dir(tmp_path / "o", few)
     assert float(load_model(tmp_path / "o")[0].temperature) == 1.0
+
+
+def _states_of(kept: list[Path]) -> list[dict[str, torch.Tensor]]:
+    return [load_model(path / MODEL_DIR)[0].state_dict() for path in kept]
+
+
+def test_weight_averaging_keeps_the_mean_of_the_last_epochs_and_resumes_exactly(arrays, tmp_path):
+    splits, classes = arrays
+    # Without validation every checkpoint exports its own epoch: the single epochs' weights.
+    report, single = _keep_checkpoints(tmp_path / "single")
+    run_epochs(splits["train"], {}, _cfg("train.epochs=5"), classes, report=report)
+    states = _states_of(single)
+    report, kept = _keep_checkpoints(tmp_path / "averaged")
+    averaged = run_epochs(splits["train"], {}, _cfg("train.epochs=5", "train.average_epochs=3"), classes,
+                          report=report)
+    assert [h.get("averaged_epochs") for h in averaged.history] == [None, None, 1.0, 2.0, 3.0]
+    for key, value in averaged.best_state.items():
+        if value.is_floating_point():
+            expected = sum(states[e][key].double() for e in (2, 3, 4)) / 3
+            torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(averaged.best_state["head.layers.1.weight"], states[4]["head.layers.1.weight"])
+    model, meta = load_model(kept[-1] / MODEL_DIR)
+    assert "stochastic weight averaging" in meta["extra"]["selection"]
+    torch.testing.assert_close(model.state_dict(), averaged.best_state)
+    # The kept model predicts with the average, not the last epoch.
+    probs = predict_proba(averaged.kept, splits["val"])
+    np.testing.assert_allclose(probs, predict_proba(model, splits["val"]), atol=1e-6)
+    # Stopped after epoch 3 (two epochs averaged): the resumed run ends on the same average.
+    resumed = run_epochs(splits["train"], {}, _cfg("train.epochs=5", "train.average_epochs=3"), classes,
+                         restored_dir=kept[3])
+    torch.testing.assert_close(resumed.best_state, averaged.best_state, rtol=0, atol=1e-6)
+
+
+def test_the_averaged_model_is_scored_on_validation(arrays):
+    splits, classes = arrays
+    result = run_epochs(splits["train"], splits["val"], _cfg("train.epochs=4", "train.average_epochs=2"), classes)
+    last = result.history[-1]
+    assert result.best.epoch == 3 and result.best.val_macro_f1 == last["averaged_val_macro_f1"]
+    from ase_ray.train.metrics import classification_metrics
+
+    probs = predict_proba(result.kept, splits["val"])
+    scores = classification_metrics(splits["val"][LABEL_KEY], probs.argmax(1), classes)
+    assert scores["macro_f1"] == pytest.approx(last["averaged_val_macro_f1"], abs=1e-9)
+
+
+def test_averaging_more_epochs_than_are_trained_is_refused():
+    with pytest.raises(Exception, match="average_epochs"):
+        _cfg("train.epochs=3", "train.average_epochs=4")

@@ -214,6 +214,16 @@ class FeaturesConfig(StrictModel):
         "small machine's cores better. False: each stage its own pool (a cluster: OCR scales on CPUs, the VLM "
         "and LLM take GPUs).",
     )
+    fuse_all_stages: bool = Field(
+        True, description="One actor pool runs every stage, decode to text encoder, with the LLM's pool size and "
+        "batch size (features.reason.resources): each actor takes its batch from the image file to the vectors, so "
+        "nothing waits for another pool and every core works from the first batch. Overrides fuse_cpu_stages. "
+        "False: the pools of fuse_cpu_stages (a cluster: the VLM and LLM on GPU pools of their own).",
+    )
+    store_writers: int = Field(
+        1, ge=1, description="Actors that write the store's shards, started with the pipeline (the last shard, "
+        "written after the last batch, does not wait for a worker to start).",
+    )
     shard_rows: int = Field(
         256, ge=1, description="Most rows a worker writes into one store shard (features.parquet/part-*.parquet); "
         "bounds a writer's memory: about 0.8 MB a row at the cluster's widths.",

@@ -141,6 +141,8 @@ def measure_size(config, manifest_path: Path, paths: list[str], work: Path, boun
 
 FRESH_DRIVER = """
 import json, resource, sys, time
+from ase_ray.console import configure_console
+configure_console(verbose=False)  # the console `ase-ray features` has by default, before Ray is imported
 from ase_ray.config import load_config
 from ase_ray.features.pipeline import extract_features
 from ase_ray.ray_env import ensure_ray
@@ -231,6 +233,7 @@ def main() -> None:
         "pipeline_efficiency_vs_ocr_bound": round(base["pipeline_images_per_s"] / (cores / ocr_s), 3),
         "one_thread_seconds_per_image": {k: round(v, 4) for k, v in one_thread.items()},
         "overlap_bound_images_per_s": round(bound, 3),
+        "fuse_all_stages": config.features.fuse_all_stages,
         "fuse_cpu_stages": config.features.fuse_cpu_stages,
     }
     for n in args.sizes[1:]:
@@ -255,7 +258,7 @@ def markdown(result: dict, sizes: dict, one_thread: dict, cores: int) -> str:
     lines = [
         f"Feature extraction on synthetic images, {cores} cores "
         f"({', '.join(f'{k}={v}' for k, v in result['backends'].items())}); "
-        f"features.fuse_cpu_stages={result['fuse_cpu_stages']}",
+        f"features.fuse_all_stages={result['fuse_all_stages']}, features.fuse_cpu_stages={result['fuse_cpu_stages']}",
         "",
         "| images | sequential loop s | cold pipeline s | warm re-run s | cold vs loop | of the overlap bound |",
         "|---|---|---|---|---|---|",

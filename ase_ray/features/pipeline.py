@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ase_ray.config import AppConfig
-from ase_ray.data.manifest import DatasetInfo, check_some_images_exist, chunks, read_dataset_info, read_manifest
+from ase_ray.data.manifest import DatasetInfo, check_some_images_exist, read_dataset_info, read_manifest
 from ase_ray.data.metadata import STORE_KEY as METADATA_KEY
 from ase_ray.data.metadata import column_kinds, configured_columns, with_metadata_text
 from ase_ray.errors import DataError
@@ -34,8 +34,8 @@ from ase_ray.features.store import (
     SUMMARY_FILE,
     Store,
     clear_store,
+    StoreShardWriter,
     finish_store,
-    write_store_shard,
 )
 from ase_ray.outputs import check_output_location
 
@@ -90,14 +90,15 @@ def check_backends_available(config: AppConfig) -> None:
 
 def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target: str):
     """The lazy Ray Dataset of the whole extraction: decode and the stages (in :func:`stage_groups`),
-    then the workers write the store's shards into ``target``
-    (:func:`ase_ray.features.store.write_store_shard`); the dataset keeps only each row's id, errors,
+    then ``features.store_writers`` actors write the store's shards into ``target``
+    (:class:`ase_ray.features.store.StoreShardWriter`); the dataset keeps only each row's id, errors,
     seconds and cache hits."""
     import ray
 
     rows = _with_row_ids(manifest)
     smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
-    ds = ray.data.from_pandas(chunks(rows, smallest_batch))
+    # Blocks built here: from_pandas converts them in a task and waits for its worker to start (1.5 s).
+    ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, -(-len(rows) // smallest_batch)))
     models_dir = resolved_models_dir(config.features)
     attempts = storage.join(target, ATTEMPTS_DIR)  # the summary's `retried` and models loaded
     for stages, decode, resources in stage_groups(config):
@@ -105,24 +106,35 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target:
                             fn_constructor_args=(stages, cache, models_dir),
                             fn_constructor_kwargs={"attempts_dir": attempts, "decode": decode},
                             **_actor_args(resources))
-    return ds.map_batches(write_store_shard, fn_kwargs={"out_dir": target}, batch_format="pandas",
-                          batch_size=config.features.shard_rows, num_cpus=0.1)
+    return ds.map_batches(StoreShardWriter, fn_constructor_args=(target,), batch_format="pandas",
+                          batch_size=config.features.shard_rows, num_cpus=0.1,
+                          compute=ray.data.ActorPoolStrategy(size=config.features.store_writers))
 
 
 def stage_groups(config: AppConfig) -> list[tuple[list[tuple[type, Any]], bool, StageResources]]:
     """The pipeline's actor pools, in order: (stages, decodes first, resources). With
-    ``features.fuse_cpu_stages``, two pools: one decodes and runs OCR, the describer and the image
+    ``features.fuse_all_stages`` (a small machine's default), one pool: each actor decodes and runs every
+    stage, with the LLM's pool size and batch size. Otherwise, with ``features.fuse_cpu_stages``, two pools: one decodes and runs OCR, the describer and the image
     encoder (the OCR's batch size), the other runs the LLM and the text encoder (the LLM's batch size
     and pool size); each pool's CPUs are its stages' added up. Fewer processes share a small machine's
     cores better: each pool imports torch and holds its models once. Without: decode alone (its
     ``features.decode`` resources), then every stage alone."""
     plan = stage_plan(config)
     decode = config.features.decode
+    if config.features.fuse_all_stages:
+        return [(plan, True, _one_pool_resources(plan, decode.num_cpus, config.features.reason.resources))]
     if not config.features.fuse_cpu_stages:
         return [([], True, decode), *[([(cls, s)], False, s.resources) for cls, s in plan]]
     images = [(cls, s) for cls, s in plan if cls.name in IMAGE_STAGES]
     texts = [(cls, s) for cls, s in plan if cls.name not in IMAGE_STAGES]
     return [(images, True, _fused_resources(images, decode.num_cpus)), (texts, False, _fused_resources(texts))]
+
+
+def _one_pool_resources(stages: list[tuple[type, Any]], decode_cpus: float, llm: StageResources) -> StageResources:
+    """The LLM's pool size and batch size; CPUs and GPUs the most any one step asks for, since an actor
+    runs its steps one after another."""
+    return llm.model_copy(update={"num_cpus": max(decode_cpus, *(s.resources.num_cpus for _, s in stages)),
+                                  "num_gpus": max(s.resources.num_gpus for _, s in stages)})
 
 
 def _fused_resources(stages: list[tuple[type, Any]], extra_cpus: float = 0.0) -> StageResources:

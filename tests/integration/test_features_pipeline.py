@@ -102,7 +102,8 @@ def test_store_errors_cache_and_mlflow(ray_session, dataset):
 
 def test_changed_setting_recomputes_only_that_stage(ray_session, dataset):
     manifest = dataset / "synth" / "manifest.csv"
-    cfg = _config(dataset, "features.describe.max_new_tokens=3")
+    # The two-pool layout (fuse_cpu_stages) reads the cache the one pool (the default) wrote.
+    cfg = _config(dataset, "features.describe.max_new_tokens=3", "features.fuse_all_stages=false")
     result = extract_features(cfg, manifest, dataset / "store3", track=False)
     stages = result.summary["stages"]
     assert stages["ocr"]["cache_hits"] == result.summary["stored"]

@@ -1,0 +1,33 @@
+"""The pipeline's actor pools (``ase_ray.features.pipeline.stage_groups``) in its three layouts."""
+
+from pathlib import Path
+
+from ase_ray.config import load_config
+from ase_ray.features.pipeline import stage_groups
+
+
+def names(groups):
+    return [(["decode"] if decodes else []) + [cls.name for cls, _ in stages] for stages, decodes, _ in groups]
+
+
+def test_one_pool_runs_every_stage_sized_like_the_llm_and_asking_for_its_largest_step():
+    cfg = load_config(overrides=["features.reason.resources.actors=3", "features.reason.resources.batch_size=6",
+                                 "features.ocr.resources.num_cpus=0.7"])
+    assert cfg.features.fuse_all_stages  # the embedded default
+    (stages, decodes, res), = stage_groups(cfg)
+    assert names(stage_groups(cfg)) == [["decode", "ocr", "describe", "image_encoder", "reason", "text_encoder"]]
+    # its steps run one after another in the actor: the most one of them asks for, not their sum
+    assert (res.actors, res.batch_size, res.num_cpus, res.num_gpus) == (3, 6, 0.7, 0)
+
+
+def test_two_pools_with_fuse_cpu_stages_and_a_pool_per_stage_without():
+    two = load_config(overrides=["features.fuse_all_stages=false"])
+    assert names(stage_groups(two)) == [["decode", "ocr", "describe", "image_encoder"], ["reason", "text_encoder"]]
+    six = load_config(overrides=["features.fuse_all_stages=false", "features.fuse_cpu_stages=false"])
+    assert names(stage_groups(six)) == [["decode"], ["ocr"], ["describe"], ["image_encoder"], ["reason"],
+                                        ["text_encoder"]]
+
+
+def test_the_cluster_config_keeps_a_pool_per_stage():
+    cluster = load_config(Path(__file__).resolve().parents[2] / "configs" / "cluster.yaml")
+    assert len(stage_groups(cluster)) == 6

@@ -209,10 +209,9 @@ class FeaturesConfig(StrictModel):
     )
     sample_texts: int = Field(20, ge=0, description="Generated texts logged to MLflow as a sample.")
     fuse_cpu_stages: bool = Field(
-        True, description="Two actor pools instead of six: decode with the image stages (OCR, describer, image "
-        "encoder; the pixels never leave the actor), and the LLM with the text encoder. Fewer processes share a "
-        "small machine's cores better. False: each stage its own pool (a cluster: OCR scales on CPUs, the VLM "
-        "and LLM take GPUs).",
+        True, description="With fuse_all_stages off: two actor pools instead of six, decode with the image stages "
+        "(OCR, describer, image encoder; the pixels never leave the actor), and the LLM with the text encoder. "
+        "False: each stage its own pool (a cluster: OCR scales on CPUs, the VLM and LLM take GPUs).",
     )
     fuse_all_stages: bool = Field(
         True, description="One actor pool runs every stage, decode to text encoder, with the LLM's pool size and "

@@ -33,8 +33,8 @@ from ase_ray.features.store import (
     ATTEMPTS_DIR,
     SUMMARY_FILE,
     Store,
-    clear_store,
     StoreShardWriter,
+    clear_store,
     finish_store,
 )
 from ase_ray.outputs import check_output_location
@@ -112,13 +112,16 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target:
 
 
 def stage_groups(config: AppConfig) -> list[tuple[list[tuple[type, Any]], bool, StageResources]]:
-    """The pipeline's actor pools, in order: (stages, decodes first, resources). With
-    ``features.fuse_all_stages`` (a small machine's default), one pool: each actor decodes and runs every
-    stage, with the LLM's pool size and batch size. Otherwise, with ``features.fuse_cpu_stages``, two pools: one decodes and runs OCR, the describer and the image
-    encoder (the OCR's batch size), the other runs the LLM and the text encoder (the LLM's batch size
-    and pool size); each pool's CPUs are its stages' added up. Fewer processes share a small machine's
-    cores better: each pool imports torch and holds its models once. Without: decode alone (its
-    ``features.decode`` resources), then every stage alone."""
+    """The pipeline's actor pools, in order: (stages, decodes first, resources).
+
+    - ``features.fuse_all_stages`` (a small machine's default): one pool; each actor decodes and runs
+      every stage, with the LLM's pool size and batch size, so no batch waits for another pool.
+    - else ``features.fuse_cpu_stages``: two pools, one decodes and runs OCR, the describer and the
+      image encoder (the OCR's batch size), the other runs the LLM and the text encoder (the LLM's
+      batch size and pool size); each pool's CPUs are its stages' added up.
+    - else: decode alone (its ``features.decode`` resources), then every stage alone (a cluster).
+
+    Fewer processes share a small machine's cores better: each imports torch and holds its models once."""
     plan = stage_plan(config)
     decode = config.features.decode
     if config.features.fuse_all_stages:

@@ -97,8 +97,7 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target:
 
     rows = _with_row_ids(manifest)
     smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
-    # Blocks built here: from_pandas converts them in a task and waits for its worker to start (1.5 s).
-    ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, -(-len(rows) // smallest_batch)))
+    ds = ray.data.from_blocks(input_blocks(rows, smallest_batch))
     models_dir = resolved_models_dir(config.features)
     attempts = storage.join(target, ATTEMPTS_DIR)  # the summary's `retried` and models loaded
     for stages, decode, resources in stage_groups(config):
@@ -109,6 +108,17 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target:
     return ds.map_batches(StoreShardWriter, fn_constructor_args=(target,), batch_format="pandas",
                           batch_size=config.features.shard_rows, num_cpus=0.1,
                           compute=ray.data.ActorPoolStrategy(size=config.features.store_writers))
+
+
+def input_blocks(rows: pd.DataFrame, size: int) -> list:
+    """The manifest as Arrow tables of ``size`` rows, all with the whole manifest's schema (a column empty in
+    one block must not change type there: the store's shards would disagree). Built here, since
+    ``ray.data.from_pandas`` converts them in a task and waits for its worker to start (1.5 s)."""
+    import pyarrow as pa
+
+    schema = pa.Schema.from_pandas(rows, preserve_index=False)
+    return [pa.Table.from_pandas(rows.iloc[start:start + size], schema=schema, preserve_index=False)
+            for start in range(0, max(1, len(rows)), size)]
 
 
 def stage_groups(config: AppConfig) -> list[tuple[list[tuple[type, Any]], bool, StageResources]]:

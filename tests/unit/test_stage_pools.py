@@ -31,3 +31,23 @@ def test_two_pools_with_fuse_cpu_stages_and_a_pool_per_stage_without():
 def test_the_cluster_config_keeps_a_pool_per_stage():
     cluster = load_config(Path(__file__).resolve().parents[2] / "configs" / "cluster.yaml")
     assert len(stage_groups(cluster)) == 6
+
+
+def test_input_blocks_share_the_manifest_schema_when_a_column_is_empty_in_one_block():
+    import numpy as np
+    import pandas as pd
+
+    from ase_ray.features.pipeline import _with_row_ids, input_blocks
+
+    # TDA's manifest: source_image is missing for the original images, a path for the drawn ones.
+    rows = _with_row_ids(pd.DataFrame({
+        "image_path": [f"/d/{i}.png" for i in range(6)], "probe_reading": [0.5, np.nan, 1.5, 2.0, np.nan, 3.0],
+        "source_image": [np.nan, np.nan, np.nan, "/d/0.png", "/d/1.png", np.nan],
+    }))
+    blocks = input_blocks(rows, 3)
+    assert [b.num_rows for b in blocks] == [3, 3]
+    assert blocks[0].schema == blocks[1].schema
+    assert blocks[0].schema.field("source_image").type == blocks[1].schema.field("source_image").type
+    assert str(blocks[1].schema.field("source_image").type) in ("string", "large_string")
+    assert blocks[0].column("source_image").null_count == 3
+    assert blocks[1].column("source_image").to_pylist()[:2] == ["/d/0.png", "/d/1.png"]

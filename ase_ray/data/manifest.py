@@ -181,3 +181,9 @@ def add_binary_labels(df: pd.DataFrame, info: DatasetInfo) -> pd.DataFrame:
     out = df.copy()
     out[BINARY_LABEL] = [info.binary_of(label) for label in out[LABEL]]
     return out
+
+
+def chunks(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    """Consecutive row blocks of at most ``size`` rows (e.g. Ray Data blocks)."""
+    size = max(1, size)
+    return [df.iloc[start:start + size] for start in range(0, len(df), size)]

@@ -6,7 +6,9 @@ sizes, and the driver's peak memory at two sizes.
 Per size, the three runs use the same synthetic images and the same backends (the configured defaults:
 tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM); the two pipelines run
 in a fresh driver process (``ase-ray features``' situation), the cold one with an empty cache of its
-own. The overlap bound (``cores / one-thread seconds per image``) is measured once. Driver memory:
+own. The overlap bound (``cores / one-thread seconds per image`` on ``BOUND_IMAGES`` images) is measured
+once alone, and once with every core running the same work at the same time (the contended bound: what
+a one-thread actor's work costs beside the others). Driver memory:
 ``ase-ray features``' own process (``ru_maxrss``, the workers are other processes), a fresh one per
 size with cheap backends (tesseract, measuring describer, no LLM, tiny random encoders): the driver's
 work per row does not depend on the models. Writes bench/results/features.json
@@ -27,6 +29,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Images the bounds are measured on: 16 (two batches, ~8 s) moved the bound by up to 17% between runs
+# half an hour apart (4.63, 3.93 and 4.04 images/s) while the pipeline's times moved by 3%.
+BOUND_IMAGES = 48
 
 
 def build_backends(config) -> dict:
@@ -75,7 +80,7 @@ def sequential_loop(config, paths: list[str]) -> tuple[float, float, dict[str, f
     return time.perf_counter() - started, loaded - started, stage_seconds
 
 
-def one_thread_work(config, paths: list[str], images: int = 16) -> dict[str, float]:
+def one_thread_work(config, paths: list[str], images: int = BOUND_IMAGES) -> dict[str, float]:
     """Seconds per image of each stage on ONE thread, in batches of the stage batch size the
     pipeline uses: the work the pipeline's one-thread actors share out. ``cores / sum`` is the most
     any overlap of that work can reach on this machine, whatever the scheduler (start-up aside)."""
@@ -95,6 +100,39 @@ def one_thread_work(config, paths: list[str], images: int = 16) -> dict[str, flo
     finally:
         torch.set_num_threads(threads)
     return {stage: s / len(sample) for stage, s in seconds.items()}
+
+
+def _contended_worker(config, paths: list[str], images: int, barrier, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    backends = build_backends(config)
+    from ase_ray.features.stages import load_rgb
+
+    sample = [load_rgb(p) for p in paths[:images]]
+    batch = config.features.reason.resources.batch_size
+    barrier.wait()  # as one_thread_work: the first calls are on the clock
+    seconds: dict[str, float] = {}
+    for start in range(0, len(sample), batch):
+        run_stages(backends, sample[start:start + batch], seconds)
+    results.put({stage: s / len(sample) for stage, s in seconds.items()})
+
+
+def contended_one_thread_work(config, paths: list[str], cores: int, images: int = BOUND_IMAGES) -> dict[str, float]:
+    """:func:`one_thread_work` in ``cores`` processes at once, each one thread, started together (mean per
+    stage over the processes): what a one-thread actor's work costs while every core is busy, as in the
+    pipeline. On a machine whose cores share caches and memory bandwidth this is more than alone."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(cores), ctx.Queue()
+    procs = [ctx.Process(target=_contended_worker, args=(config, paths, images, barrier, results)) for _ in range(cores)]
+    for proc in procs:
+        proc.start()
+    runs = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return {stage: sum(r[stage] for r in runs) / len(runs) for stage in runs[0]}
 
 
 def single_ocr_seconds(config, paths: list[str], repeats: int = 10) -> float:
@@ -131,6 +169,8 @@ def measure_size(config, manifest_path: Path, paths: list[str], work: Path, boun
         "cache_speedup": round(pipeline_s / cached_s, 3),
         "overlap_bound_speedup": round(bound * sequential_s / n, 3),
         "pipeline_efficiency_vs_overlap_bound": round((n / pipeline_s) / bound, 3),
+        # the share of the cores' time the actors spent in the stages' work (the rows' own seconds)
+        "stage_busy_fraction": round(sum(v["seconds"] for v in runs["cold"]["stages"].values()) / (cores * pipeline_s), 3),
         "sequential_stage_seconds": {k: round(v, 2) for k, v in sequential_stages.items()},
         "cold_pipeline_stage_seconds": {k: v["seconds"] for k, v in runs["cold"]["stages"].items()},
         "warm_pipeline_stage_seconds": {k: v["seconds"] for k, v in runs["warm"]["stages"].items()},
@@ -215,10 +255,13 @@ def main() -> None:
     ocr_s = single_ocr_seconds(config, first)
     one_thread = one_thread_work(config, first)
     bound = cores / sum(one_thread.values())
+    contended = contended_one_thread_work(config, first, cores)
+    contended_bound = cores / sum(contended.values())
     sizes = {}
     for n in args.sizes:
         paths = read_manifest(manifests[n])["image_path"].tolist()
         sizes[n] = measure_size(config, manifests[n], paths, work, bound, cores, args.overrides)
+        sizes[n]["pipeline_efficiency_vs_contended_bound"] = round(sizes[n]["pipeline_images_per_s"] / contended_bound, 3)
         print(json.dumps(sizes[n]), flush=True)
     rss = {str(n): driver_peak_rss(manifests[n], work / f"rss_{n}", args.overrides) for n in args.rss_sizes}
 
@@ -233,6 +276,9 @@ def main() -> None:
         "pipeline_efficiency_vs_ocr_bound": round(base["pipeline_images_per_s"] / (cores / ocr_s), 3),
         "one_thread_seconds_per_image": {k: round(v, 4) for k, v in one_thread.items()},
         "overlap_bound_images_per_s": round(bound, 3),
+        "contended_one_thread_seconds_per_image": {k: round(v, 4) for k, v in contended.items()},
+        "contended_bound_images_per_s": round(contended_bound, 3),
+        "contention_slowdown": round(sum(contended.values()) / sum(one_thread.values()), 3),
         "fuse_all_stages": config.features.fuse_all_stages,
         "fuse_cpu_stages": config.features.fuse_cpu_stages,
     }
@@ -240,6 +286,7 @@ def main() -> None:
         result[f"images_{n}"] = sizes[n]
         result[f"speedup_{n}"] = sizes[n]["speedup"]
         result[f"pipeline_efficiency_vs_overlap_bound_{n}"] = sizes[n]["pipeline_efficiency_vs_overlap_bound"]
+        result[f"pipeline_efficiency_vs_contended_bound_{n}"] = sizes[n]["pipeline_efficiency_vs_contended_bound"]
     if rss:
         result["driver_peak_rss_mb"] = {k: round(v["peak_rss_mb"], 1) for k, v in rss.items()}
         result["driver_peak_rss_runs"] = {k: {"wall_s": round(v["wall_s"], 1), "stored": v["stored"]}
@@ -260,17 +307,24 @@ def markdown(result: dict, sizes: dict, one_thread: dict, cores: int) -> str:
         f"({', '.join(f'{k}={v}' for k, v in result['backends'].items())}); "
         f"features.fuse_all_stages={result['fuse_all_stages']}, features.fuse_cpu_stages={result['fuse_cpu_stages']}",
         "",
-        "| images | sequential loop s | cold pipeline s | warm re-run s | cold vs loop | of the overlap bound |",
-        "|---|---|---|---|---|---|",
+        "| images | sequential loop s | cold pipeline s | warm re-run s | cold vs loop | of the overlap bound "
+        "| of the contended bound | cores busy with stage work |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n, r in sizes.items():
         lines.append(f"| {n} | {r['sequential_s']} | {r['pipeline_s']} | {r['cached_s']} | {r['speedup']:.2f}x | "
-                     f"{r['pipeline_efficiency_vs_overlap_bound']:.0%} |")
+                     f"{r['pipeline_efficiency_vs_overlap_bound']:.0%} | {r['pipeline_efficiency_vs_contended_bound']:.0%} "
+                     f"| {r['stage_busy_fraction']:.0%} |")
     lines += [
         "",
         f"Overlap bound: {cores} cores / {sum(one_thread.values()):.3f} s of one-thread work per image "
         f"({', '.join(f'{k} {v:.3f}' for k, v in one_thread.items())}) = {result['overlap_bound_images_per_s']} "
         "images/s: the most any overlap of the pipeline's one-thread work reaches here.",
+        f"Contended bound: the same work measured in {cores} one-thread processes at once (every core busy, as in "
+        f"the pipeline) takes {sum(result['contended_one_thread_seconds_per_image'].values()):.3f} s per image, "
+        f"{result['contention_slowdown']:.2f}x alone ({', '.join(f'{k} {v:.3f}' for k, v in result['contended_one_thread_seconds_per_image'].items())}) "
+        f"= {result['contended_bound_images_per_s']} images/s. Cores busy with stage work: the rows' stage seconds "
+        "over cores x wall time.",
         "Each size's pipelines run in a fresh driver process that starts its own local Ray before the clocks "
         f"({result['ray_start_s']} s), as on a running cluster; the cold run includes starting the actors and "
         "loading the models, the warm re-run (same cache) loads none. The loop runs in the benchmark's process.",

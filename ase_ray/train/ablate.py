@@ -13,7 +13,8 @@ Protocol, for each task (binary, multi-class), fold and seed:
 Variants: ``text-only`` reads the three generated texts (OCR, description, reasoning) and nothing else;
 ``+numeric block`` adds the parsed OCR numbers; ``+metadata`` adds the records beside the image (the
 metadata text source and numeric columns); every later variant reads the image too and all the text
-inputs: ``concat`` / ``gated`` (pooled), ``+CMAF`` (token cross-attention), ``+PFA`` (CMAF with the
+inputs (of those ``train.model.text_sources`` and ``numeric_sources`` name: a config may leave out a
+source that carries nothing on its data): ``concat`` / ``gated`` (pooled), ``+CMAF`` (token cross-attention), ``+PFA`` (CMAF with the
 alignment curriculum), ``+TDA`` (CMAF with TDA images) and ``full`` (CMAF + PFA + TDA).
 """
 
@@ -92,6 +93,7 @@ def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Pa
     if stem_readers and not config.features.image_encoder.stem:
         raise DataError(f"variant(s) {stem_readers} read the image encoder's stored stride-16 maps (fine-tuning or "
                         "defect maps): add --set features.image_encoder.stem=true")
+    _check_text_sources(config, a.variants)
     out_dir = check_output_dir(Path(out_dir).resolve(), "ablate --out")
     manifest = _original_rows(read_manifest(manifest_path))
     check_some_images_exist(manifest, Path(manifest_path))
@@ -116,6 +118,8 @@ def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Pa
     json_path = out_dir / "ablation.json"
     json_path.write_text(json.dumps({"rows": rows, "scores": scores, "folds": a.folds, "seeds": a.seeds,
                                      "epochs": config.train.epochs, "manifest": str(manifest_path),
+                                     "text_sources": config.train.model.text_sources,
+                                     "numeric_sources": config.train.model.numeric_sources,
                                      "extraction": extraction.summary}, indent=2))
     _log_to_mlflow(config, rows, table_path, json_path)
     echo(table)
@@ -235,9 +239,8 @@ def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: in
     train.seed = seed
     train.model.kind = spec["kind"]
     train.pfa.enabled = spec["pfa"]
-    texts = [s for s in spec["texts"] if s not in constant] or list(spec["texts"])
-    train.model.text_sources = texts
-    train.model.numeric_sources = list(spec["numeric"])
+    train.model.text_sources = variant_text_sources(config, spec, constant) or list(spec["texts"])  # unread by image-only
+    train.model.numeric_sources = [s for s in spec["numeric"] if s in config.train.model.numeric_sources]
     if _image_pooling(config, spec) != "defect_maps":
         train.model.defect_map_decision = 0.0  # the vote reads the defect maps this variant does not build
     train.model.image_pooling = _image_pooling(config, spec)
@@ -245,6 +248,22 @@ def _variant_config(config: AppConfig, spec: dict[str, Any], task: str, seed: in
         train.finetune.enabled = True
         train.model.image_tail = image_tail
     return config.model_copy(update={"train": train})
+
+
+def variant_text_sources(config: AppConfig, spec: dict[str, Any], constant: list[str] = ()) -> list[str]:
+    """The variant's text sources that ``train.model.text_sources`` names (a config leaves out a source
+    that carries nothing on its data, e.g. OCR on images without printed text), less the constant ones
+    (unless that leaves none)."""
+    named = [s for s in spec["texts"] if s in config.train.model.text_sources]
+    return [s for s in named if s not in constant] or named
+
+
+def _check_text_sources(config: AppConfig, variants: list[str]) -> None:
+    """A variant that reads text needs one of its sources in ``train.model.text_sources``."""
+    starved = [v for v in variants if VARIANTS[v]["kind"] != "image_only" and not variant_text_sources(config, VARIANTS[v])]
+    if starved:
+        raise DataError(f"variant(s) {starved} read none of train.model.text_sources "
+                        f"{config.train.model.text_sources}: name one of their sources there, or drop them")
 
 
 def _image_pooling(config: AppConfig, spec: dict[str, Any]) -> str:
@@ -345,11 +364,23 @@ def _aggregate(scores, variants, with_tda: bool, tda_note: str) -> list[dict[str
     return rows
 
 
+def _sources_note(config: AppConfig) -> str:
+    """A sentence naming the sources the config leaves out of every variant (empty when it keeps all)."""
+    model = config.train.model
+    left_out = [s for s in ALL_TEXTS if s not in model.text_sources]
+    numeric = [s for s in ALL_NUMERIC if s not in model.numeric_sources]
+    if not left_out and not numeric:
+        return ""
+    return (f" The config leaves out of every variant the text source(s) {left_out or 'none'} and the numeric "
+            f"source(s) {numeric or 'none'} (train.model.text_sources / numeric_sources).")
+
+
 def markdown_table(rows, config: AppConfig, manifest: pd.DataFrame, extraction: dict[str, Any]) -> str:
     a = config.ablate
     lines = [
         f"Macro-F1, mean ± std over {a.folds} group-aware stratified folds x {a.seeds} seed(s) "
-        f"({len(manifest)} images, {config.train.epochs} epochs, lr {config.train.lr}, batch {config.train.batch_size}).",
+        f"({len(manifest)} images, {config.train.epochs} epochs, lr {config.train.lr}, batch {config.train.batch_size})."
+        + _sources_note(config),
         "",
         "| variant | binary | multi-class |",
         "|---|---|---|",

@@ -110,3 +110,28 @@ def test_the_magnetic_tile_config_keeps_the_stem_its_defect_maps_read():
     assert set(config.ablate.variants) <= set(VARIANTS)
     assert [v for v in config.ablate.variants if _reads_stem(config, VARIANTS[v])] == [
         "image-only (defect maps)", "full (PFA+CMAF+TDA)"]
+
+
+def test_variants_read_only_the_configured_text_and_numeric_sources_and_a_starved_variant_is_refused(tmp_path):
+    import pytest
+
+    from ase_ray.errors import DataError
+    from ase_ray.train.ablate import run_ablation
+
+    config = load_config(overrides=['train.model.text_sources=["description","metadata"]',
+                                    'train.model.numeric_sources=["metadata"]'])
+    full = _variant_config(config, VARIANTS["full (PFA+CMAF+TDA)"], "multiclass", 0, ["metadata"]).train.model
+    assert (full.text_sources, full.numeric_sources) == (["description"], ["metadata"])
+    everything = _variant_config(load_config(), VARIANTS["full (PFA+CMAF+TDA)"], "multiclass", 0).train.model
+    assert (everything.text_sources, everything.numeric_sources) == (["ocr", "description", "reasoning", "metadata"],
+                                                                     ["ocr", "metadata"])
+    import pandas as pd
+
+    from ase_ray.train.ablate import markdown_table
+
+    table = markdown_table(_aggregate(_scores(["image-only"]), ["image-only"], True, ""), config, pd.DataFrame({"x": [1]}), {})
+    assert "text source(s) ['ocr', 'reasoning'] and the numeric source(s) ['ocr']" in table
+    assert "leaves out" not in markdown_table([], load_config(), pd.DataFrame({"x": [1]}), {})
+    metadata_only = load_config(overrides=['train.model.text_sources=["metadata"]', 'ablate.variants=["text-only"]'])
+    with pytest.raises(DataError, match=r"\['text-only'\] read none of train.model.text_sources \['metadata'\]"):
+        run_ablation(metadata_only, tmp_path / "missing.csv", tmp_path / "out")

@@ -93,35 +93,37 @@ def one_thread_work(config, paths: list[str], images: int = BOUND_IMAGES) -> dic
     try:
         backends = build_backends(config)
         sample = [load_rgb(p) for p in paths[:images]]
-        batch = config.features.reason.resources.batch_size  # the LLM is most of the work
-        seconds: dict[str, float] = {}
-        for start in range(0, len(sample), batch):
-            run_stages(backends, sample[start:start + batch], seconds)
+        return seconds_per_image(config, backends, sample)
     finally:
         torch.set_num_threads(threads)
+
+
+def seconds_per_image(config, backends: dict, sample: list) -> dict[str, float]:
+    """Each stage's seconds per image over ``sample``, in batches of the LLM's batch size (the LLM is most
+    of the work); the first calls are on the clock."""
+    batch = config.features.reason.resources.batch_size
+    seconds: dict[str, float] = {}
+    for start in range(0, len(sample), batch):
+        run_stages(backends, sample[start:start + batch], seconds)
     return {stage: s / len(sample) for stage, s in seconds.items()}
 
 
 def _contended_worker(config, paths: list[str], images: int, barrier, results) -> None:
     import torch
 
-    torch.set_num_threads(1)
-    backends = build_backends(config)
     from ase_ray.features.stages import load_rgb
 
+    torch.set_num_threads(1)
+    backends = build_backends(config)
     sample = [load_rgb(p) for p in paths[:images]]
-    batch = config.features.reason.resources.batch_size
-    barrier.wait()  # as one_thread_work: the first calls are on the clock
-    seconds: dict[str, float] = {}
-    for start in range(0, len(sample), batch):
-        run_stages(backends, sample[start:start + batch], seconds)
-    results.put({stage: s / len(sample) for stage, s in seconds.items()})
+    barrier.wait()
+    results.put(seconds_per_image(config, backends, sample))
 
 
 def contended_one_thread_work(config, paths: list[str], cores: int, images: int = BOUND_IMAGES) -> dict[str, float]:
     """:func:`one_thread_work` in ``cores`` processes at once, each one thread, started together (mean per
     stage over the processes): what a one-thread actor's work costs while every core is busy, as in the
-    pipeline. On a machine whose cores share caches and memory bandwidth this is more than alone."""
+    pipeline (where cores share caches and memory bandwidth it can be more than alone; 1.00x here)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")

@@ -13,9 +13,10 @@ Protocol, for each task (binary, multi-class), fold and seed:
 Variants: ``text-only`` reads the three generated texts (OCR, description, reasoning) and nothing else;
 ``+numeric block`` adds the parsed OCR numbers; ``+metadata`` adds the records beside the image (the
 metadata text source and numeric columns); every later variant reads the image too and all the text
-inputs (of those ``train.model.text_sources`` and ``numeric_sources`` name: a config may leave out a
-source that carries nothing on its data): ``concat`` / ``gated`` (pooled), ``+CMAF`` (token cross-attention), ``+PFA`` (CMAF with the
-alignment curriculum), ``+TDA`` (CMAF with TDA images) and ``full`` (CMAF + PFA + TDA).
+inputs: ``concat`` / ``gated`` (pooled), ``+CMAF`` (token cross-attention), ``+PFA`` (CMAF with the
+alignment curriculum), ``+TDA`` (CMAF with TDA images) and ``full`` (CMAF + PFA + TDA). Every variant
+reads only the sources ``train.model.text_sources`` and ``numeric_sources`` name: a config may leave out
+one that carries nothing on its data.
 """
 
 from __future__ import annotations

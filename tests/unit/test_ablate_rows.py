@@ -113,10 +113,11 @@ def test_the_magnetic_tile_config_keeps_the_stem_its_defect_maps_read():
 
 
 def test_variants_read_only_the_configured_text_and_numeric_sources_and_a_starved_variant_is_refused(tmp_path):
+    import pandas as pd
     import pytest
 
     from ase_ray.errors import DataError
-    from ase_ray.train.ablate import run_ablation
+    from ase_ray.train.ablate import markdown_table, run_ablation
 
     config = load_config(overrides=['train.model.text_sources=["description","metadata"]',
                                     'train.model.numeric_sources=["metadata"]'])
@@ -125,10 +126,6 @@ def test_variants_read_only_the_configured_text_and_numeric_sources_and_a_starve
     everything = _variant_config(load_config(), VARIANTS["full (PFA+CMAF+TDA)"], "multiclass", 0).train.model
     assert (everything.text_sources, everything.numeric_sources) == (["ocr", "description", "reasoning", "metadata"],
                                                                      ["ocr", "metadata"])
-    import pandas as pd
-
-    from ase_ray.train.ablate import markdown_table
-
     table = markdown_table(_aggregate(_scores(["image-only"]), ["image-only"], True, ""), config, pd.DataFrame({"x": [1]}), {})
     assert "text source(s) ['ocr', 'reasoning'] and the numeric source(s) ['ocr']" in table
     assert "leaves out" not in markdown_table([], load_config(), pd.DataFrame({"x": [1]}), {})

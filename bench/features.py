@@ -7,8 +7,9 @@ Per size, the three runs use the same synthetic images and the same backends (th
 tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM); the two pipelines run
 in a fresh driver process (``ase-ray features``' situation), the cold one with an empty cache of its
 own. The overlap bound (``cores / one-thread seconds per image`` on ``BOUND_IMAGES`` images) is measured
-once alone, and once with every core running the same work at the same time (the contended bound: what
-a one-thread actor's work costs beside the others). Driver memory:
+at the start alone, and once with every core running the same work at the same time (the contended bound:
+what a one-thread actor's work costs beside the others); each size's efficiency is read against the bound
+on its own images, measured just before and just after its pipelines. Driver memory:
 ``ase-ray features``' own process (``ru_maxrss``, the workers are other processes), a fresh one per
 size with cheap backends (tesseract, measuring describer, no LLM, tiny random encoders): the driver's
 work per row does not depend on the models. Writes bench/results/features.json
@@ -149,13 +150,21 @@ def single_ocr_seconds(config, paths: list[str], repeats: int = 10) -> float:
     return (time.perf_counter() - started) / len(images)
 
 
-def measure_size(config, manifest_path: Path, paths: list[str], work: Path, bound: float, cores: int,
+def measure_size(config, manifest_path: Path, paths: list[str], work: Path, first_bound: float, cores: int,
                  overrides: list[str]) -> dict:
     """The loop (this process), then the cold pipeline (an empty cache) and the warm re-run over ``paths``
-    in a fresh driver process of their own, as ``ase-ray features`` runs."""
+    in a fresh driver process of their own, as ``ase-ray features`` runs.
+
+    The overlap bound this size's efficiency is read against is measured on this size's own images, just
+    before and just after its pipelines, and averaged: this machine's speed drifts within an hour (the
+    same 48 images took 0.40 to 0.42 s of one-thread work an image at 05:58 and 0.46 to 0.47 at 06:48 on
+    2026-12-07), so a bound taken ten minutes earlier, on other images, misreads the run by that much."""
     n = len(paths)
     sequential_s, sequential_load_s, sequential_stages = sequential_loop(config, paths)
+    before = sum(one_thread_work(config, paths).values())
     runs = fresh_driver(manifest_path, work / f"pipeline_{n}", overrides, warm=True)
+    after = sum(one_thread_work(config, paths).values())
+    bound = cores / ((before + after) / 2)
     pipeline_s, cached_s = runs["cold"]["wall_s"], runs["warm"]["wall_s"]
     return {
         "images": n,
@@ -171,6 +180,10 @@ def measure_size(config, manifest_path: Path, paths: list[str], work: Path, boun
         "cache_speedup": round(pipeline_s / cached_s, 3),
         "overlap_bound_speedup": round(bound * sequential_s / n, 3),
         "pipeline_efficiency_vs_overlap_bound": round((n / pipeline_s) / bound, 3),
+        # the bound around this run: one-thread seconds an image on these images before and after it
+        "bracketing_bound_images_per_s": round(bound, 3),
+        "bracketing_one_thread_s_per_image": [round(before, 4), round(after, 4)],
+        "pipeline_efficiency_vs_first_bound": round((n / pipeline_s) / first_bound, 3),
         # the share of the cores' time the actors spent in the stages' work (the rows' own seconds)
         "stage_busy_fraction": round(sum(v["seconds"] for v in runs["cold"]["stages"].values()) / (cores * pipeline_s), 3),
         "sequential_stage_seconds": {k: round(v, 2) for k, v in sequential_stages.items()},
@@ -263,7 +276,9 @@ def main() -> None:
     for n in args.sizes:
         paths = read_manifest(manifests[n])["image_path"].tolist()
         sizes[n] = measure_size(config, manifests[n], paths, work, bound, cores, args.overrides)
-        sizes[n]["pipeline_efficiency_vs_contended_bound"] = round(sizes[n]["pipeline_images_per_s"] / contended_bound, 3)
+        # the contended bound scaled to this run's bracketing bound (contention measured once, at the start)
+        sizes[n]["pipeline_efficiency_vs_contended_bound"] = round(
+            sizes[n]["pipeline_images_per_s"] / (sizes[n]["bracketing_bound_images_per_s"] / (sum(contended.values()) / sum(one_thread.values()))), 3)
         print(json.dumps(sizes[n]), flush=True)
     rss = {str(n): driver_peak_rss(manifests[n], work / f"rss_{n}", args.overrides) for n in args.rss_sizes}
 
@@ -310,18 +325,21 @@ def markdown(result: dict, sizes: dict, one_thread: dict, cores: int) -> str:
         f"features.fuse_all_stages={result['fuse_all_stages']}, features.fuse_cpu_stages={result['fuse_cpu_stages']}",
         "",
         "| images | sequential loop s | cold pipeline s | warm re-run s | cold vs loop | of the overlap bound "
-        "| of the contended bound | cores busy with stage work |",
-        "|---|---|---|---|---|---|---|---|",
+        "| of the contended bound | cores busy with stage work | bound: one-thread s an image before / after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in sizes.items():
+        before, after = r["bracketing_one_thread_s_per_image"]
         lines.append(f"| {n} | {r['sequential_s']} | {r['pipeline_s']} | {r['cached_s']} | {r['speedup']:.2f}x | "
                      f"{r['pipeline_efficiency_vs_overlap_bound']:.0%} | {r['pipeline_efficiency_vs_contended_bound']:.0%} "
-                     f"| {r['stage_busy_fraction']:.0%} |")
+                     f"| {r['stage_busy_fraction']:.0%} | {before:.3f} / {after:.3f} |")
     lines += [
         "",
         f"Overlap bound: {cores} cores / {sum(one_thread.values()):.3f} s of one-thread work per image "
         f"({', '.join(f'{k} {v:.3f}' for k, v in one_thread.items())}) = {result['overlap_bound_images_per_s']} "
-        "images/s: the most any overlap of the pipeline's one-thread work reaches here.",
+        "images/s at the start: the most any overlap of the pipeline's one-thread work reaches here. Each "
+        "size's efficiency is read against the same work on its own images, measured just before and just "
+        "after its pipelines and averaged (the last column): the machine's speed drifts within the hour.",
         f"Contended bound: the same work measured in {cores} one-thread processes at once (every core busy, as in "
         f"the pipeline) takes {sum(result['contended_one_thread_seconds_per_image'].values()):.3f} s per image, "
         f"{result['contention_slowdown']:.2f}x alone ({', '.join(f'{k} {v:.3f}' for k, v in result['contended_one_thread_seconds_per_image'].items())}) "

@@ -272,13 +272,13 @@ def main() -> None:
     bound = cores / sum(one_thread.values())
     contended = contended_one_thread_work(config, first, cores)
     contended_bound = cores / sum(contended.values())
+    contention = sum(contended.values()) / sum(one_thread.values())  # measured once, at the start
     sizes = {}
     for n in args.sizes:
         paths = read_manifest(manifests[n])["image_path"].tolist()
         sizes[n] = measure_size(config, manifests[n], paths, work, bound, cores, args.overrides)
-        # the contended bound scaled to this run's bracketing bound (contention measured once, at the start)
-        sizes[n]["pipeline_efficiency_vs_contended_bound"] = round(
-            sizes[n]["pipeline_images_per_s"] / (sizes[n]["bracketing_bound_images_per_s"] / (sum(contended.values()) / sum(one_thread.values()))), 3)
+        contended_here = sizes[n]["bracketing_bound_images_per_s"] / contention  # the bound around this run, contended
+        sizes[n]["pipeline_efficiency_vs_contended_bound"] = round(sizes[n]["pipeline_images_per_s"] / contended_here, 3)
         print(json.dumps(sizes[n]), flush=True)
     rss = {str(n): driver_peak_rss(manifests[n], work / f"rss_{n}", args.overrides) for n in args.rss_sizes}
 
@@ -295,7 +295,7 @@ def main() -> None:
         "overlap_bound_images_per_s": round(bound, 3),
         "contended_one_thread_seconds_per_image": {k: round(v, 4) for k, v in contended.items()},
         "contended_bound_images_per_s": round(contended_bound, 3),
-        "contention_slowdown": round(sum(contended.values()) / sum(one_thread.values()), 3),
+        "contention_slowdown": round(contention, 3),
         "fuse_all_stages": config.features.fuse_all_stages,
         "fuse_cpu_stages": config.features.fuse_cpu_stages,
     }

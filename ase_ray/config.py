@@ -224,7 +224,7 @@ class FeaturesConfig(StrictModel):
         "written after the last batch, does not wait for a worker to start).",
     )
     shard_rows: int = Field(
-        256, ge=1, description="Most rows a worker writes into one store shard (features.parquet/part-*.parquet); "
+        64, ge=1, description="Most rows a worker writes into one store shard (features.parquet/part-*.parquet); "
         "bounds a writer's memory: about 0.8 MB a row at the cluster's widths.",
     )
 

@@ -6,7 +6,9 @@ sizes, and the driver's peak memory at two sizes.
 Per size, the three runs use the same synthetic images and the same backends (the configured defaults:
 tesseract, the measuring describer, SmolLM2 forward, EfficientNet-Lite0, MiniLM); the two pipelines run
 in a fresh driver process (``ase-ray features``' situation), the cold one with an empty cache of its
-own. The overlap bound (``cores / one-thread seconds per image`` on ``BOUND_IMAGES`` images) is measured
+own; the loop runs in this process with torch on every core. Every run does a batch's whole work:
+decoding, the five stages, and the text encoder over the four text sources (the metadata text included).
+The overlap bound (``cores / one-thread seconds per image`` on ``BOUND_IMAGES`` images) is measured
 at the start alone, and once with every core running the same work at the same time (the contended bound:
 what a one-thread actor's work costs beside the others); each size's efficiency is read against the bound
 on its own images, measured just before and just after its pipelines. Driver memory:
@@ -49,57 +51,72 @@ def build_backends(config) -> dict:
             "image_encoder": build_image_encoder(f.image_encoder), "text_encoder": build_text_encoder(f.text_encoder)}
 
 
-def run_stages(backends: dict, images: list, seconds: dict[str, float]) -> None:
-    """Every stage over ``images`` as one batch, adding each stage's wall time to ``seconds``."""
+def bench_rows(config, manifest_path: Path) -> list[tuple[str, str]]:
+    """(image path, metadata text) of each manifest row: what the pipeline's actors read."""
+    from ase_ray.data.manifest import read_dataset_info, read_manifest
+    from ase_ray.data.metadata import TEXT_COLUMN
+    from ase_ray.features.pipeline import with_metadata
+
+    rows, _ = with_metadata(config, read_manifest(manifest_path), read_dataset_info(manifest_path))
+    texts = rows[TEXT_COLUMN] if TEXT_COLUMN in rows else [""] * len(rows)
+    return [(str(p), "" if t != t else str(t)) for p, t in zip(rows["image_path"], texts)]
+
+
+def run_stages(backends: dict, rows: list[tuple[str, str]], seconds: dict[str, float]) -> None:
+    """Decoding and every stage over ``rows`` (image path, metadata text) as one batch, adding each step's
+    wall time to ``seconds``: the work a pipeline actor does for a batch, its four text sources included."""
+    from ase_ray.features.stages import load_rgb
+
     def timed(stage, call):
         started = time.perf_counter()
         out = call()
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
         return out
 
+    images = timed("decode", lambda: [load_rgb(path) for path, _ in rows])
     texts = [r.text for r in timed("ocr", lambda: backends["ocr"].read_batch(images))]
     descriptions = timed("describe", lambda: backends["describe"].describe_batch(images))
     reasoning = timed("reason", lambda: backends["reason"].reason_batch(texts, descriptions).texts)
     timed("image_encoder", lambda: backends["image_encoder"].encode_batch(images))
-    for source in (texts, descriptions, reasoning):
+    for source in (texts, descriptions, reasoning, [metadata for _, metadata in rows]):
         timed("text_encoder", lambda: backends["text_encoder"].encode_batch(source))
 
 
-def sequential_loop(config, paths: list[str]) -> tuple[float, float, dict[str, float]]:
-    """Every stage per image, one after another, in this process (torch on all cores).
+def sequential_loop(config, rows: list[tuple[str, str]]) -> tuple[float, float, dict[str, float]]:
+    """Every step per image, one after another, in this process (torch on all cores).
 
-    Returns (seconds for everything, of which seconds loading the models, seconds per stage): the
+    Returns (seconds for everything, of which seconds loading the models, seconds per step): the
     pipeline's time includes its actors loading theirs, so this loop's does too."""
-    from ase_ray.features.stages import load_rgb
-
     started = time.perf_counter()
     backends = build_backends(config)
     loaded = time.perf_counter()
     stage_seconds: dict[str, float] = {}
-    for path in paths:
-        run_stages(backends, [load_rgb(path)], stage_seconds)
+    for row in rows:
+        run_stages(backends, [row], stage_seconds)
     return time.perf_counter() - started, loaded - started, stage_seconds
 
 
-def one_thread_work(config, paths: list[str], images: int = BOUND_IMAGES) -> dict[str, float]:
-    """Seconds per image of each stage on ONE thread, in batches of the stage batch size the
-    pipeline uses: the work the pipeline's one-thread actors share out. ``cores / sum`` is the most
-    any overlap of that work can reach on this machine, whatever the scheduler (start-up aside)."""
+def torch_threads() -> int:
     import torch
 
-    from ase_ray.features.stages import load_rgb
+    return torch.get_num_threads()
+
+
+def one_thread_work(config, rows: list[tuple[str, str]], images: int = BOUND_IMAGES) -> dict[str, float]:
+    """Seconds per image of each step on ONE thread, in batches of the batch size the pipeline's actors
+    use: the work they share out. ``cores / sum`` is the most any overlap of that work can reach on this
+    machine, whatever the scheduler (start-up aside)."""
+    import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        backends = build_backends(config)
-        sample = [load_rgb(p) for p in paths[:images]]
-        return seconds_per_image(config, backends, sample)
+        return seconds_per_image(config, build_backends(config), rows[:images])
     finally:
         torch.set_num_threads(threads)
 
 
-def seconds_per_image(config, backends: dict, sample: list) -> dict[str, float]:
+def seconds_per_image(config, backends: dict, sample: list[tuple[str, str]]) -> dict[str, float]:
     """Each stage's seconds per image over ``sample``, in batches of the LLM's batch size (the LLM is most
     of the work); the first calls are on the clock."""
     batch = config.features.reason.resources.batch_size
@@ -109,19 +126,16 @@ def seconds_per_image(config, backends: dict, sample: list) -> dict[str, float]:
     return {stage: s / len(sample) for stage, s in seconds.items()}
 
 
-def _contended_worker(config, paths: list[str], images: int, barrier, results) -> None:
+def _contended_worker(config, rows: list[tuple[str, str]], images: int, barrier, results) -> None:
     import torch
-
-    from ase_ray.features.stages import load_rgb
 
     torch.set_num_threads(1)
     backends = build_backends(config)
-    sample = [load_rgb(p) for p in paths[:images]]
     barrier.wait()
-    results.put(seconds_per_image(config, backends, sample))
+    results.put(seconds_per_image(config, backends, rows[:images]))
 
 
-def contended_one_thread_work(config, paths: list[str], cores: int, images: int = BOUND_IMAGES) -> dict[str, float]:
+def contended_one_thread_work(config, rows: list[tuple[str, str]], cores: int, images: int = BOUND_IMAGES) -> dict[str, float]:
     """:func:`one_thread_work` in ``cores`` processes at once, each one thread, started together (mean per
     stage over the processes): what a one-thread actor's work costs while every core is busy, as in the
     pipeline (where cores share caches and memory bandwidth it can be more than alone; 1.00x here)."""
@@ -129,7 +143,7 @@ def contended_one_thread_work(config, paths: list[str], cores: int, images: int 
 
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(cores), ctx.Queue()
-    procs = [ctx.Process(target=_contended_worker, args=(config, paths, images, barrier, results)) for _ in range(cores)]
+    procs = [ctx.Process(target=_contended_worker, args=(config, rows, images, barrier, results)) for _ in range(cores)]
     for proc in procs:
         proc.start()
     runs = [results.get(timeout=600) for _ in procs]
@@ -138,32 +152,32 @@ def contended_one_thread_work(config, paths: list[str], cores: int, images: int 
     return {stage: sum(r[stage] for r in runs) / len(runs) for stage in runs[0]}
 
 
-def single_ocr_seconds(config, paths: list[str], repeats: int = 10) -> float:
+def single_ocr_seconds(config, rows: list[tuple[str, str]], repeats: int = 10) -> float:
     from ase_ray.features.backends import build_ocr
     from ase_ray.features.stages import load_rgb
 
     ocr = build_ocr(config.features.ocr)
-    images = [load_rgb(p) for p in paths[:repeats]]
+    images = [load_rgb(path) for path, _ in rows[:repeats]]
     started = time.perf_counter()
     for image in images:
         ocr.read_batch([image])
     return (time.perf_counter() - started) / len(images)
 
 
-def measure_size(config, manifest_path: Path, paths: list[str], work: Path, first_bound: float, cores: int,
+def measure_size(config, manifest_path: Path, rows: list[tuple[str, str]], work: Path, first_bound: float, cores: int,
                  overrides: list[str]) -> dict:
-    """The loop (this process), then the cold pipeline (an empty cache) and the warm re-run over ``paths``
+    """The loop (this process), then the cold pipeline (an empty cache) and the warm re-run over ``rows``
     in a fresh driver process of their own, as ``ase-ray features`` runs.
 
     The overlap bound this size's efficiency is read against is measured on this size's own images, just
     before and just after its pipelines, and averaged: this machine's speed drifts within an hour (the
     same 48 images took 0.40 to 0.42 s of one-thread work an image at 05:58 and 0.46 to 0.47 at 06:48 on
     2026-12-07), so a bound taken ten minutes earlier, on other images, misreads the run by that much."""
-    n = len(paths)
-    sequential_s, sequential_load_s, sequential_stages = sequential_loop(config, paths)
-    before = sum(one_thread_work(config, paths).values())
+    n = len(rows)
+    sequential_s, sequential_load_s, sequential_stages = sequential_loop(config, rows)
+    before = sum(one_thread_work(config, rows).values())
     runs = fresh_driver(manifest_path, work / f"pipeline_{n}", overrides, warm=True)
-    after = sum(one_thread_work(config, paths).values())
+    after = sum(one_thread_work(config, rows).values())
     bound = cores / ((before + after) / 2)
     pipeline_s, cached_s = runs["cold"]["wall_s"], runs["warm"]["wall_s"]
     return {
@@ -187,6 +201,7 @@ def measure_size(config, manifest_path: Path, paths: list[str], work: Path, firs
         # the share of the cores' time the actors spent in the stages' work (the rows' own seconds)
         "stage_busy_fraction": round(sum(v["seconds"] for v in runs["cold"]["stages"].values()) / (cores * pipeline_s), 3),
         "sequential_stage_seconds": {k: round(v, 2) for k, v in sequential_stages.items()},
+        "sequential_torch_threads": torch_threads(),
         "cold_pipeline_stage_seconds": {k: v["seconds"] for k, v in runs["cold"]["stages"].items()},
         "warm_pipeline_stage_seconds": {k: v["seconds"] for k, v in runs["warm"]["stages"].items()},
         "warm_models_loaded": runs["warm"]["models_loaded"],
@@ -248,6 +263,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The loop runs torch on every core, as a plain loop does: OMP_THREAD_LIMIT=1 (the test suite's setting,
+    # and the workers' own, for tesseract) in the caller's environment held it to one thread (the run of
+    # record of 2026-12-07 06:51 evidently had it: its loop ran the LLM at 0.28 s an image, one thread's
+    # speed; both cores take 0.18). The pipeline's workers keep their own (ase_ray.ray_env.WORKER_ENV).
+    os.environ.pop("OMP_THREAD_LIMIT", None)
 
     from ase_ray.config import load_config
     from ase_ray.data.manifest import read_dataset_info, read_manifest, write_manifest
@@ -265,7 +285,7 @@ def main() -> None:
                  for n in sorted({*args.sizes, *args.rss_sizes})}
     config = apply_layout_hints(config, read_dataset_info(manifests[args.sizes[0]]))
     cores = os.cpu_count() or 1
-    first = read_manifest(manifests[args.sizes[0]])["image_path"].tolist()
+    first = bench_rows(config, manifests[args.sizes[0]])
 
     ocr_s = single_ocr_seconds(config, first)
     one_thread = one_thread_work(config, first)
@@ -275,8 +295,7 @@ def main() -> None:
     contention = sum(contended.values()) / sum(one_thread.values())  # measured once, at the start
     sizes = {}
     for n in args.sizes:
-        paths = read_manifest(manifests[n])["image_path"].tolist()
-        sizes[n] = measure_size(config, manifests[n], paths, work, bound, cores, args.overrides)
+        sizes[n] = measure_size(config, manifests[n], bench_rows(config, manifests[n]), work, bound, cores, args.overrides)
         contended_here = sizes[n]["bracketing_bound_images_per_s"] / contention  # the bound around this run, contended
         sizes[n]["pipeline_efficiency_vs_contended_bound"] = round(sizes[n]["pipeline_images_per_s"] / contended_here, 3)
         print(json.dumps(sizes[n]), flush=True)

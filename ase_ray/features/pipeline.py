@@ -96,29 +96,50 @@ def build_dataset(config: AppConfig, manifest: pd.DataFrame, cache: str, target:
     import ray
 
     rows = _with_row_ids(manifest)
-    smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
-    ds = ray.data.from_blocks(input_blocks(rows, smallest_batch))
+    groups = stage_groups(config)
+    if len(groups) == 1:  # one pool: each input block is one of its batches, the last round split evenly
+        pool = groups[0][2]
+        ds = ray.data.from_blocks(input_blocks(rows, block_sizes(len(rows), pool.batch_size, pool.actors)))
+        batch_sizes = [None]
+    else:
+        smallest_batch = min(s.resources.batch_size for _, s in stage_plan(config))
+        ds = ray.data.from_blocks(input_blocks(rows, block_sizes(len(rows), smallest_batch)))
+        batch_sizes = [resources.batch_size for _, _, resources in groups]
     models_dir = resolved_models_dir(config.features)
     attempts = storage.join(target, ATTEMPTS_DIR)  # the summary's `retried` and models loaded
-    for stages, decode, resources in stage_groups(config):
+    for (stages, decode, resources), batch_size in zip(groups, batch_sizes):
         ds = ds.map_batches(group_class(stages, decode), batch_format="pandas",
                             fn_constructor_args=(stages, cache, models_dir),
                             fn_constructor_kwargs={"attempts_dir": attempts, "decode": decode},
-                            **_actor_args(resources))
+                            **_actor_args(resources, batch_size))
     return ds.map_batches(StoreShardWriter, fn_constructor_args=(target,), batch_format="pandas",
                           batch_size=config.features.shard_rows, num_cpus=0.1,
                           compute=ray.data.ActorPoolStrategy(size=config.features.store_writers))
 
 
-def input_blocks(rows: pd.DataFrame, size: int) -> list:
-    """The manifest as Arrow tables of ``size`` rows, all with the whole manifest's schema (a column empty in
+def block_sizes(rows: int, size: int, actors: int = 1) -> list[int]:
+    """Input blocks of ``size`` rows, except the rows of the last round (fewer than ``actors`` x ``size``),
+    which are split evenly over the actors: with whole blocks the last one runs on one actor while the
+    others idle (a batch of 8 is 4 s of a core on the embedded default)."""
+    full_rounds = rows - rows % (size * actors)
+    sizes = [size] * (full_rounds // size)
+    last = rows - full_rounds
+    if last:
+        parts = min(actors, last)
+        sizes += [last // parts + (1 if i < last % parts else 0) for i in range(parts)]
+    return sizes or [0]
+
+
+def input_blocks(rows: pd.DataFrame, sizes: list[int]) -> list:
+    """The manifest as Arrow tables of ``sizes`` rows, all with the whole manifest's schema (a column empty in
     one block must not change type there: the store's shards would disagree). Built here, since
     ``ray.data.from_pandas`` converts them in a task and waits for its worker to start (1.5 s)."""
     import pyarrow as pa
 
     schema = pa.Schema.from_pandas(rows, preserve_index=False)
+    starts = np.cumsum([0, *sizes[:-1]])
     return [pa.Table.from_pandas(rows.iloc[start:start + size], schema=schema, preserve_index=False)
-            for start in range(0, max(1, len(rows)), size)]
+            for start, size in zip(starts, sizes)]
 
 
 def stage_groups(config: AppConfig) -> list[tuple[list[tuple[type, Any]], bool, StageResources]]:
@@ -164,7 +185,7 @@ def _with_row_ids(manifest: pd.DataFrame) -> pd.DataFrame:
     return rows.astype({c: str for c in rows.columns if rows[c].dtype == object})
 
 
-def _actor_args(res: StageResources) -> dict[str, Any]:
+def _actor_args(res: StageResources, batch_size: int | None) -> dict[str, Any]:
     """A stage's actor pool. An actor that dies (killed, OOM, its node lost) is restarted and the
     batches it held are run again on an actor of the pool: Ray Data's defaults for actor pools
     (unbounded ``max_restarts``/``max_task_retries``), which extraction relies on to lose no row (the
@@ -175,7 +196,7 @@ def _actor_args(res: StageResources) -> dict[str, Any]:
     return {
         "compute": ray.data.ActorPoolStrategy(min_size=min(res.min_actors or res.actors, res.actors),
                                               max_size=res.actors),
-        "batch_size": res.batch_size,
+        "batch_size": batch_size,  # None: a block is a batch
         "num_cpus": res.num_cpus,
         "num_gpus": res.num_gpus,
     }

@@ -107,8 +107,8 @@ def test_overriding_one_resource_field_keeps_the_stage_defaults():
 def test_actor_pools_start_whole_unless_a_minimum_is_set():
     from ase_ray.features.pipeline import _actor_args
 
-    fixed = _actor_args(load_config().features.reason.resources)["compute"]
+    fixed = _actor_args(load_config().features.reason.resources, 8)["compute"]
     assert (fixed.min_size, fixed.max_size) == (2, 2)
     scaling = load_config(overrides=["features.reason.resources.actors=8", "features.reason.resources.min_actors=2"])
-    pool = _actor_args(scaling.features.reason.resources)["compute"]
+    pool = _actor_args(scaling.features.reason.resources, 8)["compute"]
     assert (pool.min_size, pool.max_size) == (2, 8)

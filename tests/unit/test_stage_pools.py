@@ -44,10 +44,22 @@ def test_input_blocks_share_the_manifest_schema_when_a_column_is_empty_in_one_bl
         "image_path": [f"/d/{i}.png" for i in range(6)], "probe_reading": [0.5, np.nan, 1.5, 2.0, np.nan, 3.0],
         "source_image": [np.nan, np.nan, np.nan, "/d/0.png", "/d/1.png", np.nan],
     }))
-    blocks = input_blocks(rows, 3)
+    blocks = input_blocks(rows, [3, 3])
     assert [b.num_rows for b in blocks] == [3, 3]
     assert blocks[0].schema == blocks[1].schema
     assert blocks[0].schema.field("source_image").type == blocks[1].schema.field("source_image").type
     assert str(blocks[1].schema.field("source_image").type) in ("string", "large_string")
     assert blocks[0].column("source_image").null_count == 3
     assert blocks[1].column("source_image").to_pylist()[:2] == ["/d/0.png", "/d/1.png"]
+
+
+def test_the_last_round_of_input_blocks_is_split_evenly_over_the_actors():
+    from ase_ray.features.pipeline import block_sizes
+
+    # 45 batches of 8 on 2 actors: the 45th would run alone; its rows go to both actors instead
+    assert block_sizes(360, 8, 2) == [8] * 44 + [4, 4]
+    assert block_sizes(352, 8, 2) == [8] * 44  # whole rounds stay whole
+    assert block_sizes(17, 8, 3) == [6, 6, 5]
+    assert block_sizes(2, 8, 3) == [1, 1]  # never an empty block
+    assert block_sizes(0, 8, 2) == [0]
+    assert all(sum(block_sizes(n, 8, 2)) == n for n in range(1, 100))

@@ -7,9 +7,10 @@ import os
 
 def respect_omp_thread_limit() -> int:
     """Cap torch's intra-op threads at ``OMP_THREAD_LIMIT``. With more torch threads than OpenMP lets
-    run, bf16 matrix products on the CPU (oneDNN) come back partly uncomputed (garbage, NaN) while fp32
-    ones are right (torch 2.13, seen here with OMP_THREAD_LIMIT=1, which the project sets for
-    tesseract). Returns the thread count in force."""
+    run, oneDNN's CPU kernels wait for threads that never start (torch 2.13, OMP_THREAD_LIMIT=1, which the
+    project sets for tesseract): bf16 matrix products come back partly uncomputed (garbage, NaN) while
+    fp32 ones are right, and on AVX-512 CPUs (AMD EPYC, 2026-12-07) the weight gradient of a 1x1
+    convolution never returns (the defect maps' first layer). Returns the thread count in force."""
     import torch
 
     limit = os.environ.get("OMP_THREAD_LIMIT", "")

@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 
+
+def pytest_configure(config):
+    # Tests that run torch without the classifier or a feature stage (which cap it themselves) would
+    # otherwise run more torch threads than OpenMP allows: see ase_ray.torch_threads.
+    from ase_ray.torch_threads import respect_omp_thread_limit
+
+    respect_omp_thread_limit()
+
 REPO = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = (REPO.parent / "shared" / "data" / "magnetic_tile").resolve()
 

@@ -23,6 +23,7 @@ from ase_ray.models.projections import (
     TokenAttentionPool,
 )
 from ase_ray.models.settings import ModelSettings, PfaSettings
+from ase_ray.torch_threads import respect_omp_thread_limit
 
 POOLED_IMAGE_KINDS = ("image_only", "concat", "gated")
 POOLED_TEXT_KINDS = ("text_only", "concat", "gated")
@@ -39,6 +40,7 @@ class DefectClassifier(nn.Module):
 
     def __init__(self, settings: ModelSettings, dims: FeatureDims, num_classes: int, align_dim: int | None = None):
         super().__init__()
+        respect_omp_thread_limit()  # every process that runs this model: the train workers, Serve, predict, tests
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.settings = settings.model_copy(deep=True)
@@ -46,7 +48,7 @@ class DefectClassifier(nn.Module):
         self.num_classes = num_classes
         self.align_dim = align_dim
         kind, d, dropout = settings.kind, settings.d_model, settings.dropout
-        self.needs_image_pooled = kind in POOLED_IMAGE_KINDS or align_dim is not None
+        self.needs_image_pooled = kind in POOLED_IMAGE_KINDS or align_dim is not None or settings.image_logits
         self.needs_text_pooled = kind in POOLED_TEXT_KINDS or align_dim is not None
         wants_image = kind != "text_only" or align_dim is not None
         self.defect_maps = None
@@ -85,7 +87,8 @@ class DefectClassifier(nn.Module):
             self.fusion = CmafFusion(d, settings.heads, dropout)
         elif kind == "gated":
             self.fusion = GatedFusion(d)
-        self.cmaf_pooled_image = kind == "cmaf" and self.defect_maps is not None and settings.cmaf_pooled_image
+        self.cmaf_pooled_image = (kind == "cmaf" and self.defect_maps is not None and settings.cmaf_pooled_image
+                                  and not settings.image_logits)
         fused_dim = {
             "image_only": d,
             "text_only": text_set * d,
@@ -94,6 +97,10 @@ class DefectClassifier(nn.Module):
             "cmaf": (3 if self.cmaf_pooled_image else 2) * d,
         }[kind]
         self.head = ClassificationHead(fused_dim, settings.head_hidden, num_classes, dropout)
+        self.image_head = None
+        if settings.image_logits:
+            self.image_head = ClassificationHead(d, settings.head_hidden, num_classes, dropout)
+            self.head.zero_output()  # the fused head starts as no correction to the image's decision
         self.image_tail = None
         if settings.image_tail is not None and self.image is not None:
             from ase_ray.models.encoder_tail import ImageTail
@@ -146,6 +153,8 @@ class DefectClassifier(nn.Module):
             if self.cmaf_pooled_image:
                 fused = torch.cat([fused, image_vec], dim=-1)
         logits = self.head(fused)
+        if self.image_head is not None:
+            logits = logits + self.image_head(image_vec)
         if cells is not None and self.settings.defect_map_decision > 0:
             scores = self.defect_maps.decision_scores(cells)
             if scores is not None:

@@ -113,5 +113,9 @@ class ClassificationHead(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
+    def zero_output(self) -> None:
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)

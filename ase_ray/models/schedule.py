@@ -52,12 +52,18 @@ def progressive_schedule(
 
 
 def select_subset(
-    similarity: np.ndarray, size: int, ordering: Literal["easy_first", "hard_first"]
+    similarity: np.ndarray, size: int, ordering: Literal["easy_first", "hard_first"],
+    labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices of the ``size`` samples to train on, in rank order (the first is the easiest/hardest).
 
     ``easy_first`` ranks by highest image-text similarity first, ``hard_first`` by lowest first; equal
     similarities are ranked by lower index first, so the result is deterministic.
+
+    With ``labels`` the ranking is within each class: a sample's key is its rank in its own class
+    divided by the class's size, so every stage holds about the same share of every class (a rare class
+    whose texts match its images less well is not left out of the early stages); equal shares are
+    ranked by similarity, then by index.
     """
     sim = np.asarray(similarity, dtype=np.float64).reshape(-1)
     if not 0 <= size <= len(sim):
@@ -70,5 +76,15 @@ def select_subset(
         key = sim
     else:
         raise ValueError(f"ordering must be easy_first or hard_first, got {ordering!r}")
-    order = np.lexsort((np.arange(len(sim)), key))  # last key is primary
+    index = np.arange(len(sim))
+    order = np.lexsort((index, key))  # last key is primary
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(sim):
+            raise ValueError(f"labels has {len(labels)} entries for {len(sim)} similarities")
+        share = np.empty(len(sim))
+        for label in np.unique(labels):
+            members = order[labels[order] == label]  # this class, in global rank order
+            share[members] = (np.arange(len(members)) + 1) / len(members)
+        order = np.lexsort((index, key, share))
     return order[:size].astype(np.int64)

@@ -82,6 +82,11 @@ class ModelSettings(StrictModel):
         False, description="cmaf with defect_maps: the head reads the map's pooled vector (mean and max of the cells "
         "and of their class probabilities, the image-only variant's input) beside CMAF's fused vector. CMAF's own "
         "image side is a mean over the cell tokens, in which a defect a few cells wide fades.")
+    image_logits: bool = Field(
+        False, description="The fused kinds (concat, gated, cmaf) add the logits of an image-only head (over the "
+        "pooled image vector, the image-only variant's input) to the fused head's, whose last layer starts at zero: "
+        "training starts from the image's decision and the text branch learns a correction to it. With cmaf the "
+        "pooled vector then feeds the image head and not the fused one (cmaf_pooled_image is implied).")
     image_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries over the image tokens (attention).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
     image_tail: ImageTailSpec | None = Field(
@@ -95,6 +100,9 @@ class ModelSettings(StrictModel):
         if self.eval_views > 1 and self.image_pooling != "defect_maps" and self.image_tail is None:
             raise ValueError("model.eval_views turns the stride-16 map: set model.image_pooling defect_maps or "
                              "train.finetune")
+        if self.image_logits and self.kind in ("image_only", "text_only"):
+            raise ValueError(f"model.image_logits adds an image head to a fused kind (concat, gated, cmaf), "
+                             f"not to {self.kind}")
         if self.defect_map_decision > 0 and self.image_pooling != "defect_maps":
             raise ValueError("model.defect_map_decision reads the defect maps: set model.image_pooling defect_maps")
         return self
@@ -134,5 +142,9 @@ class PfaSettings(StrictModel):
     epochs_per_stage: int = Field(5, ge=1, le=10_000)
     ordering: Literal["easy_first", "hard_first"] = Field(
         "easy_first", description="easy_first: highest image-text similarity first; hard_first: lowest first."
+    )
+    per_class: bool = Field(
+        False, description="Rank by similarity within each class, so every stage holds the same share of every "
+        "class (the paper ranks over the whole set)."
     )
     proj_dim: int = Field(64, ge=2, le=4096, description="Width of the L2-normalised alignment embeddings.")

@@ -5,7 +5,8 @@ Progressive Feature Alignment (PFA), as run here, epoch by epoch:
    worker) training set, growing by ``stride`` every ``epochs_per_stage`` epochs, ending on the full set.
 2. Before an epoch whose subset is smaller than the set, every training sample's image-text
    self-similarity (cosine of the alignment embeddings) is recomputed with the current model, and
-   ``select_subset`` keeps the most similar (``easy_first``) or least similar (``hard_first``).
+   ``select_subset`` keeps the most similar (``easy_first``) or least similar (``hard_first``), over
+   the whole set or, with ``pfa.per_class``, the same share of each class.
 3. The epoch trains on that subset, shuffled, with cross-entropy + ``align_weight`` x class-aware
    InfoNCE. With PFA disabled every epoch uses the whole set and cross-entropy only.
 
@@ -247,7 +248,8 @@ def _epoch_subset(engine, train, size, n_local, pfa, cfg, rng) -> np.ndarray:
             index = np.arange(start, min(n_local, start + EVAL_BATCH))
             batch = to_tensors(train, index, engine.device, engine.float_dtype)
             similarity.append(self_similarity(engine.module, batch).float().cpu().numpy())
-    return select_subset(np.concatenate(similarity), size, cfg.pfa.ordering)
+    labels = train[LABEL_KEY] if cfg.pfa.per_class else None
+    return select_subset(np.concatenate(similarity), size, cfg.pfa.ordering, labels)
 
 
 def class_weights(counts: np.ndarray, weighting: str) -> np.ndarray | None:

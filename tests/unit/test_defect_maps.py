@@ -288,6 +288,12 @@ def test_cmaf_over_defect_maps_reads_the_maps_pooled_vector_and_older_models_loa
     torch.manual_seed(0)
     older = build_model(base, dims, 3)  # the default
     assert pool_gradient(older) == 0.0  # CMAF alone reads only the cell tokens
+    torch.manual_seed(0)
+    residual = build_model(base.model_copy(update={"cmaf_pooled_image": True, "image_logits": True}), dims, 3)
+    assert residual.head.layers[0].normalized_shape == (2 * 8,)  # the pooled vector feeds the image head instead
+    assert pool_gradient(residual) > 0
+    with torch.no_grad():  # the fused head starts at zero: the image head alone decides
+        torch.testing.assert_close(residual(batch)["logits"], residual.image_head(residual.defect_maps(batch["image_stem"])[0]))
     # A model saved before the option (format 2) loads as it was trained.
     save_model(older, tmp_path / "m", older.settings, dims, ["a", "b", "c"])
     meta = json.loads((tmp_path / "m" / "model.json").read_text())

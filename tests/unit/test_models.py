@@ -274,6 +274,19 @@ def test_progressive_schedule_documented_examples():
         progressive_schedule(0, 0.2, 0.2, 5, 10)
 
 
+def test_select_subset_per_class_keeps_every_class_share_in_each_stage():
+    # Class 1 (rare) matches its texts worst: the global ranking leaves it out of the first half.
+    sim = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.2, 0.1])
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    assert select_subset(sim, 4, "easy_first").tolist() == [0, 1, 2, 3]
+    half = select_subset(sim, 4, "easy_first", labels).tolist()
+    assert half == [0, 1, 2, 6]  # shares 1/6, 2/6, 3/6 and class 1's best 1/2 (a tie: more similar first)
+    assert select_subset(sim, 2, "hard_first", labels).tolist() == [5, 4]
+    assert select_subset(sim, 8, "easy_first", labels).tolist() == [0, 1, 2, 6, 3, 4, 5, 7]
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        select_subset(sim, 2, "easy_first", labels[:3])
+
+
 def test_select_subset_orders_by_similarity_with_stable_ties():
     sim = np.array([0.1, 0.9, 0.5, 0.9, -0.3, 0.5])
     assert select_subset(sim, 4, "easy_first").tolist() == [1, 3, 2, 5]
@@ -545,3 +558,34 @@ def test_the_model_divides_its_logits_by_its_temperature(tmp_path):
     with torch.no_grad():
         assert float(old.temperature) == 1.0
         torch.testing.assert_close(old(batch)["logits"], plain)
+
+
+@pytest.mark.parametrize("kind", ["concat", "gated", "cmaf"])
+def test_image_logits_start_from_the_image_decision_and_learn_a_text_correction(kind, tmp_path):
+    model = model_for(kind, pfa=False, image_logits=True).eval()
+    batch, other_texts = make_batch(seed=1), make_batch(seed=2)
+    texts_swapped = {k: (other_texts[k] if k.startswith("text_") or k == "llm_hidden" else v) for k, v in batch.items()}
+    with torch.no_grad():  # the fused head starts at zero: the texts do not move the logits yet
+        assert torch.equal(model(batch)["logits"], model(texts_swapped)["logits"])
+        assert torch.allclose(model(batch)["logits"], model.image_head(model.image.pooled(batch)))
+    # Only the texts separate the classes: the fused head must learn the whole decision.
+    problem, labels = separable_problem()
+    noise = torch.Generator().manual_seed(9)
+    problem["image_tokens"] = torch.randn(problem["image_tokens"].shape, generator=noise)
+    problem["image_pooled"] = problem["image_tokens"].mean(dim=1)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        compute_loss(model(problem), labels, None)[0].backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(problem)["logits"].argmax(-1) == labels).float().mean().item() > 0.9
+        assert not torch.equal(model(batch)["logits"], model(texts_swapped)["logits"])
+    save_model(model, tmp_path / "m", model.settings, model.dims, ["a", "b", "c"], {})
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(batch)["logits"], loaded(batch)["logits"])
+    with pytest.raises(ValidationError, match="image_logits adds an image head to a fused kind"):
+        ModelSettings(kind="image_only", image_logits=True)

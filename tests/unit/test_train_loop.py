@@ -133,6 +133,28 @@ def test_torch_threads_stay_within_the_omp_limit(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_building_a_classifier_keeps_torch_within_the_omp_limit(monkeypatch):
+    """A process that only builds and runs the classifier (Serve, predict, a test) caps torch too: a 1x1
+    convolution's weight gradient never returned on an AVX-512 CPU with 2 torch threads under
+    OMP_THREAD_LIMIT=1 (ase_ray.torch_threads)."""
+    from ase_ray.models.classifier import build_model
+    from ase_ray.models.projections import FeatureDims
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_THREAD_LIMIT", "1")
+        settings = load_config().train.model.model_copy(update={"kind": "image_only", "image_pooling": "defect_maps",
+                                                                "d_model": 8, "heads": 2, "defect_map_width": 8})
+        dims = FeatureDims(image_dim=8, image_tokens=4, text_dim=6, text_len=3, llm_dim=0, stem_dim=7, stem_size=5)
+        model = build_model(settings, dims, 3).eval()
+        assert torch.get_num_threads() == 1
+        model({"image_stem": torch.randn(3, 7, 5, 5)})["logits"].sum().backward()
+        assert model.defect_maps.body[1].weight.grad.abs().sum() > 0
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ records beside the image reach the model
 def _train_on_reading(tmp_path, reading: np.ndarray):
     """A store whose image and text features carry no class signal; only the ``reading`` record does

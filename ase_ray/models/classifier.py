@@ -27,6 +27,7 @@ from ase_ray.torch_threads import respect_omp_thread_limit
 
 POOLED_IMAGE_KINDS = ("image_only", "concat", "gated")
 POOLED_TEXT_KINDS = ("text_only", "concat", "gated")
+FUSED_KINDS = ("concat", "gated", "cmaf")
 
 
 class DefectClassifier(nn.Module):
@@ -48,7 +49,8 @@ class DefectClassifier(nn.Module):
         self.num_classes = num_classes
         self.align_dim = align_dim
         kind, d, dropout = settings.kind, settings.d_model, settings.dropout
-        self.needs_image_pooled = kind in POOLED_IMAGE_KINDS or align_dim is not None or settings.image_logits
+        image_logits = settings.image_logits and kind in FUSED_KINDS
+        self.needs_image_pooled = kind in POOLED_IMAGE_KINDS or align_dim is not None or image_logits
         self.needs_text_pooled = kind in POOLED_TEXT_KINDS or align_dim is not None
         wants_image = kind != "text_only" or align_dim is not None
         self.defect_maps = None
@@ -88,7 +90,7 @@ class DefectClassifier(nn.Module):
         elif kind == "gated":
             self.fusion = GatedFusion(d)
         self.cmaf_pooled_image = (kind == "cmaf" and self.defect_maps is not None and settings.cmaf_pooled_image
-                                  and not settings.image_logits)
+                                  and not image_logits)
         fused_dim = {
             "image_only": d,
             "text_only": text_set * d,
@@ -98,7 +100,7 @@ class DefectClassifier(nn.Module):
         }[kind]
         self.head = ClassificationHead(fused_dim, settings.head_hidden, num_classes, dropout)
         self.image_head = None
-        if settings.image_logits:
+        if image_logits:
             self.image_head = ClassificationHead(d, settings.head_hidden, num_classes, dropout)
             self.head.zero_output()  # the fused head starts as no correction to the image's decision
         self.image_tail = None

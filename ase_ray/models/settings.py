@@ -86,7 +86,8 @@ class ModelSettings(StrictModel):
         False, description="The fused kinds (concat, gated, cmaf) add the logits of an image-only head (over the "
         "pooled image vector, the image-only variant's input) to the fused head's, whose last layer starts at zero: "
         "training starts from the image's decision and the text branch learns a correction to it. With cmaf the "
-        "pooled vector then feeds the image head and not the fused one (cmaf_pooled_image is implied).")
+        "pooled vector then feeds the image head and not the fused one (cmaf_pooled_image is implied). image_only and "
+        "text_only ignore it, so one config serves every variant of an ablation.")
     image_pool_queries: int = Field(4, ge=1, le=32, description="Learned queries over the image tokens (attention).")
     head_hidden: int = Field(128, ge=1, le=16384, description="Hidden width of the classification MLP.")
     image_tail: ImageTailSpec | None = Field(
@@ -100,9 +101,6 @@ class ModelSettings(StrictModel):
         if self.eval_views > 1 and self.image_pooling != "defect_maps" and self.image_tail is None:
             raise ValueError("model.eval_views turns the stride-16 map: set model.image_pooling defect_maps or "
                              "train.finetune")
-        if self.image_logits and self.kind in ("image_only", "text_only"):
-            raise ValueError(f"model.image_logits adds an image head to a fused kind (concat, gated, cmaf), "
-                             f"not to {self.kind}")
         if self.defect_map_decision > 0 and self.image_pooling != "defect_maps":
             raise ValueError("model.defect_map_decision reads the defect maps: set model.image_pooling defect_maps")
         return self

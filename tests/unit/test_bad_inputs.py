@@ -8,6 +8,9 @@ import pytest
 
 from tests.unit.bad_input_cases import CASES, run_catalogue
 
+# The first test also runs the module's catalogue: 64 CLI subprocesses, about 10 minutes on a slow machine.
+pytestmark = pytest.mark.timeout(2400)
+
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> dict[str, dict]:

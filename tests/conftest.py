@@ -14,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 
+REPO = Path(__file__).resolve().parents[1]
+MAGNETIC_TILE = (REPO.parent / "shared" / "data" / "magnetic_tile").resolve()
+
 
 def pytest_configure(config):
     # Tests that run torch without the classifier or a feature stage (which cap it themselves) would
@@ -21,9 +24,6 @@ def pytest_configure(config):
     from ase_ray.torch_threads import respect_omp_thread_limit
 
     respect_omp_thread_limit()
-
-REPO = Path(__file__).resolve().parents[1]
-MAGNETIC_TILE = (REPO.parent / "shared" / "data" / "magnetic_tile").resolve()
 
 
 def write_png(path: Path, seed: int = 0, size: tuple[int, int] = (32, 24)) -> Path:

@@ -40,11 +40,17 @@ CACHE_VERSION = "2"  # bump when an output format changes, to orphan old entries
 # forward mode pools the prompt's own tokens and has no text; text_encoder 2: entries carry <src>_cut.
 STAGE_VERSIONS = {"reason": "2", "text_encoder": "2"}
 SHARD_SUFFIX = ".parquet"
+# Settings added after caches were written, at the value that reproduces the earlier output: at that value
+# they stay out of the key, so those caches stay valid.
+ADDED_SETTINGS = {"reason": {"cpu_int8": False}}
 
 
 def fingerprint(stage: str, settings: Any) -> str:
     """Hash of what decides a stage's output: its name, settings (minus how it runs) and format version."""
     body = settings.model_dump(mode="json", exclude={"resources", "device", "timeout_s", "parallel"})
+    for name, earlier in ADDED_SETTINGS.get(stage, {}).items():
+        if body.get(name) == earlier:
+            del body[name]
     identity = {"stage": stage, "settings": body, "version": CACHE_VERSION}
     if stage in STAGE_VERSIONS:
         identity["stage_version"] = STAGE_VERSIONS[stage]

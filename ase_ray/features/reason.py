@@ -21,7 +21,9 @@ Modes:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import warnings
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -247,6 +249,20 @@ def load_causal_lm(
     raise BackendUnavailable(f"reason.backend={settings.backend!r} has no language model")
 
 
+def quantize_linear_int8(model: "PreTrainedModel") -> tuple["PreTrainedModel", bool]:
+    """(model, quantized): its fp32 linear layers as int8 weights with dynamically quantized activations
+    (CPU kernels). A model in another dtype is returned as it is."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        logging.getLogger(__name__).info("reason.cpu_int8: the model is %s, not float32; left as it is", dtype)
+        return model, False
+    with warnings.catch_warnings():  # torch marks the eager quantization API deprecated; 2.13 still ships it
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8), True
+
+
 # ----------------------------------------------------------------------------------- tensors
 def positions_from_mask(mask: "torch.Tensor") -> "torch.Tensor":
     """Position ids that start at 0 on the first real token, so left padding shifts nothing."""
@@ -290,6 +306,9 @@ class LlmReasoner:
         self.device = resolve_device(settings.device)
         self.tokenizer = tokenizer
         self.model = model.to(self.device).eval()
+        self.quantized = False
+        if settings.cpu_int8 and self.device.type == "cpu":
+            self.model, self.quantized = quantize_linear_int8(self.model)
         self.eos_token_ids = eos_ids(self.model, tokenizer)
 
     @property
@@ -336,17 +355,25 @@ class LlmReasoner:
         return texts, self.mean_last_hidden(sequences, full_mask)
 
     def reason_batch(self, ocr_texts: list[str], descriptions: list[str]) -> ReasonOutput:
-        import torch
-
         prompts = self.build_prompts(ocr_texts, descriptions)
         if not prompts:
             return ReasonOutput(texts=[], hidden=np.zeros((0, self.hidden_size), dtype=np.float32))
+        # A quantized model's activation scale is taken over its whole input, so a batch would make each
+        # row's feature depend on its neighbours (Serve sees one image): it reads one prompt at a time,
+        # as fast per row here as a batch of 32.
+        groups = [[p] for p in prompts] if self.quantized else [prompts]
+        outputs = [self._reason_prompts(group) for group in groups]
+        texts = [t for texts, _ in outputs for t in texts]
+        hidden = np.concatenate([h for _, h in outputs])
+        return ReasonOutput(texts=texts, hidden=hidden.astype(np.float32, copy=False))
+
+    def _reason_prompts(self, prompts: list[str]) -> tuple[list[str], np.ndarray]:
+        import torch
+
         with torch.inference_mode():
             if self.settings.mode == "generate":
-                texts, hidden = self.generate_answers(self.tokenize_prompts(prompts))
-            else:
-                texts, hidden = [""] * len(prompts), self.forward_features(prompts)
-        return ReasonOutput(texts=texts, hidden=hidden.astype(np.float32, copy=False))
+                return self.generate_answers(self.tokenize_prompts(prompts))
+            return [""] * len(prompts), self.forward_features(prompts)
 
     # ------------------------------------------------------------------ forward mode, shared prefix
     # Every prompt starts with the same tokens (chat template, system prompt, the template's first

@@ -141,6 +141,11 @@ class ReasonSettings(StrictModel):
     )
     max_new_tokens: int = Field(48, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cpu_int8: bool = Field(
+        True, description="On CPU, an fp32 model's linear layers are quantized to int8 with dynamic activation "
+        "scales (torch's quantize_dynamic) when it loads: about 2.6x faster forward passes on a 2-core AVX-512 VNNI "
+        "machine, the LLM feature within cosine 0.98 of fp32's (README: Models). Ignored on GPU and for bf16/fp16; "
+        "the cache key records the setting, not where it ran.")
     device: str = "auto"
     resources: ReasonResources = Field(default_factory=ReasonResources)
 

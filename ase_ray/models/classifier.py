@@ -28,6 +28,7 @@ from ase_ray.torch_threads import respect_omp_thread_limit
 POOLED_IMAGE_KINDS = ("image_only", "concat", "gated")
 POOLED_TEXT_KINDS = ("text_only", "concat", "gated")
 FUSED_KINDS = ("concat", "gated", "cmaf")
+IMAGE_LOGITS = "image_logits"  # training output of a model built with image_logits: the image head's own logits
 
 
 class DefectClassifier(nn.Module):
@@ -59,7 +60,8 @@ class DefectClassifier(nn.Module):
                 raise ValueError("model.image_pooling defect_maps reads image_stem: the batch has none "
                                  "(extract with features.image_encoder.stem: true)")
             self.defect_maps = DefectMapHead(dims.stem_dim, dims.stem_size, settings.defect_map_width, num_classes,
-                                             d, dropout, with_tokens=kind == "cmaf")
+                                             d, dropout, with_tokens=kind == "cmaf",
+                                             context=settings.defect_map_context)
 
         self.image = (
             ImageProjection(dims.image_dim, dims.image_tokens, d, dropout, with_tokens=kind == "cmaf",
@@ -155,13 +157,17 @@ class DefectClassifier(nn.Module):
             if self.cmaf_pooled_image:
                 fused = torch.cat([fused, image_vec], dim=-1)
         logits = self.head(fused)
+        image_logits = None
         if self.image_head is not None:
-            logits = logits + self.image_head(image_vec)
+            image_logits = self.image_head(image_vec)
+            logits = logits + image_logits
         if cells is not None and self.settings.defect_map_decision > 0:
             scores = self.defect_maps.decision_scores(cells)
             if scores is not None:
                 logits = logits + self.settings.defect_map_decision * scores.to(logits.dtype)
         out = {"logits": logits / self.temperature}
+        if image_logits is not None and self.training:
+            out[IMAGE_LOGITS] = image_logits
         if cells is not None:
             out[DEFECT_CELLS] = cells
         if gates is not None:
@@ -192,24 +198,36 @@ def compute_loss(
     outputs: dict[str, torch.Tensor], labels: torch.Tensor, pfa: PfaSettings | None,
     class_weights: torch.Tensor | None = None, mix: tuple[torch.Tensor, float] | None = None,
     cell_targets: torch.Tensor | None = None, cell_weights: torch.Tensor | None = None, cell_weight: float = 1.0,
+    label_smoothing: float = 0.0, image_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy (weighted per class when ``class_weights`` (C,) is given), plus ``align_weight`` x
     class-aware InfoNCE when PFA is enabled and the outputs carry alignment embeddings. Returns the total
     (for backward) and floats for logging (``ce``, ``align`` when used, ``loss``). ``mix`` = (partner
     order, lambda) of a mixup batch (``ase_ray.models.augment``): the cross-entropy is lambda x that of
-    the labels plus (1 - lambda) x that of the partners' labels. A defect-map model given ``cell_targets``
-    (B, Hs, Hs) adds ``cell_weight`` x the cross-entropy of its known cells (``cells`` in the parts)."""
+    the labels plus (1 - lambda) x that of the partners' labels; ``label_smoothing`` smooths both. A
+    defect-map model given ``cell_targets`` (B, Hs, Hs) adds ``cell_weight`` x the cross-entropy of its
+    known cells (``cells`` in the parts). A model built with image_logits adds ``image_weight`` x the
+    cross-entropy of its image head alone (``image_ce``)."""
     labels = labels.long()
-    logits = outputs["logits"].float()
-    ce = F.cross_entropy(logits, labels, weight=class_weights)
-    if mix is not None:
+
+    def cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
+        if mix is None:
+            return ce
         partners, lam = mix
-        ce = lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels[partners], weight=class_weights)
+        return lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels[partners], weight=class_weights,
+                                                        label_smoothing=label_smoothing)
+
+    ce = cross_entropy(outputs["logits"].float())
     total = ce
     parts = {"ce": float(ce.detach())}
+    if image_weight > 0 and IMAGE_LOGITS in outputs:
+        image_ce = cross_entropy(outputs[IMAGE_LOGITS].float())
+        total = total + image_weight * image_ce
+        parts["image_ce"] = float(image_ce.detach())
     if pfa is not None and pfa.enabled and "img_align" in outputs:
         align = class_aware_info_nce(outputs["img_align"], outputs["txt_align"], labels, pfa.temperature)
-        total = ce + pfa.align_weight * align
+        total = total + pfa.align_weight * align
         parts["align"] = float(align.detach())
     if cell_targets is not None and DEFECT_CELLS in outputs and cell_weight > 0:
         cells = cell_loss(outputs[DEFECT_CELLS], cell_targets, cell_weights, mix)

@@ -44,7 +44,11 @@ class TorchEngine:
         else:
             self.model = self.module
         self.optimizer = torch.optim.AdamW(parameter_groups(module, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.float_dtype = torch.float32  # inputs; autocast picks the compute dtype per op
+
+    def scale_lr(self, factor: float) -> None:
+        scale_groups(self.optimizer, self.base_lrs, factor)
 
     def autocast(self):
         if self.cfg.autocast == "bf16":
@@ -98,6 +102,7 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         optimizer = torch.optim.AdamW(parameter_groups(module, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=deepspeed_config(cfg)
         )
@@ -110,6 +115,9 @@ class DeepSpeedEngine:
 
     def autocast(self):
         return nullcontext()  # DeepSpeed casts the model itself (deepspeed.precision)
+
+    def scale_lr(self, factor: float) -> None:
+        scale_groups(self.optimizer, self.base_lrs, factor)  # DeepSpeed's optimizer mirrors the torch groups
 
     def backward_step(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)
@@ -140,6 +148,15 @@ class DeepSpeedEngine:
         for name, buffer in self.module.named_buffers():
             state[name] = buffer.detach().float().cpu() if buffer.is_floating_point() else buffer.detach().cpu()
         return state
+
+
+def scale_groups(optimizer, base_lrs: list[float], factor: float) -> None:
+    """Every parameter group at its own base rate x ``factor`` (what DeepSpeed's schedulers do too)."""
+    groups = optimizer.param_groups
+    if len(groups) != len(base_lrs):
+        raise RuntimeError(f"the optimizer has {len(groups)} parameter groups, {len(base_lrs)} base rates")
+    for group, base in zip(groups, base_lrs):
+        group["lr"] = base * factor
 
 
 def parameter_groups(module: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -184,9 +184,11 @@ def run_epochs(
     )
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
+        engine.scale_lr(lr_factor(cfg, epoch))  # set from the epoch alone, so a resumed run follows it too
         subset = _epoch_subset(engine, train, sizes[epoch], n_local, pfa, cfg, rng)
         parts = _train_epoch(engine, train, subset, cfg, pfa, rng, weights_t, cell_weights_t)
-        metrics = {"epoch": float(epoch), "subset_size": float(len(subset)), **parts}
+        metrics = {"epoch": float(epoch), "subset_size": float(len(subset)),
+                   "lr": float(engine.optimizer.param_groups[0]["lr"]), **parts}  # the rate the optimizer used
         state = engine.fp32_state_dict()  # a collective under DeepSpeed: every rank
         if rank == 0:
             scorer.load_state_dict(state)
@@ -209,6 +211,13 @@ def run_epochs(
         scorer.load_state_dict(result.best_state)
         result.kept = scorer.eval()
     return result
+
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """The share of ``train.lr`` that epoch ``epoch`` (from 0) trains at (``train.lr_schedule``)."""
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return 1.0
 
 
 def _average_in(result: LoopResult, state, scorer, val, classes, device, epoch: int, metrics: dict[str, float],
@@ -293,7 +302,8 @@ def _train_epoch(engine, train, subset, cfg, pfa, rng, weights=None, cell_weight
         targets = batch.pop(DEFECT_TARGET, None)
         with engine.autocast():
             outputs = engine.model(batch)
-        loss, parts = compute_loss(outputs, labels, pfa, weights, mix, targets, cell_weights, cfg.defect_map_weight)
+        loss, parts = compute_loss(outputs, labels, pfa, weights, mix, targets, cell_weights, cfg.defect_map_weight,
+                                   cfg.label_smoothing, cfg.image_loss_weight)
         engine.backward_step(loss)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value

@@ -4,6 +4,7 @@ that reproduces the uninterrupted run, a worker killed mid-run, the best epoch e
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -188,11 +189,15 @@ def test_ddp_survives_a_worker_killed_from_outside_and_keeps_one_mlflow_run(ray_
 def test_deepspeed_zero2_bf16_exports_fp32_master_weights(ray_session, tmp_path):
     fake_feature_store(tmp_path / "store", per_class=12)
     cfg = _config(tmp_path, tmp_path / "store", "train.strategy=deepspeed", "train.deepspeed.zero_stage=2",
-                  "train.deepspeed.precision=bf16", "train.task=binary", "train.model.kind=concat")
+                  "train.deepspeed.precision=bf16", "train.task=binary", "train.model.kind=concat",
+                  "train.lr_schedule=cosine")
     result = fit(cfg)
     client = MlflowClient(tracking_uri(cfg))
     losses = _history(client, result.run_id)
     assert len(losses) == 6 and losses[-1] < losses[0]
+    # The rate DeepSpeed's ZeRO optimizer stepped with followed the cosine schedule.
+    expected = [cfg.train.lr * (1 + math.cos(math.pi * e / 6)) / 2 for e in range(6)]
+    np.testing.assert_allclose(_history(client, result.run_id, "lr"), expected, rtol=1e-6)
     assert result.classes == ["normal", "defect"]
     weights = torch.load(result.model_dir / "weights.pt", weights_only=True)
     floats = [v for v in weights.values() if v.is_floating_point()]

@@ -304,3 +304,19 @@ def test_cmaf_over_defect_maps_reads_the_maps_pooled_vector_and_older_models_loa
     assert loaded.settings.cmaf_pooled_image is False
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch)["logits"], older.eval()(batch)["logits"])
+
+
+@pytest.mark.parametrize("context, reach", [(0, False), (2, True)])
+def test_context_blocks_let_a_cell_read_cells_further_away(context, reach):
+    from ase_ray.models.defect_maps import DefectMapHead
+
+    torch.manual_seed(0)
+    head = DefectMapHead(stem_dim=4, stem_size=12, width=8, num_classes=3, d_model=8, dropout=0.0,
+                         with_tokens=False, context=context).eval()
+    stem = torch.randn(1, 4, 12, 12)
+    planted = stem.clone()
+    planted[0, :, 6, 9] += 5.0  # three cells to the right of cell (6, 6)
+    with torch.no_grad():
+        here, there = head(stem)[2], head(planted)[2]
+    assert not torch.allclose(here[0, :, 6, 9], there[0, :, 6, 9])  # the planted cell itself moves
+    assert torch.allclose(here[0, :, 6, 6], there[0, :, 6, 6]) != reach

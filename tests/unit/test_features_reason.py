@@ -23,12 +23,13 @@ DESCRIPTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny_generate() -> reason.LlmReasoner:
-    return build_reasoner(ReasonSettings(backend="tiny", mode="generate", max_new_tokens=8, device="cpu"))
+    return build_reasoner(ReasonSettings(backend="tiny", mode="generate", max_new_tokens=8, device="cpu",
+                                         cpu_int8=False))
 
 
 @pytest.fixture(scope="module")
 def tiny_forward() -> reason.LlmReasoner:
-    return build_reasoner(ReasonSettings(backend="tiny", mode="forward", device="cpu"))
+    return build_reasoner(ReasonSettings(backend="tiny", mode="forward", device="cpu", cpu_int8=False))
 
 
 def test_generate_gives_bounded_text_for_prompts_of_different_lengths(tiny_generate):
@@ -117,7 +118,7 @@ def test_a_prompt_that_does_not_start_with_the_prefix_takes_the_full_pass(tiny_f
 
 
 def test_tiny_models_are_identical_across_builds(tiny_forward):
-    again = build_reasoner(ReasonSettings(backend="tiny", mode="forward", device="cpu"))
+    again = build_reasoner(ReasonSettings(backend="tiny", mode="forward", device="cpu", cpu_int8=False))
     np.testing.assert_array_equal(
         again.reason_batch(OCR, DESCRIPTIONS).hidden, tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden
     )
@@ -248,7 +249,7 @@ def test_smollm2_offline_forward_gives_576_wide_features():
 def test_hf_backend_loads_a_model_directory(tmp_path, tiny_forward):
     """The real path, fed a local directory (as a cluster mirror would) instead of a hub id."""
     reason.save_model_atomically(tiny_forward.tokenizer, tiny_forward.model, tmp_path / "llm")
-    hf = build_reasoner(ReasonSettings(backend="hf", model_id=str(tmp_path / "llm"), device="cpu"))
+    hf = build_reasoner(ReasonSettings(backend="hf", model_id=str(tmp_path / "llm"), device="cpu", cpu_int8=False))
     np.testing.assert_allclose(
         hf.reason_batch(OCR, DESCRIPTIONS).hidden, tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden, atol=1e-6
     )
@@ -257,3 +258,47 @@ def test_hf_backend_loads_a_model_directory(tmp_path, tiny_forward):
 def test_hf_backend_without_hub_access_says_so(tmp_path):
     with pytest.raises(BackendUnavailable, match="smollm2"):
         build_reasoner(ReasonSettings(backend="hf", model_id=str(tmp_path / "no-such-model")))
+
+
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_the_int8_model_reads_each_prompt_alone_and_stays_close_to_fp32(mode, tiny_forward):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    settings = ReasonSettings(backend="tiny", mode=mode, max_new_tokens=8, device="cpu")
+    assert settings.cpu_int8  # the CPU default
+    quantized = build_reasoner(settings)
+    assert quantized.quantized
+    assert any(isinstance(m, DynamicQuantizedLinear) for m in quantized.model.modules())
+    batched = quantized.reason_batch(OCR, DESCRIPTIONS)
+    alone = quantized.reason_batch(OCR[1:], DESCRIPTIONS[1:])
+    # Its activation scales come from one prompt: a row's feature does not depend on its neighbours.
+    np.testing.assert_array_equal(batched.hidden[1:], alone.hidden)
+    assert batched.texts[1:] == alone.texts
+    if mode == "forward":
+        exact = tiny_forward.reason_batch(OCR, DESCRIPTIONS).hidden
+        cos = (exact * batched.hidden).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(batched.hidden, axis=1)
+        assert cos.min() > 0.95 and not np.allclose(exact, batched.hidden, atol=1e-6)
+
+
+def test_int8_leaves_a_model_that_is_not_fp32_as_it_is():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).to(torch.bfloat16)
+    same, quantized = reason.quantize_linear_int8(model)
+    assert same is model and not quantized
+
+
+def test_the_int8_setting_keeps_the_cache_key_of_caches_written_before_it():
+    from ase_ray.features.cache import fingerprint
+
+    off = fingerprint("reason", ReasonSettings(cpu_int8=False))
+    body = ReasonSettings().model_dump(mode="json", exclude={"resources", "device", "timeout_s", "parallel",
+                                                             "cpu_int8"})
+    import hashlib
+    import json
+
+    from ase_ray.features.cache import CACHE_VERSION, STAGE_VERSIONS
+
+    before = {"stage": "reason", "settings": body, "version": CACHE_VERSION, "stage_version": STAGE_VERSIONS["reason"]}
+    assert off == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert fingerprint("reason", ReasonSettings()) != off  # int8 features are other features

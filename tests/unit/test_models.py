@@ -589,3 +589,22 @@ def test_image_logits_start_from_the_image_decision_and_learn_a_text_correction(
         assert torch.equal(model(batch)["logits"], loaded(batch)["logits"])
     for single in ("image_only", "text_only"):  # one config serves every variant of an ablation
         assert model_for(single, pfa=False, image_logits=True).image_head is None
+
+
+def test_the_image_loss_trains_the_image_head_alone_beside_the_sum():
+    model = model_for("cmaf", pfa=False, image_logits=True, dropout=0.0).train()
+    batch, labels = make_batch(seed=1), torch.arange(B) % 3
+    outputs = model(batch)
+    assert "image_logits" in outputs
+    plain, parts = compute_loss(outputs, labels, None)
+    both, both_parts = compute_loss(outputs, labels, None, image_weight=0.5)
+    image_ce = torch.nn.functional.cross_entropy(model.image_head(model.image.pooled(batch)), labels)
+    assert both_parts["image_ce"] == pytest.approx(float(image_ce), abs=1e-5)
+    assert float(both) == pytest.approx(float(plain) + 0.5 * float(image_ce), abs=1e-5)
+    assert "image_ce" not in parts
+    # Its gradient reaches the image head and not the fused head.
+    model.zero_grad()
+    (both - plain).backward()
+    assert model.image_head.layers[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.head.parameters())
+    assert "image_logits" not in model.eval()(batch)  # scoring returns the decision only

@@ -3,6 +3,7 @@ uninterrupted one, the exported model is the best epoch's, and the selection rul
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -303,3 +304,48 @@ def test_the_averaged_model_is_scored_on_validation(arrays):
 def test_averaging_more_epochs_than_are_trained_is_refused():
     with pytest.raises(Exception, match="average_epochs"):
         _cfg("train.epochs=3", "train.average_epochs=4")
+
+
+def test_the_cosine_schedule_sets_the_optimizers_rate_every_epoch_and_resumes_on_it(arrays, tmp_path):
+    splits, classes = arrays
+    cfg = _cfg("train.lr_schedule=cosine")
+    report, kept = _keep_checkpoints(tmp_path / "cosine")
+    whole = run_epochs(splits["train"], splits["val"], cfg, classes, report=report)
+    expected = [3e-3 * (1 + math.cos(math.pi * e / 6)) / 2 for e in range(6)]
+    np.testing.assert_allclose([h["lr"] for h in whole.history], expected, rtol=1e-9)
+    assert whole.history[-1]["lr"] < 0.1 * 3e-3
+    constant = run_epochs(splits["train"], splits["val"], _cfg(), classes)
+    assert [h["lr"] for h in constant.history] == [3e-3] * 6
+    # The first epoch runs at the full rate either way; after it the two runs part.
+    assert whole.history[0]["train_ce"] == pytest.approx(constant.history[0]["train_ce"], abs=1e-6)
+    assert whole.history[-1]["train_ce"] != pytest.approx(constant.history[-1]["train_ce"], abs=1e-4)
+    resumed = run_epochs(splits["train"], splits["val"], cfg, classes, restored_dir=kept[2])
+    np.testing.assert_allclose([h["lr"] for h in resumed.history], expected[3:], rtol=1e-9)
+    np.testing.assert_allclose([h["train_ce"] for h in resumed.history],
+                               [h["train_ce"] for h in whole.history[3:]], atol=1e-4, rtol=0)
+
+
+def test_scaling_the_rate_keeps_the_encoders_lower_share():
+    from ase_ray.train.engine import TorchEngine
+
+    module = torch.nn.ModuleDict({"head": torch.nn.Linear(3, 2), "image_tail": torch.nn.Linear(3, 3)})
+    cfg = load_config(overrides=["train.lr=0.01", "train.finetune.lr_scale=0.1"]).train
+    engine = TorchEngine(module, cfg, torch.device("cpu"))
+    engine.scale_lr(0.5)
+    assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([0.005, 0.0005])
+    engine.scale_lr(1.0)
+    assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([0.01, 0.001])
+
+
+def test_label_smoothing_moves_mass_off_the_true_class():
+    from ase_ray.models.classifier import compute_loss
+
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    plain, _ = compute_loss({"logits": logits}, labels, None)
+    smoothed, _ = compute_loss({"logits": logits}, labels, None, label_smoothing=0.3)
+    log_p = torch.log_softmax(logits, dim=1)
+    target = torch.full((2, 3), 0.1)
+    target[0, 0] = target[1, 1] = 0.8  # 0.7 on the label, 0.3 spread over the three classes
+    assert float(smoothed) == pytest.approx(float(-(target * log_p).sum(1).mean()), abs=1e-6)
+    assert float(smoothed) > float(plain)  # a confident right answer costs more than with one-hot targets

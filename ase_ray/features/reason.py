@@ -23,9 +23,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import warnings
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -28,7 +28,7 @@ from ase_ray.torch_threads import respect_omp_thread_limit
 POOLED_IMAGE_KINDS = ("image_only", "concat", "gated")
 POOLED_TEXT_KINDS = ("text_only", "concat", "gated")
 FUSED_KINDS = ("concat", "gated", "cmaf")
-IMAGE_LOGITS = "image_logits"  # training output of a model built with image_logits: the image head's own logits
+IMAGE_LOGITS = "image_logits"  # training output of a model built with image_logits: its image head's logits
 
 
 class DefectClassifier(nn.Module):

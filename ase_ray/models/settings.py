@@ -70,9 +70,9 @@ class ModelSettings(StrictModel):
         "manifest has them (mask_path); its cells are also CMAF's image tokens (ase_ray.models.defect_maps).")
     defect_map_width: int = Field(96, ge=4, le=2048, description="Channels of the defect-map head (defect_maps).")
     defect_map_context: int = Field(
-        0, ge=0, le=4, description="defect_maps: residual 3x3 convolutions after the head's body, on the map pooled 2x2 and dilated 1, 2, ...: "
-        "each cell's score also reads its surroundings (the body alone sees 3x3 cells, 48 px at stride 16; two blocks "
-        "reach 7 cells either way); 0: none.")
+        0, ge=0, le=4, description="defect_maps: residual 3x3 convolutions after the head's body, on the map "
+        "pooled 2x2 and dilated 1, 2, ...: each cell's score also reads its surroundings (the body alone sees 3x3 "
+        "cells, 48 px at stride 16; two blocks reach 7 cells either way); 0: none.")
     defect_map_decision: float = Field(
         0.0, ge=0, le=10, description="defect_maps: weight of the image scores read off the map (a defect class "
         "scores its most confident cell, the normal class its least normal cell: multiple-instance) added to the "

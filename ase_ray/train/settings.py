@@ -48,9 +48,9 @@ class TrainConfig(StrictModel):
         "once at the end, instead of the best single epoch; 0: the best epoch. A few hundred images make the "
         "single epochs' models, and the choice among them on a small validation split, noisy.")
     image_loss_weight: float = Field(
-        0.0, ge=0, le=100, description="model.image_logits: weight of a second cross-entropy on the image head's own "
-        "logits beside that of the sum, so the image branch keeps learning to decide alone (as the image-only variant "
-        "does) while the text branch learns its correction; 0: the sum's loss only.")
+        0.0, ge=0, le=100, description="model.image_logits: weight of a second cross-entropy on the image head's "
+        "own logits beside that of the sum, so the image branch keeps learning to decide alone (as the image-only "
+        "variant does) while the text branch learns its correction; 0: the sum's loss only.")
     use_augmented: bool = Field(True, description="Train on TDA-synthesised rows too.")
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
@@ -68,12 +68,13 @@ class TrainConfig(StrictModel):
     )
     weight_decay: float = Field(0.01, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="constant: train.lr every epoch; cosine: epoch e of E trains at lr x (1 + cos(pi e / E)) "
-        "/ 2, from lr down to nearly 0 at the last epoch (Loshchilov and Hutter 2017, without restarts), so the last "
-        "epochs settle instead of moving the weights at full rate. A fine-tuned encoder's lower rate follows it.")
+        "constant", description="constant: train.lr every epoch; cosine: epoch e of E trains at lr x "
+        "(1 + cos(pi e / E)) / 2, from lr down to nearly 0 at the last epoch (Loshchilov and Hutter 2017, without "
+        "restarts), so the last epochs settle instead of moving the weights at full rate. A fine-tuned encoder's "
+        "lower rate follows it.")
     label_smoothing: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Label smoothing of the image's cross-entropy (not of the defect-map cells): "
-        "the target puts this much of its mass evenly on every class; 0: one-hot targets.")
+        0.0, ge=0.0, lt=1.0, description="Label smoothing of the image's cross-entropy (not of the defect-map "
+        "cells): the target puts this much of its mass evenly on every class; 0: one-hot targets.")
     class_weighting: Literal["none", "sqrt", "balanced"] = Field(
         "none", description="Cross-entropy class weights from the training rows' class counts: balanced "
         "n / (C n_c); sqrt, its square root (gentler: a 30x rarer class weighs about 5.5x as much); none: all "

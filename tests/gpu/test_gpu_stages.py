@@ -208,8 +208,9 @@ def reasoner(device: str, mode: str, dtype: str = "float32"):
     from ase_ray.features.backends import build_reasoner
     from ase_ray.features.settings import ReasonSettings
 
+    # fp32 on CPU too (cpu_int8 off): the GPU run is compared with the CPU's exact batched forward pass
     return build_reasoner(ReasonSettings(backend="tiny", mode=mode, max_new_tokens=MAX_NEW_TOKENS,
-                                         device=device, dtype=dtype))
+                                         device=device, dtype=dtype, cpu_int8=False))
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ ADDED_SETTINGS = {"reason": {"cpu_int8": False}}
 
 def fingerprint(stage: str, settings: Any) -> str:
     """Hash of what decides a stage's output: its name, settings (minus how it runs) and format version."""
-    body = settings.model_dump(mode="json", exclude={"resources", "device", "timeout_s", "parallel"})
+    body = settings.model_dump(mode="json", exclude={"resources", "device", "timeout_s", "parallel", "engine"})
     for name, earlier in ADDED_SETTINGS.get(stage, {}).items():
         if body.get(name) == earlier:
             del body[name]

@@ -127,7 +127,9 @@ def single_openmp_thread() -> Iterator[None]:
 
 
 class TesseractOcr:
-    """OCR through the tesseract binary (pytesseract). One child process per image.
+    """OCR through tesseract: its library kept loaded in a helper process (``settings.engine: library``,
+    :mod:`ase_ray.features.tesseract_library`) or the tesseract binary started per image through
+    pytesseract (``binary``). Both run the same engine on the same prepared image and read the same text.
 
     ``settings.timeout_s`` bounds each image; ``settings.psm`` and ``settings.lang`` go to
     tesseract; ``settings.text_region`` crops and ``settings.upscale`` enlarges before reading.
@@ -135,9 +137,18 @@ class TesseractOcr:
     """
 
     def __init__(self, settings: OcrSettings) -> None:
+        self.settings = settings
+        self._library = None
+        if settings.engine == "library":
+            from ase_ray.features.tesseract_library import TesseractLibrary, TesseractLibraryError
+
+            try:
+                self._library = TesseractLibrary(settings.lang, settings.psm)
+            except TesseractLibraryError as error:
+                raise BackendUnavailable(str(error)) from None
+            return
         import pytesseract
 
-        self.settings = settings
         self._pytesseract = pytesseract
         self._check_binary()
         self._check_languages()
@@ -167,23 +178,37 @@ class TesseractOcr:
         """OCR one image. Raises :class:`OcrImageError` on timeout, tesseract error or a bad image."""
         try:
             prepared = prepare_for_tesseract(image, self.settings)
+        except OcrImageError:
+            raise
+        except (OSError, ValueError, TypeError) as error:  # undecodable or unsupported image
+            raise OcrImageError(f"image cannot be prepared for OCR: {error}") from error
+        text = self._read_library(prepared) if self._library is not None else self._read_binary(prepared)
+        text = text.strip()
+        return OcrResult(text=text, fields=parse_fields(text))
+
+    def _read_library(self, prepared: Image.Image) -> str:
+        from ase_ray.features.tesseract_library import TesseractReadError
+
+        try:
+            return self._library.read(prepared.tobytes(), prepared.width, prepared.height, self.settings.timeout_s)
+        except TesseractReadError as error:
+            raise OcrImageError(f"tesseract failed: {error}") from error
+
+    def _read_binary(self, prepared: Image.Image) -> str:
+        try:
             with single_openmp_thread():
-                text = self._pytesseract.image_to_string(
+                return self._pytesseract.image_to_string(
                     prepared,
                     lang=self.settings.lang,
                     config=f"--psm {self.settings.psm}",
                     timeout=self.settings.timeout_s,
                 )
-        except OcrImageError:
-            raise
         except self._pytesseract.TesseractNotFoundError as error:
             raise BackendUnavailable(f"tesseract binary disappeared: {error}") from error
         except RuntimeError as error:  # TesseractError and pytesseract's timeout are RuntimeErrors
             raise OcrImageError(f"tesseract failed: {describe_tesseract_error(error, self.settings)}") from error
-        except (OSError, ValueError, TypeError) as error:  # undecodable or unsupported image
+        except (OSError, ValueError, TypeError) as error:  # an image tesseract cannot take
             raise OcrImageError(f"image cannot be prepared for OCR: {error}") from error
-        text = text.strip()
-        return OcrResult(text=text, fields=parse_fields(text))
 
     def read_batch(self, images: list[Image.Image]) -> list[OcrResult]:
         """OCR each image in order (``settings.parallel`` tesseract processes at once); the first failure
@@ -213,8 +238,9 @@ def read_each(backend: TesseractOcr | RapidOcr, images: list[Image.Image]) -> li
 
 
 def read_parallel(backend: TesseractOcr, images: list[Image.Image], workers: int) -> list[OcrResult]:
-    """Like :func:`read_each` with up to ``workers`` images read at once (each read is a tesseract child
-    process, so threads run them on separate cores); results and the first error keep the input order."""
+    """Like :func:`read_each` with up to ``workers`` images read at once (each read runs in a tesseract
+    child process, a helper of its own or the binary, so threads run them on separate cores); results and
+    the first error keep the input order."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(index: int) -> OcrResult:

@@ -77,6 +77,11 @@ class TextEncoderResources(StageResources):
 
 class OcrSettings(StrictModel):
     backend: Annotated[str, AfterValidator(partial(check_backend, "ocr"))] = "tesseract"
+    engine: Literal["library", "binary"] = Field(
+        "library", description="How tesseract runs: 'library' keeps libtesseract loaded in a helper process "
+        "(about 30 ms a text band, where the binary spends about 90 ms loading its model for each image); "
+        "'binary' starts the tesseract program per image. The same text either way: not part of the cache key."
+    )
     psm: int = Field(6, description="tesseract page segmentation mode.")
     lang: str = "eng"
     timeout_s: float = Field(

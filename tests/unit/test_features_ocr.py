@@ -87,26 +87,27 @@ def test_missing_binary_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/nonexistent/bin/tesseract")
     with pytest.raises(BackendUnavailable, match="tesseract binary .* not found") as caught:
-        TesseractOcr(OcrSettings())
+        TesseractOcr(OcrSettings(engine="binary"))
     assert isinstance(caught.value, AseRayError)
 
 
 def test_binary_missing_from_path_fails_at_construction(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BackendUnavailable, match="apt-get install tesseract-ocr"):
-        build_ocr(OcrSettings(backend="tesseract"))
+        build_ocr(OcrSettings(backend="tesseract", engine="binary"))
 
 
-def test_missing_language_fails_at_construction() -> None:
+@pytest.mark.parametrize("engine", ["library", "binary"])
+def test_missing_language_fails_at_construction(engine: str) -> None:
     with pytest.raises(BackendUnavailable, match="no language data"):
-        TesseractOcr(OcrSettings(lang="xxx"))
+        TesseractOcr(OcrSettings(lang="xxx", engine=engine))
 
 
 def test_timeout_raises_per_image_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import pytesseract
 
     monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", fake_tesseract(tmp_path, "exec sleep 30"))
-    ocr = TesseractOcr(OcrSettings(timeout_s=0.3))
+    ocr = TesseractOcr(OcrSettings(timeout_s=0.3, engine="binary"))
     with pytest.raises(OcrImageError, match="timed out after 0.3 s") as caught:
         ocr.read_batch([render_band()])
     assert isinstance(caught.value, StageItemError)
@@ -123,10 +124,50 @@ def test_tesseract_error_raises_per_image_error_with_index(monkeypatch: pytest.M
         f'touch "{marker}"; printf "LEN 1" > "$2.txt"'
     )
     monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", fake_tesseract(tmp_path, body))
-    ocr = TesseractOcr(OcrSettings())
+    ocr = TesseractOcr(OcrSettings(engine="binary"))
     with pytest.raises(OcrImageError, match="pixReadStream") as caught:
         ocr.read_batch([render_band(), render_band()])
     assert caught.value.index == 1
+
+
+# ------------------------------------------------------------------- tesseract's library engine
+def test_library_and_binary_read_the_same_text() -> None:
+    settings = OcrSettings(text_region=(0.0, 0.0, 1.0, BAND_FRACTION))
+    library, binary = TesseractOcr(settings), TesseractOcr(settings.model_copy(update={"engine": "binary"}))
+    images = [render_band(), render_band(("LOT C3 ID 42", "LEN 7.5 AREA 1.2 DIFF 9")),
+              render_band(("SN 0815 X", "W 3.25 H 0.5")), Image.new("RGB", (320, 160), (70, 110, 80))]
+    read = [r.text for r in library.read_batch(images)]
+    assert read == [r.text for r in binary.read_batch(images)]
+    assert "LEN 7.5" in read[1]
+
+
+def test_library_timeout_fails_the_image_and_the_next_read_works() -> None:
+    ocr = TesseractOcr(OcrSettings(timeout_s=0.001, upscale=8.0))  # no band is read in a millisecond
+    first = ocr._library._idle.get()
+    ocr._library._idle.put(first)
+    with pytest.raises(OcrImageError, match="timed out after 0.001 s") as caught:
+        ocr.read_batch([render_band(), render_band()])
+    assert caught.value.index == 0
+    assert not first.alive  # the helper that hung was stopped
+    ocr.settings = ocr.settings.model_copy(update={"timeout_s": 30.0})
+    assert ocr.read(render_band()).fields["LEN"] == 12.4
+
+
+def test_library_helper_killed_between_reads_is_replaced(tesseract: TesseractOcr) -> None:
+    helper = tesseract._library._idle.get()
+    tesseract._library._idle.put(helper)
+    helper.process.kill()
+    helper.process.wait()
+    assert tesseract.read(render_band()).fields == EXPECTED  # a new helper reads it
+    assert not any(h is helper for h in tesseract._library._all)
+
+
+def test_library_helpers_hold_openmp_to_one_thread(tesseract: TesseractOcr) -> None:
+    tesseract.read(render_band())
+    helper = tesseract._library._idle.get()
+    tesseract._library._idle.put(helper)
+    environ = Path(f"/proc/{helper.process.pid}/environ").read_bytes().split(b"\0")
+    assert b"OMP_THREAD_LIMIT=1" in environ
 
 
 def test_corrupt_image_raises_per_image_error(tesseract: TesseractOcr) -> None:

@@ -16,6 +16,10 @@ Protocol on the helper's stdin/stdout: the helper first writes one status line (
 <message>``); then per image the caller writes ``<II`` (width, height) and width x height grey bytes
 (8-bit, rows top to bottom), and the helper answers ``<BI`` (0 ok / 1 failed, length) and that many bytes
 of UTF-8 (the text, or the error).
+
+The library is found as the system finds it (``ctypes.util.find_library("tesseract")``) unless
+``ASE_RAY_LIBTESSERACT`` names it (a path, for a tesseract installed elsewhere): like ``PATH`` for the binary,
+it describes the machine, not the run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import sys
 import threading
 from pathlib import Path
 
+LIBRARY_ENV = "ASE_RAY_LIBTESSERACT"
 REQUEST = struct.Struct("<II")
 REPLY = struct.Struct("<BI")
 START_TIMEOUT_S = 30.0  # loading the library and its language model
@@ -46,7 +51,7 @@ class TesseractReadError(RuntimeError):
 
 # ------------------------------------------------------------------------------------ the helper
 def _load_api(lang: str, psm: int):
-    name = ctypes.util.find_library("tesseract") or "libtesseract.so.5"
+    name = os.environ.get(LIBRARY_ENV) or ctypes.util.find_library("tesseract") or "libtesseract.so.5"
     try:
         lib = ctypes.CDLL(name)
     except OSError as error:

@@ -112,15 +112,18 @@ def test_changed_setting_recomputes_only_that_stage(ray_session, dataset):
     assert result.summary["models_loaded"]["describe"] >= 1 and result.summary["models_loaded"]["ocr"] == 0
 
 
-def test_missing_tesseract_fails_at_start(ray_session, dataset, monkeypatch):
+@pytest.mark.parametrize("engine", ["library", "binary"])
+def test_missing_tesseract_fails_at_start(ray_session, dataset, monkeypatch, engine):
     import pytesseract
 
     from ase_ray.features.base import BackendUnavailable
 
     monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/nonexistent/tesseract")
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(BackendUnavailable, match="tesseract"):
-        extract_features(_config(dataset), dataset / "synth" / "manifest.csv", dataset / "store4", track=False)
+    monkeypatch.setenv("ASE_RAY_LIBTESSERACT", "/nonexistent/libtesseract.so.5")
+    config = _config(dataset, f"features.ocr.engine={engine}")
+    with pytest.raises(BackendUnavailable, match="libtesseract not found" if engine == "library" else "tesseract binary"):
+        extract_features(config, dataset / "synth" / "manifest.csv", dataset / "store4", track=False)
 
 
 def test_a_manifest_whose_rows_all_fail_gets_an_empty_store_the_errors_and_a_message(ray_session, dataset, tmp_path):

@@ -34,7 +34,8 @@ _LLM, _IMG, _TXT = "ase_ray.features.reason", "ase_ray.features.image_encoder", 
 _RANDOM = "random init (tests)"
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend("ocr", "tesseract", f"{_OCR}:TesseractOcr", model="tesseract", what="tesseract (Debian tesseract-ocr): its library in a helper process, or the binary per image"),
+    Backend("ocr", "tesseract", f"{_OCR}:TesseractOcr", model="tesseract",
+            what="Debian tesseract-ocr: its library in a helper process, or the binary per image"),
     Backend("ocr", "rapidocr", f"{_OCR}:RapidOcr", model="rapidocr PP-OCR (ONNX)", package="rapidocr",
             what="models inside the wheel"),
     Backend("describe", "measure", f"{_VLM}:MeasureDescriber", model="measure",

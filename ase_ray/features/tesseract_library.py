@@ -86,7 +86,11 @@ def _read_exactly(stream, size: int) -> bytes | None:
 
 def helper_main(lang: str, psm: int) -> None:
     """The helper's loop: one image in, its text out, until stdin closes."""
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdin = sys.stdin.buffer
+    # The replies get their own copy of stdout; the library's own prints (to fd 1) go to stderr instead,
+    # where they cannot corrupt a reply.
+    stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
     try:
         lib, api = _load_api(lang, psm)
     except TesseractLibraryError as error:
@@ -133,6 +137,8 @@ class _Helper:
         return self.process.stdout.readline().decode(errors="replace").strip() or None
 
     def _ready(self, timeout_s: float) -> bool:
+        # select() sees the pipe, not the reader's buffer: safe because the helper writes one reply per
+        # request and nothing else, so nothing is ever left buffered between reads.
         readable, _, _ = select.select([self.process.stdout], [], [], timeout_s)
         return bool(readable)
 

@@ -122,7 +122,8 @@ def test_missing_tesseract_fails_at_start(ray_session, dataset, monkeypatch, eng
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("ASE_RAY_LIBTESSERACT", "/nonexistent/libtesseract.so.5")
     config = _config(dataset, f"features.ocr.engine={engine}")
-    with pytest.raises(BackendUnavailable, match="libtesseract not found" if engine == "library" else "tesseract binary"):
+    expected = "libtesseract not found" if engine == "library" else "tesseract binary"
+    with pytest.raises(BackendUnavailable, match=expected):
         extract_features(config, dataset / "synth" / "manifest.csv", dataset / "store4", track=False)
 
 

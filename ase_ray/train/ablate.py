@@ -117,7 +117,7 @@ def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Pa
     table_path = out_dir / "ablation.md"
     table_path.write_text(table)
     json_path = out_dir / "ablation.json"
-    json_path.write_text(json.dumps({"rows": rows, "scores": scores, "folds": a.folds, "seeds": a.seeds,
+    json_path.write_text(json.dumps({"rows": rows, "scores": scores, "folds": a.folds, "seeds": a.seeds, "first_seed": a.first_seed,
                                      "epochs": config.train.epochs, "manifest": str(manifest_path),
                                      "text_sources": config.train.model.text_sources,
                                      "numeric_sources": config.train.model.numeric_sources,
@@ -203,7 +203,7 @@ def _score_everything(config: AppConfig, store_dir: Path, n_folds: int, with_tda
                 sources = tuple(spec["numeric"])
                 if sources not in numeric:  # fitted on this fold's training part only
                     numeric[sources] = ray.put(_fold_numeric(arrays, train_plain, list(sources), metadata))
-                for seed in range(a.seeds):
+                for seed in range(a.first_seed, a.first_seed + a.seeds):
                     cfg = _variant_config(config, spec, task, seed, constant, tail)
                     jobs.append(train_and_score.options(num_cpus=a.cpus_per_run).remote(
                         shared, numeric[sources], train, test, cfg.train.model_dump(mode="json"), classes,
@@ -379,7 +379,8 @@ def _sources_note(config: AppConfig) -> str:
 def markdown_table(rows, config: AppConfig, manifest: pd.DataFrame, extraction: dict[str, Any]) -> str:
     a = config.ablate
     lines = [
-        f"Macro-F1, mean ± std over {a.folds} group-aware stratified folds x {a.seeds} seed(s) "
+        f"Macro-F1, mean ± std over {a.folds} group-aware stratified folds x {a.seeds} seed(s)"
+        + (f" from seed {a.first_seed}" if a.first_seed else "") + " "
         f"({len(manifest)} images, {config.train.epochs} epochs, lr {config.train.lr}, batch {config.train.batch_size})."
         + _sources_note(config),
         "",

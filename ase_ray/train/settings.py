@@ -127,6 +127,8 @@ class AblateConfig(StrictModel):
 
     folds: int = Field(3, ge=2)
     seeds: int = Field(2, ge=1)
+    first_seed: int = Field(0, ge=0, description="Training seeds are first_seed, first_seed + 1, ... (seeds of "
+                            "them): more seeds of a setting without rerunning the ones already measured.")
     tasks: list[Literal["binary", "multiclass"]] = Field(default_factory=lambda: ["binary", "multiclass"])
     variants: list[str] = Field(default_factory=lambda: list(ABLATION_VARIANTS))
     cpus_per_run: float = Field(1.0, gt=0, description="Ray CPUs per training run (runs go in parallel).")

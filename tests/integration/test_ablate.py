@@ -20,7 +20,7 @@ def test_ablate_writes_every_row(ray_session, tmp_path):
         "features.describe.backend=tiny", "features.describe.max_new_tokens=2", "features.reason.backend=tiny",
         "features.image_encoder.backend=tiny", "features.text_encoder.backend=tiny",
         "data.tda.mode=count", "data.tda.per_class=1",
-        "ablate.folds=2", "ablate.seeds=1", "train.epochs=2", "train.lr=1e-3", "train.model.d_model=32",
+        "ablate.folds=2", "ablate.seeds=1", "ablate.first_seed=3", "train.epochs=2", "train.lr=1e-3", "train.model.d_model=32",
         "train.model.head_hidden=32", "train.pfa.proj_dim=16",
     ])
     generate_synthetic(cfg.data.synth, tmp_path / "synth")
@@ -31,6 +31,7 @@ def test_ablate_writes_every_row(ray_session, tmp_path):
     payload = json.loads(result.json_path.read_text())
     trained = [s for s in payload["scores"] if s["variant"] != LOGREG]
     assert len(trained) == 2 * len(VARIANTS) * 2  # tasks x variants x folds (1 seed)
+    assert {s["seed"] for s in trained} == {3} and payload["first_seed"] == 3
     assert all(0.0 <= s["macro_f1"] <= 1.0 for s in payload["scores"])
     tda_scores = [s for s in trained if s["variant"] == "+TDA"]
     plain_scores = [s for s in trained if s["variant"] == "concat"]

@@ -187,11 +187,11 @@ class TesseractOcr:
         return OcrResult(text=text, fields=parse_fields(text))
 
     def _read_library(self, prepared: Image.Image) -> str:
-        from ase_ray.features.tesseract_library import TesseractReadError
+        from ase_ray.features.tesseract_library import TesseractLibraryError, TesseractReadError
 
         try:
             return self._library.read(prepared.tobytes(), prepared.width, prepared.height, self.settings.timeout_s)
-        except TesseractReadError as error:
+        except (TesseractReadError, TesseractLibraryError) as error:  # the latter: a replacement did not start
             raise OcrImageError(f"tesseract failed: {error}") from error
 
     def _read_binary(self, prepared: Image.Image) -> str:

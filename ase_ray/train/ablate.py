@@ -117,8 +117,8 @@ def run_ablation(config: AppConfig, manifest_path: str | Path, out_dir: str | Pa
     table_path = out_dir / "ablation.md"
     table_path.write_text(table)
     json_path = out_dir / "ablation.json"
-    json_path.write_text(json.dumps({"rows": rows, "scores": scores, "folds": a.folds, "seeds": a.seeds, "first_seed": a.first_seed,
-                                     "epochs": config.train.epochs, "manifest": str(manifest_path),
+    json_path.write_text(json.dumps({"rows": rows, "scores": scores, "folds": a.folds, "seeds": a.seeds,
+                                     "first_seed": a.first_seed, "epochs": config.train.epochs, "manifest": str(manifest_path),
                                      "text_sources": config.train.model.text_sources,
                                      "numeric_sources": config.train.model.numeric_sources,
                                      "extraction": extraction.summary}, indent=2))
